@@ -1,0 +1,1 @@
+"""Choosing a quantization config per matrix under a bits-per-parameter budget."""

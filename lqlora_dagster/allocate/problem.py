@@ -1,0 +1,85 @@
+"""The allocation problem: per-matrix candidate configs with their error and storage.
+
+Input is the error table in long form (one row per matrix x config). Validation
+and the feasibility check live here so the ILP and the uniform allocator share them.
+"""
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+from lqlora_dagster.errors import LQLoRAInputError
+
+REQUIRED_COLUMNS = ("matrix", "config", "numel", "storage_bits", "error")
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """A solved plan: one config per matrix."""
+
+    assignment: dict[str, str]  # matrix -> config name
+    objective: float  # total error of the assignment
+    bound: float  # best lower bound proven by the solver
+    gap: float  # (objective - bound) / |objective|
+    status: str
+    solve_s: float
+    budget: float
+    bits_per_param: float  # achieved storage / total numel
+
+    @property
+    def meets_budget(self) -> bool:
+        return self.bits_per_param <= self.budget + 1e-9
+
+
+def check_table(table: pd.DataFrame) -> pd.DataFrame:
+    if not isinstance(table, pd.DataFrame) or table.empty:
+        raise LQLoRAInputError("the error table is empty: there is no config to choose from")
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise LQLoRAInputError(f"the error table lacks columns {missing}; it needs {list(REQUIRED_COLUMNS)}")
+    errors = table["error"].astype(float)
+    if not errors.map(math.isfinite).all() or (errors < 0).any():
+        bad = table.loc[~errors.map(math.isfinite) | (errors < 0), ["matrix", "config", "error"]].head(3)
+        raise LQLoRAInputError(
+            f"errors must be finite and >= 0; first bad rows:\n{bad.to_string(index=False)}"
+        )
+    dup = table.duplicated(["matrix", "config"])
+    if dup.any():
+        row = table.loc[dup].iloc[0]
+        raise LQLoRAInputError(f"matrix {row['matrix']!r} has config {row['config']!r} more than once")
+    return table
+
+
+def total_numel(table: pd.DataFrame) -> int:
+    return int(table.groupby("matrix")["numel"].first().sum())
+
+
+def check_budget(table: pd.DataFrame, budget: float) -> None:
+    """A positive finite budget that at least the cheapest plan meets."""
+    if not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+        raise LQLoRAInputError(f"budget must be a positive number of bits per parameter, got {budget!r}")
+    cheapest = table.groupby("matrix")["storage_bits"].min().sum() / total_numel(table)
+    if budget < cheapest - 1e-12:
+        low_b = table.loc[table["storage_bits"].idxmin(), "config"]
+        raise LQLoRAInputError(
+            f"budget {budget:g} bits/param is below the cheapest plan, {cheapest:.4f} "
+            f"(every matrix at its cheapest config, e.g. {low_b}); raise the budget to at least "
+            f"{math.ceil(cheapest * 1000) / 1000:.3f} or add cheaper configs"
+        )
+
+
+def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
+    """Per matrix, drop configs that another config beats on both storage and error.
+
+    Exact for the ILP: a dominated config can always be swapped for its dominator
+    without raising cost or storage. Shrinks 432 candidates to about 20 per matrix.
+    """
+    keep = []
+    for _, group in table.sort_values(["matrix", "storage_bits", "error"]).groupby("matrix", sort=False):
+        best = math.inf
+        for idx, err in zip(group.index, group["error"]):
+            if err < best:
+                keep.append(idx)
+                best = err
+    return table.loc[keep]

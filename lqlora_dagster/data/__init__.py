@@ -1,0 +1,1 @@
+"""Real text for calibration, finetuning and evaluation, from installed packages."""

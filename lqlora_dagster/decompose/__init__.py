@@ -1,0 +1,1 @@
+"""Quantized + low-rank decompositions of weight matrices."""

@@ -1,0 +1,175 @@
+"""LQ decomposition W ~ Q + L1 @ L2 by alternating low-rank SVD and quantization.
+
+One loop serves three methods: LQ-LoRA (SVD first, keep the best iterate, stop when
+the error stops falling), its Fisher-weighted variant (weighted SVD and error), and
+LoftQ (quantize first, a fixed number of iterations, keep the last).
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from lqlora_dagster.decompose.fisher_weights import (
+    check_fisher,
+    residual_error,
+    row_col_weights,
+)
+from lqlora_dagster.decompose.lowrank import LowRank, SVDMethod, full_low_rank, randomized_low_rank
+from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.quant.codec import Codes, decode, encode
+from lqlora_dagster.quant.config import QuantConfig
+from lqlora_dagster.quant.matrix import QuantizedMatrix
+from lqlora_dagster.validation import check_matrix, check_rank
+
+
+@dataclass(frozen=True)
+class LQSettings:
+    """Knobs of the alternating decomposition."""
+
+    rank: int = 64
+    svd: SVDMethod = "randomized"
+    max_iters: int = 100
+    rel_tol: float = 1e-3  # stop once an iteration improves the best error by less than this
+    oversample: int = 10
+    power_iters: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.svd not in ("randomized", "full"):
+            raise LQLoRAInputError(f"unknown SVD method {self.svd!r}; use 'randomized' or 'full'")
+        if self.max_iters < 1:
+            raise LQLoRAInputError(f"max_iters must be >= 1, got {self.max_iters}")
+        if not 0 <= self.rel_tol < 1:
+            raise LQLoRAInputError(f"rel_tol must be in [0, 1), got {self.rel_tol}")
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """Best iterate of a decomposition: W ~ decode(codes) + L1 @ L2."""
+
+    codes: Codes
+    L1: torch.Tensor  # (m, r)
+    L2: torch.Tensor  # (r, n)
+    error: float  # squared (Fisher-weighted if given) Frobenius norm of the residual
+    trace: tuple[float, ...] = field(default=())  # error after each iteration
+    best_iter: int = 0
+
+    def quantized(self) -> QuantizedMatrix:
+        return QuantizedMatrix.from_codes(self.codes)
+
+    def reconstruct(self) -> torch.Tensor:
+        return decode(self.codes) + self.L1 @ self.L2
+
+
+class _LowRankStep:
+    """Rank-r fit of a residual, optionally in Fisher-scaled coordinates, warm-started."""
+
+    def __init__(self, settings: LQSettings, fisher: torch.Tensor | None, device: torch.device):
+        self.s = settings
+        self.weights = row_col_weights(fisher) if fisher is not None else None
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.basis: torch.Tensor | None = None
+
+    def __call__(self, R: torch.Tensor) -> LowRank:
+        A = self.weights.scale(R) if self.weights is not None else R
+        if self.s.svd == "full":
+            fit = full_low_rank(A, self.s.rank)
+        else:
+            fit, self.basis = randomized_low_rank(
+                A,
+                self.s.rank,
+                oversample=self.s.oversample,
+                power_iters=self.s.power_iters,
+                generator=self.generator,
+                start=self.basis,
+            )
+        if self.weights is None:
+            return fit
+        return LowRank(*self.weights.unscale(fit.L1, fit.L2))
+
+
+def _alternate(
+    W: torch.Tensor,
+    config: QuantConfig,
+    settings: LQSettings,
+    fisher: torch.Tensor | None,
+    order: Literal["svd_first", "quantize_first"],
+    fixed_iters: int | None,
+) -> Decomposition:
+    step = _LowRankStep(settings, fisher, W.device)
+    trace: list[float] = []
+    best: Decomposition | None = None
+    last: Decomposition | None = None
+    Q = torch.zeros_like(W)
+    LR = torch.zeros_like(W)
+    n_iters = fixed_iters if fixed_iters is not None else settings.max_iters
+    for it in range(n_iters):
+        if order == "svd_first":  # L <- SVD(W - Q); Q <- q(W - L)
+            fit = step(W - Q)
+            LR = fit.product()
+            codes = encode(W - LR, config)
+            Q = decode(codes)
+        else:  # Q <- q(W - L); L <- SVD(W - Q)
+            codes = encode(W - LR, config)
+            Q = decode(codes)
+            fit = step(W - Q)
+            LR = fit.product()
+        err = residual_error(W - Q - LR, fisher)
+        trace.append(err)
+        last = Decomposition(codes, fit.L1, fit.L2, err, best_iter=it)
+        improved = best is None or err < best.error * (1 - settings.rel_tol)
+        if best is None or err < best.error:
+            best = last
+        if fixed_iters is None and not improved:
+            break
+    chosen = last if fixed_iters is not None else best
+    assert chosen is not None
+    return Decomposition(chosen.codes, chosen.L1, chosen.L2, chosen.error, tuple(trace), chosen.best_iter)
+
+
+def _checked(W: torch.Tensor, settings: LQSettings, fisher: torch.Tensor | None) -> torch.Tensor:
+    check_matrix(W)
+    check_rank(settings.rank, tuple(W.shape))
+    if fisher is not None:
+        check_fisher(fisher, tuple(W.shape))
+    return W.detach().to(torch.float32)
+
+
+def lq_decompose(
+    W: torch.Tensor,
+    config: QuantConfig,
+    settings: LQSettings = LQSettings(),
+    fisher: torch.Tensor | None = None,
+) -> Decomposition:
+    """LQ-LoRA: Q <- 0; repeat L <- SVD_r(W - Q), Q <- quantize(W - L); keep the best.
+
+    With `fisher` (same shape as W) the SVD runs on the row/column-scaled residual and
+    the error is sum F * (W - Q - L1 L2)^2.
+    """
+    W = _checked(W, settings, fisher)
+    f = fisher.to(W.device, torch.float32) if fisher is not None else None
+    return _alternate(W, config, settings, f, "svd_first", fixed_iters=None)
+
+
+def loftq_decompose(
+    W: torch.Tensor, config: QuantConfig, settings: LQSettings = LQSettings(), iters: int = 5
+) -> Decomposition:
+    """LoftQ: Q <- quantize(W); L <- SVD_r(W - Q); then `iters - 1` more alternations,
+    keeping the last iterate (no early stop), as in Li et al. 2023, Algorithm 1."""
+    if iters < 1:
+        raise LQLoRAInputError(f"LoftQ needs at least 1 iteration, got {iters}")
+    W = _checked(W, settings, None)
+    return _alternate(W, config, settings, None, "quantize_first", fixed_iters=iters)
+
+
+def qlora_init(W: torch.Tensor, config: QuantConfig, rank: int, seed: int = 0) -> Decomposition:
+    """QLoRA: Q <- quantize(W) and LoRA's default init, L1 = 0 and L2 ~ U(+-1/sqrt(n))
+    (PEFT's kaiming-uniform lora_A), so Q + L1 L2 = Q at step 0."""
+    W = _checked(W, LQSettings(rank=rank), None)
+    m, n = W.shape
+    codes = encode(W, config)
+    g = torch.Generator().manual_seed(seed)
+    L2 = (torch.rand(rank, n, generator=g) * 2 - 1) / n**0.5
+    err = residual_error(W - decode(codes))
+    return Decomposition(codes, torch.zeros(m, rank, device=W.device), L2.to(W.device), err, (err,), 0)

@@ -1,0 +1,1 @@
+"""Where base models come from and how they load."""

@@ -1,0 +1,118 @@
+"""`QuantizedMatrix`: the packed value type for one quantized weight matrix.
+
+Holds bit-packed codes, packed block-scale codes, group scales and the scale offset,
+with the rule to dequantize them. Its `nbytes` is what the matrix really costs in
+memory or on disk; `bits_per_param` divides that by the number of weights, so
+padding is counted.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.quant.bitpack import pack_bits, packed_nbytes, unpack_bits
+from lqlora_dagster.quant.codec import Codes, decode, encode, padded_sizes
+from lqlora_dagster.quant.config import QuantConfig
+from lqlora_dagster.validation import check_matrix
+
+_FIELDS = ("codes", "scale_codes", "group_scales", "scale_offset")
+
+
+@dataclass(frozen=True)
+class QuantizedMatrix:
+    packed_codes: torch.Tensor  # uint8, ceil(n_blocks*B0*b/8)
+    packed_scale_codes: torch.Tensor  # uint8, ceil(n_groups*B1*b0/8)
+    group_scales: torch.Tensor  # (n_groups,) in the b1 dtype
+    scale_offset: torch.Tensor  # (1,) float32
+    shape: tuple[int, int]
+    config: QuantConfig
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, config: QuantConfig) -> "QuantizedMatrix":
+        check_matrix(weight)
+        return cls.from_codes(encode(weight, config))
+
+    @classmethod
+    def from_codes(cls, c: Codes) -> "QuantizedMatrix":
+        config = c.config
+        return cls(
+            pack_bits(c.codes, config.b),
+            pack_bits(c.scale_codes, config.b0),
+            c.group_scales,
+            c.scale_offset,
+            c.shape,
+            config,
+        )
+
+    def codes(self) -> Codes:
+        n_blocks, n_groups = padded_sizes(self.numel, self.config)
+        return Codes(
+            unpack_bits(self.packed_codes, self.config.b, n_blocks * self.config.B0),
+            unpack_bits(self.packed_scale_codes, self.config.b0, n_groups * self.config.B1),
+            self.group_scales,
+            self.scale_offset,
+            self.shape,
+            self.config,
+        )
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return decode(self.codes(), dtype)
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._buffers())
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.nbytes / self.numel
+
+    def expected_nbytes(self) -> int:
+        """Bytes by the storage formula, with padding to whole blocks and groups."""
+        cfg = self.config
+        n_blocks, n_groups = padded_sizes(self.numel, cfg)
+        scale_bytes = torch.empty((), dtype=self.group_scales.dtype).element_size()
+        return (
+            packed_nbytes(n_blocks * cfg.B0, cfg.b)
+            + packed_nbytes(n_groups * cfg.B1, cfg.b0)
+            + n_groups * scale_bytes
+            + 4  # the fp32 scale offset: the fixed header
+        )
+
+    def _buffers(self) -> tuple[torch.Tensor, ...]:
+        return (self.packed_codes, self.packed_scale_codes, self.group_scales, self.scale_offset)
+
+    def to(self, device: torch.device | str) -> "QuantizedMatrix":
+        moved = [t.to(device) for t in self._buffers()]
+        return QuantizedMatrix(*moved, self.shape, self.config)
+
+    # --- safetensors: tensors under "<prefix>.<field>", shape/config in metadata ---
+
+    def state(self, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        tensors = {f"{prefix}.{name}": t.contiguous() for name, t in zip(_FIELDS, self._buffers())}
+        meta = {f"{prefix}.shape": f"{self.shape[0]}x{self.shape[1]}", f"{prefix}.config": self.config.name}
+        return tensors, meta
+
+    @classmethod
+    def from_state(
+        cls, tensors: dict[str, torch.Tensor], meta: dict[str, str], prefix: str
+    ) -> "QuantizedMatrix":
+        try:
+            rows, cols = (int(v) for v in meta[f"{prefix}.shape"].split("x"))
+            config = QuantConfig.parse(meta[f"{prefix}.config"])
+            parts = [tensors[f"{prefix}.{name}"] for name in _FIELDS]
+        except KeyError as err:
+            raise LQLoRAInputError(
+                f"quantized matrix {prefix!r} is incomplete in the file: missing {err}"
+            ) from err
+        qm = cls(*parts, (rows, cols), config)
+        if qm.nbytes != qm.expected_nbytes():
+            raise LQLoRAInputError(
+                f"quantized matrix {prefix!r} holds {qm.nbytes} bytes, expected "
+                f"{qm.expected_nbytes()} for {rows}x{cols} at {config.name}; the file is damaged"
+            )
+        return qm
