@@ -5,6 +5,7 @@ the error stops falling), its Fisher-weighted variant (weighted SVD and error), 
 LoftQ (quantize first, a fixed number of iterations, keep the last).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,7 +20,25 @@ from lqlora_dagster.decompose.lowrank import LowRank, SVDMethod, full_low_rank, 
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.quant.codec import Codes, decode, encode
 from lqlora_dagster.quant.config import QuantConfig
+from lqlora_dagster.quant.lut import simulate_fast
 from lqlora_dagster.quant.matrix import QuantizedMatrix
+
+# R -> (codes, dequantized R). Exact: codec.encode/decode; fast: table-based, no codes.
+Quantizer = Callable[[torch.Tensor], tuple[Codes | None, torch.Tensor]]
+
+
+def exact_quantizer(config: QuantConfig) -> Quantizer:
+    def quantize(R: torch.Tensor) -> tuple[Codes, torch.Tensor]:
+        codes = encode(R, config)
+        return codes, decode(codes)
+
+    return quantize
+
+
+def fast_quantizer(config: QuantConfig) -> Quantizer:
+    return lambda R: (None, simulate_fast(R, config))
+
+
 from lqlora_dagster.validation import check_matrix, check_rank
 
 
@@ -46,9 +65,11 @@ class LQSettings:
 
 @dataclass(frozen=True)
 class Decomposition:
-    """Best iterate of a decomposition: W ~ decode(codes) + L1 @ L2."""
+    """Best iterate of a decomposition: W ~ decode(codes) + L1 @ L2.
 
-    codes: Codes
+    `codes` is None for error estimates made with the fast quantizer."""
+
+    codes: Codes | None
     L1: torch.Tensor  # (m, r)
     L2: torch.Tensor  # (r, n)
     error: float  # squared (Fisher-weighted if given) Frobenius norm of the residual
@@ -56,6 +77,8 @@ class Decomposition:
     best_iter: int = 0
 
     def quantized(self) -> QuantizedMatrix:
+        if self.codes is None:
+            raise ValueError("this decomposition was an error estimate (fast quantizer); it holds no codes")
         return QuantizedMatrix.from_codes(self.codes)
 
     def reconstruct(self) -> torch.Tensor:
@@ -91,11 +114,12 @@ class _LowRankStep:
 
 def _alternate(
     W: torch.Tensor,
-    config: QuantConfig,
+    quantize: Quantizer,
     settings: LQSettings,
     fisher: torch.Tensor | None,
     order: Literal["svd_first", "quantize_first"],
     fixed_iters: int | None,
+    start: LowRank | None = None,
 ) -> Decomposition:
     step = _LowRankStep(settings, fisher, W.device)
     trace: list[float] = []
@@ -103,21 +127,25 @@ def _alternate(
     last: Decomposition | None = None
     Q = torch.zeros_like(W)
     LR = torch.zeros_like(W)
+    if start is not None:  # warm start: Q <- q(W - L1 L2) for the given factors, then alternate
+        LR = start.product()
+        codes, Q = quantize(W - LR)
+        err = residual_error(W - Q - LR, fisher)
+        trace.append(err)
+        best = last = Decomposition(codes, start.L1, start.L2, err, best_iter=0)
     n_iters = fixed_iters if fixed_iters is not None else settings.max_iters
     for it in range(n_iters):
         if order == "svd_first":  # L <- SVD(W - Q); Q <- q(W - L)
             fit = step(W - Q)
             LR = fit.product()
-            codes = encode(W - LR, config)
-            Q = decode(codes)
+            codes, Q = quantize(W - LR)
         else:  # Q <- q(W - L); L <- SVD(W - Q)
-            codes = encode(W - LR, config)
-            Q = decode(codes)
+            codes, Q = quantize(W - LR)
             fit = step(W - Q)
             LR = fit.product()
         err = residual_error(W - Q - LR, fisher)
         trace.append(err)
-        last = Decomposition(codes, fit.L1, fit.L2, err, best_iter=it)
+        last = Decomposition(codes, fit.L1, fit.L2, err, best_iter=len(trace) - 1)
         improved = best is None or err < best.error * (1 - settings.rel_tol)
         if best is None or err < best.error:
             best = last
@@ -141,15 +169,31 @@ def lq_decompose(
     config: QuantConfig,
     settings: LQSettings = LQSettings(),
     fisher: torch.Tensor | None = None,
+    start: LowRank | None = None,
 ) -> Decomposition:
     """LQ-LoRA: Q <- 0; repeat L <- SVD_r(W - Q), Q <- quantize(W - L); keep the best.
 
     With `fisher` (same shape as W) the SVD runs on the row/column-scaled residual and
-    the error is sum F * (W - Q - L1 L2)^2.
+    the error is sum F * (W - Q - L1 L2)^2. With `start` (factors from a neighbouring
+    config) the loop begins at Q <- quantize(W - start) instead of Q <- 0.
     """
     W = _checked(W, settings, fisher)
     f = fisher.to(W.device, torch.float32) if fisher is not None else None
-    return _alternate(W, config, settings, f, "svd_first", fixed_iters=None)
+    return _alternate(W, exact_quantizer(config), settings, f, "svd_first", fixed_iters=None, start=start)
+
+
+def lq_error_estimate(
+    W: torch.Tensor,
+    config: QuantConfig,
+    settings: LQSettings = LQSettings(),
+    fisher: torch.Tensor | None = None,
+    start: LowRank | None = None,
+) -> Decomposition:
+    """`lq_decompose` with the table-based quantizer: the same iteration and error to
+    ~1e-6, several times faster, but no codes (for error tables, not for storing)."""
+    W = _checked(W, settings, fisher)
+    f = fisher.to(W.device, torch.float32) if fisher is not None else None
+    return _alternate(W, fast_quantizer(config), settings, f, "svd_first", fixed_iters=None, start=start)
 
 
 def loftq_decompose(
@@ -160,7 +204,7 @@ def loftq_decompose(
     if iters < 1:
         raise LQLoRAInputError(f"LoftQ needs at least 1 iteration, got {iters}")
     W = _checked(W, settings, None)
-    return _alternate(W, config, settings, None, "quantize_first", fixed_iters=iters)
+    return _alternate(W, exact_quantizer(config), settings, None, "quantize_first", fixed_iters=iters)
 
 
 def qlora_init(W: torch.Tensor, config: QuantConfig, rank: int, seed: int = 0) -> Decomposition:

@@ -47,14 +47,19 @@ def block_scales(
     return (per_block + offset).reshape(-1)
 
 
-def encode(weight: torch.Tensor, config: QuantConfig) -> Codes:
-    """Quantize a 2-D tensor (any shape, any float dtype) to unpacked codes."""
-    m, n = weight.shape
+def to_blocks(weight: torch.Tensor, B0: int) -> torch.Tensor:
+    """(n_blocks, B0) float32 view of the flattened weight, zero-padded."""
     w = weight.detach().to(torch.float32).reshape(-1)
-    n_blocks, n_groups = padded_sizes(w.numel(), config)
-    blocks = torch.nn.functional.pad(w, (0, n_blocks * config.B0 - w.numel())).reshape(n_blocks, config.B0)
+    n_blocks = -(-w.numel() // B0)
+    return torch.nn.functional.pad(w, (0, n_blocks * B0 - w.numel())).reshape(n_blocks, B0)
 
-    absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
+
+def quantize_scales(
+    absmax: torch.Tensor, config: QuantConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Double quantization of block absmaxes: (scale codes, group scales, offset)."""
+    n_blocks = absmax.numel()
+    n_groups = -(-n_blocks // config.B1)
     offset = absmax.min().reshape(1)
     shifted = torch.nn.functional.pad(absmax - offset, (0, n_groups * config.B1 - n_blocks))
     shifted = shifted.reshape(n_groups, config.B1)
@@ -64,14 +69,24 @@ def encode(weight: torch.Tensor, config: QuantConfig) -> Codes:
     safe_g = torch.where(g > 0, g, torch.ones_like(g))
     scale_codes = torch.round(shifted / safe_g * top).clamp_(0, top)
     scale_codes = torch.where(g > 0, scale_codes, torch.zeros_like(scale_codes)).to(torch.uint8)
-    scale_codes = scale_codes.reshape(-1)
+    return scale_codes.reshape(-1), group_scales, offset
 
-    scales = block_scales(scale_codes, group_scales, offset, config)[:n_blocks, None]
-    levels = nf_codebook(config.b, device=w.device)
+
+def code_blocks(blocks: torch.Tensor, scales: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Nearest-level codes of each block against its (dequantized) scale, (n_blocks, B0)."""
     zero_code = int(torch.nonzero(levels == 0)[0])
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     codes = nearest_level(blocks / safe, levels)
-    codes = torch.where(scales > 0, codes, torch.full_like(codes, zero_code)).reshape(-1)
+    return torch.where(scales > 0, codes, torch.full_like(codes, zero_code))
+
+
+def encode(weight: torch.Tensor, config: QuantConfig) -> Codes:
+    """Quantize a 2-D tensor (any shape, any float dtype) to unpacked codes."""
+    m, n = weight.shape
+    blocks = to_blocks(weight, config.B0)
+    scale_codes, group_scales, offset = quantize_scales(blocks.abs().amax(dim=1), config)
+    scales = block_scales(scale_codes, group_scales, offset, config)[: len(blocks), None]
+    codes = code_blocks(blocks, scales, nf_codebook(config.b, device=blocks.device)).reshape(-1)
     return Codes(codes, scale_codes, group_scales, offset, (m, n), config)
 
 

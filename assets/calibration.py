@@ -1,0 +1,104 @@
+"""Assets `calibration_batches` and `fisher_diagonals`."""
+
+import dagster as dg
+import numpy as np
+from pydantic import Field
+
+from assets.shared import BASE_MODELS, stage_context
+from lqlora_dagster.pipeline.calibration import (
+    CALIBRATION_VERSION,
+    FISHER_VERSION,
+    run_calibration,
+    run_fisher,
+)
+from lqlora_dagster.pipeline.handles import CalibrationHandle, FisherHandle, ModelHandle
+from lqlora_dagster.pipeline.settings import CalibrationSettings
+from resources import ArtifactStoreResource, ComputeDevice, ModelSource, WarehouseResource
+
+
+class CalibrationConfig(dg.Config):
+    text: str = Field(
+        default="sotu", description='"sotu" (the 1946-1999 speeches) or a path to a UTF-8 text file'
+    )
+    n_sequences: int = Field(default=32, description="calibration sequences (one backward pass each)")
+    seq_len: int = Field(default=256, description="tokens per sequence")
+    seed: int = 0
+
+    def settings(self) -> CalibrationSettings:
+        return CalibrationSettings(self.text, self.n_sequences, self.seq_len, self.seed)
+
+
+@dg.asset(
+    partitions_def=BASE_MODELS,
+    group_name="calibration",
+    code_version=CALIBRATION_VERSION,
+    description="Tokenized calibration sequences (safetensors; DuckDB `calibration`).",
+    kinds={"safetensors"},
+)
+def calibration_batches(
+    context: dg.AssetExecutionContext,
+    config: CalibrationConfig,
+    base_model: ModelHandle,
+    warehouse: WarehouseResource,
+    artifacts: ArtifactStoreResource,
+    models: ModelSource,
+    compute: ComputeDevice,
+) -> dg.Output[CalibrationHandle]:
+    ctx = stage_context(context, warehouse, artifacts, models, compute)
+    handle = run_calibration(ctx, base_model, config.settings())
+    art = ctx.store.get("calibration_batches", handle.model, handle.key, verify=False)
+    return dg.Output(
+        handle,
+        data_version=dg.DataVersion(handle.key),
+        metadata={
+            "path": dg.MetadataValue.path(str(art.path)),
+            "bytes": art.nbytes,
+            "sequences": handle.n_sequences,
+            "seq_len": handle.seq_len,
+        },
+    )
+
+
+@dg.asset(
+    partitions_def=BASE_MODELS,
+    group_name="calibration",
+    code_version=FISHER_VERSION,
+    description="Empirical Fisher diagonal of every target matrix (safetensors; stats in DuckDB `fisher_stats`).",
+    kinds={"pytorch", "safetensors"},
+)
+def fisher_diagonals(
+    context: dg.AssetExecutionContext,
+    base_model: ModelHandle,
+    calibration_batches: CalibrationHandle,
+    warehouse: WarehouseResource,
+    artifacts: ArtifactStoreResource,
+    models: ModelSource,
+    compute: ComputeDevice,
+) -> dg.Output[FisherHandle]:
+    ctx = stage_context(context, warehouse, artifacts, models, compute)
+    handle = run_fisher(ctx, base_model, calibration_batches)
+    art = ctx.store.get("fisher_diagonals", handle.model, handle.key, verify=False)
+    return dg.Output(
+        handle,
+        data_version=dg.DataVersion(handle.key),
+        metadata={
+            "path": dg.MetadataValue.path(str(art.path)),
+            "bytes": art.nbytes,
+            "matrices": handle.n_matrices,
+        },
+    )
+
+
+@dg.asset_check(
+    asset=fisher_diagonals, description="Every target has a finite, non-negative, non-zero Fisher diagonal."
+)
+def fisher_is_sane(fisher_diagonals: FisherHandle, warehouse: WarehouseResource) -> dg.AssetCheckResult:
+    stats = warehouse.warehouse().query(
+        "SELECT mean, max FROM fisher_stats WHERE key = ?", [fisher_diagonals.key]
+    )
+    finite = bool(np.isfinite(stats[["mean", "max"]].to_numpy()).all())
+    ok = len(stats) == fisher_diagonals.n_matrices and finite and bool((stats["mean"] > 0).all())
+    return dg.AssetCheckResult(
+        passed=ok,
+        metadata={"matrices": len(stats), "min_mean": float(stats["mean"].min()) if len(stats) else 0.0},
+    )

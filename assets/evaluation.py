@@ -1,0 +1,64 @@
+"""Asset `evaluation`: perplexity and storage per method, before and after finetuning."""
+
+import math
+
+import dagster as dg
+from pydantic import Field
+
+from assets.shared import BASE_MODELS, stage_context
+from lqlora_dagster.pipeline.evaluating import EVAL_VERSION, evaluation_table, run_evaluation
+from lqlora_dagster.pipeline.handles import DecomposedHandle, EvaluationHandle, FinetunedHandle, ModelHandle
+from lqlora_dagster.pipeline.settings import EvalSettings
+from resources import ArtifactStoreResource, ComputeDevice, ModelSource, WarehouseResource
+
+
+class EvalConfig(dg.Config):
+    seq_len: int = Field(default=512, description="tokens per perplexity window")
+    n_windows: int = Field(default=16, description="windows spread evenly over the 2016+ speeches")
+    batch_size: int = 4
+
+    def settings(self) -> EvalSettings:
+        return EvalSettings(self.seq_len, self.n_windows, self.batch_size)
+
+
+@dg.asset(
+    partitions_def=BASE_MODELS,
+    group_name="evaluation",
+    code_version=EVAL_VERSION,
+    description="Held-out perplexity and bits/param of the reference and every method (DuckDB `evaluations`).",
+    kinds={"duckdb"},
+)
+def evaluation(
+    context: dg.AssetExecutionContext,
+    config: EvalConfig,
+    base_model: ModelHandle,
+    decomposed_model: DecomposedHandle,
+    finetuned_adapters: FinetunedHandle,
+    warehouse: WarehouseResource,
+    artifacts: ArtifactStoreResource,
+    models: ModelSource,
+    compute: ComputeDevice,
+) -> dg.Output[EvaluationHandle]:
+    ctx = stage_context(context, warehouse, artifacts, models, compute)
+    handle = run_evaluation(ctx, base_model, decomposed_model, finetuned_adapters, config.settings())
+    table = evaluation_table(ctx, handle.eval_keys)
+    return dg.Output(
+        handle,
+        data_version=dg.DataVersion("-".join(handle.eval_keys)),
+        metadata={
+            "rows": len(table),
+            "table": dg.MetadataValue.md(table.to_markdown(index=False, floatfmt=".4g")),
+        },
+    )
+
+
+@dg.asset_check(asset=evaluation, description="Every perplexity is finite and positive.")
+def perplexities_finite(evaluation: EvaluationHandle, warehouse: WarehouseResource) -> dg.AssetCheckResult:
+    rows = warehouse.warehouse().query(
+        "SELECT perplexity FROM evaluations WHERE eval_key IN (SELECT unnest(?::VARCHAR[]))",
+        [evaluation.eval_keys],
+    )
+    ok = len(rows) == len(evaluation.eval_keys) and all(
+        math.isfinite(p) and p > 0 for p in rows["perplexity"]
+    )
+    return dg.AssetCheckResult(passed=ok, metadata={"rows": len(rows)})

@@ -1,0 +1,147 @@
+"""`lqlora`: the jobs users repeat, from a terminal.
+
+    lqlora register SOURCE [--name NAME] [--pattern REGEX]   add a base model (a partition)
+    lqlora run [--model M] [--budget 2.75 ...] [...]         materialize the whole graph
+    lqlora sql QUERY [--model M]                             run a canned query (sql/queries)
+    lqlora models                                            list registered models
+
+Exit codes: 0 success, 1 a run failed, 2 bad input (the message says what to do).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.methods import METHODS
+from lqlora_dagster.pipeline.context import default_home
+from lqlora_dagster.pipeline.registry import DEFAULT_MODEL, register_model, registered_models
+from lqlora_dagster.store.warehouse import SQL_DIR, Warehouse
+
+
+def _warehouse(home: Path) -> Warehouse:
+    w = Warehouse(home / "lqlora.duckdb")
+    w.init_schema()
+    return w
+
+
+def _run_config(args: argparse.Namespace) -> dict:
+    ops = {
+        "calibration_batches": {
+            "config": {"n_sequences": args.calibration_sequences, "seq_len": args.calibration_len}
+        },
+        "error_table": {
+            "config": {
+                "methods": args.methods,
+                "rank": args.rank,
+                "grid": args.grid,
+                "fast": not args.exhaustive,
+            }
+        },
+        "allocation_plan": {"config": {"budgets": args.budget}},
+        "finetuned_adapters": {"config": {"steps": args.steps}},
+        "evaluation": {"config": {"n_windows": args.eval_windows, "seq_len": args.eval_len}},
+    }
+    return {"ops": ops}
+
+
+def cmd_register(args: argparse.Namespace, home: Path) -> int:
+    from lqlora_dagster.definitions import add_partition, prepare_dagster_home
+
+    name = args.name or (args.source if "/" not in args.source else Path(args.source).name.lower())
+    added = register_model(_warehouse(home), name, args.source, args.pattern)
+    prepare_dagster_home(home)
+    add_partition(name)
+    print(f"registered {name!r} from {args.source}" if added else f"{name!r} was already registered")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, home: Path) -> int:
+    from lqlora_dagster.definitions import add_partition, prepare_dagster_home, run_main_job
+
+    warehouse = _warehouse(home)
+    if args.model == DEFAULT_MODEL:
+        register_model(warehouse, DEFAULT_MODEL, DEFAULT_MODEL)
+    elif args.model not in set(registered_models(warehouse)["model"]):
+        raise LQLoRAInputError(
+            f"model {args.model!r} is not registered; run `lqlora register SOURCE --name {args.model}`"
+        )
+    prepare_dagster_home(home)
+    add_partition(args.model)
+    print(f"running the main job for {args.model!r} (LQLORA_HOME={home})", flush=True)
+    ok = run_main_job(args.model, _run_config(args), multiprocess=not args.in_process)
+    if not ok:
+        print("the run failed; see the log above or the Dagster UI (lqlora ui)", file=sys.stderr)
+        return 1
+    table = warehouse.run_named_query("ppl_by_method_and_budget", {"model": args.model})
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace, home: Path) -> int:
+    frame = _warehouse(home).run_named_query(args.query, {"model": args.model})
+    print(frame.to_string(index=False, float_format=lambda v: f"{v:.4g}") if not frame.empty else "(no rows)")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace, home: Path) -> int:
+    print(registered_models(_warehouse(home)).to_string(index=False))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lqlora", description=__doc__.split("\n\n")[0])
+    p.add_argument("--home", type=Path, default=None, help="LQLORA_HOME (default: $LQLORA_HOME or ./.lqlora)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("register", help="register a base model as a new partition")
+    r.add_argument("source", help=f"a bundled model ({DEFAULT_MODEL}, minilm-l6) or a local HF folder")
+    r.add_argument("--name", help="partition key (default: the folder name)")
+    r.add_argument("--pattern", help="regex over module names selecting the target layers")
+    r.set_defaults(func=cmd_register)
+
+    run = sub.add_parser("run", help="materialize the whole asset graph for one model")
+    run.add_argument("--model", default=DEFAULT_MODEL)
+    run.add_argument("--budget", type=float, nargs="+", default=[3.25], help="bits/param; one plan each")
+    run.add_argument("--methods", nargs="+", default=["lqlora-fisher"], choices=list(METHODS))
+    run.add_argument("--rank", type=int, default=16)
+    run.add_argument("--grid", choices=["reduced", "full"], default="reduced")
+    run.add_argument(
+        "--exhaustive", action="store_true", help="one decomposition per config (slow reference)"
+    )
+    run.add_argument("--calibration-sequences", type=int, default=32)
+    run.add_argument("--calibration-len", type=int, default=256)
+    run.add_argument("--steps", type=int, default=20, help="finetuning steps")
+    run.add_argument("--eval-windows", type=int, default=16)
+    run.add_argument("--eval-len", type=int, default=512)
+    run.add_argument(
+        "--in-process", action="store_true", help="run steps in this process (no multiprocess executor)"
+    )
+    run.set_defaults(func=cmd_run)
+
+    q = sub.add_parser("sql", help="run a canned query from sql/queries")
+    known = sorted(f.stem for f in (SQL_DIR / "queries").glob("*.sql"))
+    q.add_argument("query", help=f"one of: {', '.join(known)}")
+    q.add_argument("--model", default=DEFAULT_MODEL)
+    q.set_defaults(func=cmd_sql)
+
+    m = sub.add_parser("models", help="list registered models")
+    m.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    args = parser().parse_args(argv)
+    home = (args.home or default_home()).resolve()
+    os.environ["LQLORA_HOME"] = str(home)  # the Dagster code (and its subprocesses) read it
+    try:
+        return args.func(args, home)
+    except LQLoRAInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

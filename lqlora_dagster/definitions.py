@@ -1,0 +1,104 @@
+"""The one Dagster `Definitions` of the project: assets, checks, jobs, sensor,
+schedule and resources, all rooted at LQLORA_HOME (default ./.lqlora)."""
+
+from pathlib import Path
+
+import dagster as dg
+
+from assets import automation, calibration, decomposition, errors, evaluation, finetuning, models, plans
+from assets.automation import MAIN_JOB, build_stale_schedule, new_model_sensor
+from assets.shared import BASE_MODELS
+from lqlora_dagster.pipeline.context import default_home
+from resources import ArtifactStoreResource, ComputeDevice, HandleIOManager, ModelSource, WarehouseResource
+
+STAGE_MODULES = [models, calibration, errors, plans, decomposition, finetuning, evaluation]
+MAIN_ASSETS = [
+    "base_model",
+    "calibration_batches",
+    "fisher_diagonals",
+    "error_table",
+    "allocation_plan",
+    "decomposed_model",
+    "finetuned_adapters",
+    "evaluation",
+]
+
+
+def resources_at(home: Path, device: str = "auto") -> dict:
+    home = Path(home)
+    return {
+        "warehouse": WarehouseResource(database=str(home / "lqlora.duckdb")),
+        "artifacts": ArtifactStoreResource(root=str(home / "artifacts")),
+        "models": ModelSource(cache_dir=str(home / "models"), inbox_dir=str(home / "inbox")),
+        "compute": ComputeDevice(device=device),
+        "io_manager": HandleIOManager(root=str(home / "handles")),
+    }
+
+
+def build_definitions(home: Path | None = None) -> dg.Definitions:
+    assets = dg.load_assets_from_modules(STAGE_MODULES)
+    checks = dg.load_asset_checks_from_modules(STAGE_MODULES)
+    main_job = dg.define_asset_job(
+        MAIN_JOB,
+        selection=dg.AssetSelection.assets(*MAIN_ASSETS),
+        partitions_def=BASE_MODELS,
+        description="The whole LQ-LoRA graph for one base model: calibration to evaluation.",
+    )
+    versions = {k: v for a in assets for k, v in a.code_versions_by_key.items() if v is not None}
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=checks,
+        jobs=[main_job],
+        sensors=[new_model_sensor],
+        schedules=[build_stale_schedule(versions)],
+        resources=resources_at(home or default_home()),
+        executor=dg.multiprocess_executor,
+    )
+
+
+defs = build_definitions()
+
+__all__ = ["automation", "build_definitions", "defs", "resources_at"]
+
+
+# --- running from the CLI: the Dagster side of `lqlora register` and `lqlora run` ---
+
+
+def prepare_dagster_home(home: Path) -> Path:
+    """DAGSTER_HOME under LQLORA_HOME, with telemetry and the first-run modal off."""
+    import os
+
+    dagster_home = Path(os.environ.get("DAGSTER_HOME") or Path(home) / "dagster")
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    config = dagster_home / "dagster.yaml"
+    if not config.exists():
+        config.write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    return dagster_home
+
+
+def add_partition(model: str) -> None:
+    with dg.DagsterInstance.get() as instance:
+        if not instance.has_dynamic_partition(BASE_MODELS.name, model):
+            instance.add_dynamic_partitions(BASE_MODELS.name, [model])
+
+
+def main_job_definition() -> dg.JobDefinition:
+    """Module-level factory so the multiprocess executor can reconstruct the job."""
+    return build_definitions().resolve_job_def(MAIN_JOB)
+
+
+def run_main_job(model: str, run_config: dict, multiprocess: bool = True) -> bool:
+    """Materialize the whole graph for one partition in the persistent instance (the UI
+    shows the run afterwards). Returns whether the run succeeded."""
+    with dg.DagsterInstance.get() as instance:
+        if multiprocess:
+            job = dg.reconstructable(main_job_definition)
+            result = dg.execute_job(
+                job, instance=instance, run_config=run_config, tags={"dagster/partition": model}
+            )
+            return result.success
+        result = main_job_definition().execute_in_process(
+            run_config=run_config, instance=instance, partition_key=model, raise_on_error=False
+        )
+        return result.success

@@ -1,0 +1,79 @@
+"""Stage `base_model`: resolve a registered model, list its target matrices."""
+
+import pandas as pd
+import torch
+
+from lqlora_dagster.models.loading import load_model
+from lqlora_dagster.models.source import resolve_model_folder
+from lqlora_dagster.models.targets import Target, find_targets
+from lqlora_dagster.pipeline.context import StageContext
+from lqlora_dagster.pipeline.handles import ModelHandle
+from lqlora_dagster.pipeline.registry import lookup_model
+from lqlora_dagster.store.keys import file_sha256, stable_key
+from lqlora_dagster.store.schemas import MATRICES
+
+CODE_VERSION = "1"
+
+
+def weights_key(folder) -> str:
+    """Checksum of all weight files (the model's identity, whatever its name)."""
+    return stable_key(sorted((p.name, file_sha256(p)) for p in folder.glob("*.safetensors")))
+
+
+def load_base(handle: ModelHandle, device: torch.device | str = "cpu") -> torch.nn.Module:
+    return load_model(handle.folder, handle.task).to(device)
+
+
+def load_with_targets(
+    handle: ModelHandle, device: torch.device | str = "cpu"
+) -> tuple[torch.nn.Module, list[Target]]:
+    """The base model and its targets, found again from the model itself (authoritative,
+    and it knows each layer's storage layout)."""
+    model = load_base(handle, device)
+    return model, find_targets(model, handle.pattern)
+
+
+def recorded_targets(ctx: StageContext, model_name: str) -> list[Target]:
+    """The targets as `base_model` recorded them, without loading the model."""
+    rows = ctx.warehouse.query(
+        "SELECT name, rows, cols, layer, kind, transposed FROM matrices WHERE model = ? ORDER BY position",
+        [model_name],
+    )
+    return [
+        Target(r.name, int(r.rows), int(r.cols), int(r.layer), r.kind, bool(r.transposed))
+        for r in rows.itertuples()
+    ]
+
+
+def run_base_model(ctx: StageContext, model_name: str) -> ModelHandle:
+    record = lookup_model(ctx.warehouse, model_name)
+    folder, task = resolve_model_folder(record["source"], ctx.model_cache)
+    ctx.log(f"{model_name}: loading {folder}")
+    model = load_model(folder, task)
+    targets = find_targets(model, record["pattern"])
+    frame = pd.DataFrame(
+        [
+            {
+                "model": model_name,
+                "name": t.name,
+                "kind": t.kind,
+                "layer": t.layer,
+                "rows": t.rows,
+                "cols": t.cols,
+                "numel": t.numel,
+                "transposed": t.transposed,
+                "position": i,
+            }
+            for i, t in enumerate(targets)
+        ]
+    )
+    ctx.warehouse.replace_rows("matrices", MATRICES.validate(frame), {"model": model_name})
+    return ModelHandle(
+        model=model_name,
+        folder=str(folder),
+        task=task,
+        pattern=record["pattern"],
+        key=stable_key(weights_key(folder), record["pattern"], CODE_VERSION),
+        n_targets=len(targets),
+        target_params=sum(t.numel for t in targets),
+    )

@@ -1,0 +1,49 @@
+"""What every stage needs: where results are stored, the device, and a logger."""
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lqlora_dagster.store.artifacts import ArtifactStore
+from lqlora_dagster.store.warehouse import Warehouse
+
+_log = logging.getLogger("lqlora")
+
+
+def default_home() -> Path:
+    """LQLORA_HOME, default ./.lqlora: DuckDB file, artifacts, model cache, checkpoints."""
+    return Path(os.environ.get("LQLORA_HOME", ".lqlora")).resolve()
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class StageContext:
+    store: ArtifactStore
+    warehouse: Warehouse
+    model_cache: Path
+    checkpoints: Path
+    device: torch.device = field(default_factory=lambda: resolve_device("auto"))
+    log: Callable[[str], None] = _log.info
+
+    @classmethod
+    def at(cls, home: Path, **kwargs) -> "StageContext":
+        """Everything under one home folder (the default layout)."""
+        home = Path(home)
+        ctx = cls(
+            ArtifactStore(home / "artifacts"),
+            Warehouse(home / "lqlora.duckdb"),
+            home / "models",
+            home / "checkpoints",
+            **kwargs,
+        )
+        ctx.warehouse.init_schema()
+        return ctx

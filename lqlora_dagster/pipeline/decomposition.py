@@ -1,0 +1,100 @@
+"""Stage `decomposed_model`: decompose every target by its plan; save the LQ model."""
+
+import time
+
+import pandas as pd
+
+from lqlora_dagster.decompose.lq import LQSettings
+from lqlora_dagster.evaluation import storage
+from lqlora_dagster.methods import get_method
+from lqlora_dagster.models.loading import load_tokenizer
+from lqlora_dagster.pipeline.base_model import load_with_targets
+from lqlora_dagster.pipeline.calibration import load_fisher
+from lqlora_dagster.pipeline.context import StageContext
+from lqlora_dagster.pipeline.handles import (
+    DecomposedHandle,
+    DecompositionRef,
+    FisherHandle,
+    ModelHandle,
+    PlanHandle,
+)
+from lqlora_dagster.pipeline.planning import plan_configs
+from lqlora_dagster.store.keys import stable_key
+from lqlora_dagster.surgery.decompose_model import apply_decompositions, decompose_targets
+from lqlora_dagster.surgery.lq_model_io import load_lq_model, save_lq_model
+
+DECOMPOSITION_VERSION = "1"
+ASSET = "decomposed_model"
+
+
+def decomposition_key(model: ModelHandle, plan_id: str, settings: dict, fisher_key: str | None) -> str:
+    return stable_key(model.key, plan_id, settings, fisher_key, DECOMPOSITION_VERSION)
+
+
+def run_decomposition(
+    ctx: StageContext, model: ModelHandle, plans: PlanHandle, fisher: FisherHandle | None
+) -> DecomposedHandle:
+    settings = LQSettings(**plans.settings)
+    items = []
+    fisher_tensors = None
+    for plan in plans.plans:
+        method = get_method(plan.method)
+        fisher_key = fisher.key if (method.fisher and fisher is not None) else None
+        key = decomposition_key(model, plan.plan_id, plans.settings, fisher_key)
+        art = ctx.store.find(ASSET, model.model, key)
+        if art is None:
+            if method.fisher and fisher_tensors is None and fisher is not None:
+                fisher_tensors = load_fisher(ctx, fisher)
+            art = _decompose(ctx, model, plan, method, settings, fisher_tensors, key)
+        else:
+            ctx.log(f"decomposition {plan.method} @ {plan.budget:g}: cached")
+        lq = load_lq_model(art.path)
+        st = storage(lq)
+        items.append(
+            DecompositionRef(
+                plan.plan_id, plan.method, plan.budget, key, st.bits_per_param, st.bits_incl_lowrank
+            )
+        )
+    return DecomposedHandle(model.model, items)
+
+
+def _decompose(ctx, model, plan, method, settings, fisher_tensors, key):
+    base, targets = load_with_targets(model, ctx.device)
+    configs = plan_configs(ctx, plan.plan_id)
+    start = time.perf_counter()
+    every = max(1, len(targets) // 10)
+    seconds: dict[str, float] = {}
+    last = [start]
+
+    def progress(i: int, n: int, name: str) -> None:
+        now = time.perf_counter()
+        seconds[name], last[0] = now - last[0], now
+        if i % every == 0 or i == n:
+            ctx.log(
+                f"decompose {plan.method} @ {plan.budget:g}: {i}/{n} matrices, {time.perf_counter() - start:.0f}s"
+            )
+
+    decs = decompose_targets(base, targets, configs, method, settings, fisher_tensors, progress)
+    apply_decompositions(base, decs)
+    tokenizer = load_tokenizer(model.folder)
+    art = ctx.store.save_folder(
+        ASSET, model.model, key, lambda d: save_lq_model(base.cpu(), d, tokenizer, model.task)
+    )
+    rows = pd.DataFrame(
+        [
+            {
+                "decomp_key": key,
+                "plan_id": plan.plan_id,
+                "model": model.model,
+                "matrix": n,
+                "config": configs[n].name,
+                "rank": settings.rank,
+                "error": d.error,
+                "iters": len(d.trace),
+                "seconds": seconds[n],
+            }
+            for n, d in decs.items()
+        ]
+    )
+    ctx.warehouse.replace_rows("decompositions", rows, {"decomp_key": key})
+    return art

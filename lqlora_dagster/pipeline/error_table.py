@@ -1,0 +1,155 @@
+"""Stage `error_table`: e[i, c] and storage s[i, c] for every target x candidate config.
+
+Rows live in DuckDB `quant_errors` under a table key (model, init, rank, Fisher,
+settings). Missing rows are computed matrix by matrix and committed as each matrix
+finishes, so an interrupted run redoes at most the matrix it was on. Methods that
+share an init (lqlora and lqlora-uniform) share one table.
+"""
+
+import time
+
+import pandas as pd
+import torch
+
+from lqlora_dagster.decompose.lq import LQSettings
+from lqlora_dagster.error_table import ConfigError, exhaustive_errors
+from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.methods import Method, get_method
+from lqlora_dagster.models.targets import Target
+from lqlora_dagster.models.weights import read_target_weights
+from lqlora_dagster.pipeline.base_model import recorded_targets
+from lqlora_dagster.pipeline.context import StageContext
+from lqlora_dagster.pipeline.handles import ErrorTableHandle, FisherHandle, ModelHandle, TableRef
+from lqlora_dagster.pipeline.settings import ErrorTableSettings
+from lqlora_dagster.quant.config import QuantConfig, storage_bits
+from lqlora_dagster.store.keys import stable_key
+from lqlora_dagster.store.schemas import QUANT_ERRORS
+
+TABLE_VERSION = "1"
+
+
+def lq_settings(s: ErrorTableSettings) -> LQSettings:
+    return LQSettings(rank=s.rank, svd=s.svd, max_iters=s.max_iters, rel_tol=s.rel_tol)
+
+
+def table_refs(model: ModelHandle, fisher: FisherHandle | None, s: ErrorTableSettings) -> list[TableRef]:
+    refs = []
+    for name in s.methods:
+        method = get_method(name)
+        rank = s.rank if method.has_lowrank_init else 0
+        fisher_key = fisher.key if (method.fisher and fisher is not None) else None
+        if method.fisher and fisher is None:
+            raise LQLoRAInputError(f"method {name!r} needs Fisher diagonals, but none were computed")
+        recipe = lq_settings(s) if method.has_lowrank_init else None
+        fast = s.fast if method.has_lowrank_init else None
+        key = stable_key(model.key, method.init, method.fisher, rank, recipe, fisher_key, fast, TABLE_VERSION)
+        configs = [c.name for c in method.candidate_configs(s.configs)]
+        refs.append(TableRef(name, key, rank, fisher_key, configs, len(configs) * model.n_targets))
+    return refs
+
+
+def _done(ctx: StageContext, table_key: str) -> set[tuple[str, str]]:
+    rows = ctx.warehouse.query("SELECT matrix, config FROM quant_errors WHERE table_key = ?", [table_key])
+    return set(zip(rows["matrix"], rows["config"]))
+
+
+def _rows(
+    ref: TableRef, method: Method, model: ModelHandle, target: Target, results: list[ConfigError]
+) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {
+                "table_key": ref.table_key,
+                "model": model.model,
+                "init": method.init,
+                "matrix": target.name,
+                "config": r.config.name,
+                "b": r.config.b,
+                "b0": r.config.b0,
+                "b1": r.config.b1,
+                "block_size": r.config.B0,
+                "group_size": r.config.B1,
+                "rank": ref.rank,
+                "fisher": method.fisher,
+                "bits_per_param": storage_bits(target.numel, r.config) / target.numel,
+                "storage_bits": storage_bits(target.numel, r.config),
+                "numel": target.numel,
+                "error": float(r.error),
+                "iters": r.iters,
+                "seconds": r.seconds,
+            }
+            for r in results
+        ]
+    )
+
+
+def compute_table_rows(
+    ctx: StageContext,
+    model: ModelHandle,
+    fisher: FisherHandle | None,
+    s: ErrorTableSettings,
+    matrices: list[str] | None = None,
+) -> int:
+    """Compute the missing rows for `matrices` (default: all targets); returns how many
+    rows were written. Safe to run concurrently on disjoint matrix sets."""
+    from lqlora_dagster.fast_error_table import fast_errors
+
+    targets = [t for t in recorded_targets(ctx, model.model) if matrices is None or t.name in set(matrices)]
+    refs = {ref.table_key: ref for ref in table_refs(model, fisher, s)}  # shared tables once
+    todo = []
+    for ref in refs.values():
+        done = _done(ctx, ref.table_key)
+        for t in targets:
+            missing = [c for c in ref.configs if (t.name, c) not in done]
+            if missing:
+                todo.append((ref, t, missing))
+    if not todo:
+        return 0
+    weights = read_target_weights(model.folder, sorted({t for _, t, _ in todo}, key=lambda t: t.name))
+    fisher_tensors = _fisher_for(ctx, fisher, {t.name for ref, t, _ in todo if ref.fisher_key})
+    settings = lq_settings(s)
+    written = 0
+    start = time.perf_counter()
+    for i, (ref, target, missing) in enumerate(todo):
+        method = get_method(ref.method)
+        W = weights[target.name].to(ctx.device)
+        F = fisher_tensors[target.name].to(ctx.device) if ref.fisher_key else None
+        configs = tuple(QuantConfig.parse(c) for c in missing)
+        if s.fast and method.has_lowrank_init:
+            results = fast_errors(W, configs, method, settings, F)
+        else:
+            results = exhaustive_errors(W, configs, method, settings, F)
+        frame = QUANT_ERRORS.validate(_rows(ref, method, model, target, results))
+        written += ctx.warehouse.upsert("quant_errors", frame, ["table_key", "matrix", "config"])
+        ctx.log(
+            f"error_table {ref.method}: {i + 1}/{len(todo)} {target.name} ({len(missing)} configs) "
+            f"{time.perf_counter() - start:.0f}s"
+        )
+    return written
+
+
+def _fisher_for(ctx: StageContext, fisher: FisherHandle | None, names: set[str]) -> dict[str, torch.Tensor]:
+    if not names or fisher is None:
+        return {}
+    art = ctx.store.get("fisher_diagonals", fisher.model, fisher.key)
+    return ctx.store.load_tensors(art, keys=sorted(names))[0]
+
+
+def run_error_table(
+    ctx: StageContext, model: ModelHandle, fisher: FisherHandle | None, s: ErrorTableSettings
+) -> ErrorTableHandle:
+    written = compute_table_rows(ctx, model, fisher, s)
+    ctx.log(f"error_table: {written} new rows" if written else "error_table: all rows cached")
+    return ErrorTableHandle(
+        model.model, model.key, s.rank, lq_settings(s).__dict__, table_refs(model, fisher, s)
+    )
+
+
+def load_table(ctx: StageContext, ref: TableRef) -> pd.DataFrame:
+    """The rows of one table restricted to its candidate configs (long form)."""
+    frame = ctx.warehouse.query(
+        "SELECT matrix, config, numel, storage_bits, error, bits_per_param "
+        "FROM quant_errors WHERE table_key = ?",
+        [ref.table_key],
+    )
+    return frame[frame["config"].isin(ref.configs)].reset_index(drop=True)

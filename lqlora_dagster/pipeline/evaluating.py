@@ -1,0 +1,111 @@
+"""Stage `evaluation`: perplexity on held-out speeches (2016+) of the reference model,
+each decomposed model (before finetuning) and each finetuned one (after), with
+storage in bits/param. Rows already in DuckDB for the same inputs are reused."""
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from lqlora_dagster.data.corpora import sotu_text
+from lqlora_dagster.data.windows import token_windows, tokenize
+from lqlora_dagster.evaluation import peak_memory_mb, perplexity, storage
+from lqlora_dagster.models.loading import load_tokenizer
+from lqlora_dagster.pipeline.base_model import load_base
+from lqlora_dagster.pipeline.context import StageContext
+from lqlora_dagster.pipeline.decomposition import ASSET as DECOMPOSED
+from lqlora_dagster.pipeline.finetuning import load_finetuned
+from lqlora_dagster.pipeline.handles import DecomposedHandle, EvaluationHandle, FinetunedHandle, ModelHandle
+from lqlora_dagster.pipeline.settings import EvalSettings
+from lqlora_dagster.store.keys import stable_key
+from lqlora_dagster.store.schemas import EVALUATIONS
+from lqlora_dagster.surgery.lq_model_io import load_lq_model
+
+EVAL_VERSION = "1"
+
+
+def _done(ctx: StageContext, key: str) -> bool:
+    return not ctx.warehouse.query("SELECT 1 FROM evaluations WHERE eval_key = ?", [key]).empty
+
+
+def run_evaluation(
+    ctx: StageContext,
+    model: ModelHandle,
+    decomposed: DecomposedHandle,
+    finetuned: FinetunedHandle,
+    s: EvalSettings,
+) -> EvaluationHandle:
+    jobs = [
+        (
+            stable_key(model.key, s, EVAL_VERSION),
+            "reference",
+            None,
+            None,
+            lambda: load_base(model, ctx.device),
+        )
+    ]
+    for ref in decomposed.items:
+        path = ctx.store.get(DECOMPOSED, model.model, ref.decomp_key).path
+        jobs.append(
+            (
+                stable_key(ref.decomp_key, s, EVAL_VERSION),
+                "before_finetune",
+                ref,
+                ref.plan_id,
+                lambda p=path: load_lq_model(p, ctx.device),
+            )
+        )
+    for ref in finetuned.items:
+        jobs.append(
+            (
+                stable_key(ref.run_key, s, EVAL_VERSION),
+                "after_finetune",
+                ref,
+                ref.plan_id,
+                lambda r=ref: load_finetuned(ctx, model, r, ctx.device),
+            )
+        )
+    windows = None
+    keys = []
+    for key, stage, ref, plan_id, load in jobs:
+        keys.append(key)
+        if _done(ctx, key):
+            continue
+        if windows is None:
+            ids = tokenize(load_tokenizer(Path(model.folder)), sotu_text("eval"))
+            windows = token_windows(ids, s.seq_len, s.n_windows)
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        net = load()
+        ppl = perplexity(net, windows, s.batch_size)
+        st = storage(net) if stage != "reference" else None
+        row = {
+            "eval_key": key,
+            "model": model.model,
+            "method": ref.method if ref is not None else "reference",
+            "budget": float(ref.budget) if ref is not None else None,
+            "stage": stage,
+            "metric": "perplexity",
+            "value": ppl,
+            "perplexity": ppl,
+            "bits_per_param": st.bits_per_param if st else None,
+            "bits_incl_lowrank": st.bits_incl_lowrank if st else None,
+            "peak_mb": peak_memory_mb(ctx.device),
+            "n_tokens": int(windows.numel()),
+            "seq_len": s.seq_len,
+            "plan_id": plan_id,
+        }
+        ctx.warehouse.upsert("evaluations", EVALUATIONS.validate(pd.DataFrame([row])), ["eval_key"])
+        label = "reference" if ref is None else f"{ref.method} @ {ref.budget:g} {stage}"
+        ctx.log(f"evaluation {label}: perplexity {ppl:.3f}")
+        del net
+    return EvaluationHandle(model.model, keys)
+
+
+def evaluation_table(ctx: StageContext, keys: list[str]) -> pd.DataFrame:
+    frame = ctx.warehouse.query(
+        "SELECT method, budget, stage, perplexity, bits_per_param, bits_incl_lowrank FROM evaluations "
+        "WHERE eval_key IN (SELECT unnest(?::VARCHAR[])) ORDER BY stage <> 'reference', method, budget, stage DESC",
+        [keys],
+    )
+    return frame

@@ -1,0 +1,145 @@
+"""The values passed between pipeline stages: small, JSON-able, carrying content keys.
+
+Heavy payloads (tensors, tables) live in the artifact store and the warehouse under
+these keys; a handle says exactly which stored result a downstream stage must read,
+so lineage never depends on "the newest file".
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    model: str  # partition key
+    folder: str  # loadable HF folder
+    task: str
+    pattern: str | None
+    key: str  # weights checksum + target pattern
+    n_targets: int
+    target_params: int
+
+
+@dataclass(frozen=True)
+class CalibrationHandle:
+    model: str
+    key: str
+    n_sequences: int
+    seq_len: int
+
+
+@dataclass(frozen=True)
+class FisherHandle:
+    model: str
+    key: str
+    n_matrices: int
+
+
+@dataclass(frozen=True)
+class TableRef:
+    method: str
+    table_key: str
+    rank: int  # 0 for methods without a low-rank init
+    fisher_key: str | None
+    configs: list[str]  # the candidate configs evaluated for this method
+    n_rows: int
+
+
+@dataclass(frozen=True)
+class ErrorTableHandle:
+    model: str
+    model_key: str
+    rank: int
+    settings: dict  # LQSettings fields
+    tables: list[TableRef] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PlanRef:
+    plan_id: str
+    method: str
+    budget: float
+    bits_per_param: float
+    objective: float
+    table_key: str
+
+
+@dataclass(frozen=True)
+class PlanHandle:
+    model: str
+    plans: list[PlanRef]
+    rank: int
+    settings: dict
+
+
+@dataclass(frozen=True)
+class DecompositionRef:
+    plan_id: str
+    method: str
+    budget: float
+    decomp_key: str
+    bits_per_param: float
+    bits_incl_lowrank: float
+
+
+@dataclass(frozen=True)
+class DecomposedHandle:
+    model: str
+    items: list[DecompositionRef]
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    plan_id: str
+    method: str
+    budget: float
+    decomp_key: str
+    run_key: str
+    final_loss: float
+
+
+@dataclass(frozen=True)
+class FinetunedHandle:
+    model: str
+    items: list[AdapterRef]
+
+
+@dataclass(frozen=True)
+class EvaluationHandle:
+    model: str
+    eval_keys: list[str]
+
+
+HANDLE_TYPES = {
+    cls.__name__: cls
+    for cls in (
+        ModelHandle,
+        CalibrationHandle,
+        FisherHandle,
+        ErrorTableHandle,
+        PlanHandle,
+        DecomposedHandle,
+        FinetunedHandle,
+        EvaluationHandle,
+    )
+}
+
+
+def to_json(handle) -> str:
+    return json.dumps({"type": type(handle).__name__, "value": dataclasses.asdict(handle)}, indent=1)
+
+
+def from_json(text: str):
+    data = json.loads(text)
+    cls = HANDLE_TYPES[data["type"]]
+    value = data["value"]
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    if "tables" in hints:
+        value["tables"] = [TableRef(**t) for t in value["tables"]]
+    if "plans" in hints:
+        value["plans"] = [PlanRef(**p) for p in value["plans"]]
+    if "items" in hints:
+        item_cls = DecompositionRef if cls is DecomposedHandle else AdapterRef
+        value["items"] = [item_cls(**i) for i in value["items"]]
+    return cls(**value)

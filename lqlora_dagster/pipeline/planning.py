@@ -1,0 +1,109 @@
+"""Stage `allocation_plan`: one plan per (method, budget) from the method's error table."""
+
+import pandas as pd
+
+from lqlora_dagster.allocate.ilp import solve_ilp
+from lqlora_dagster.allocate.problem import Allocation
+from lqlora_dagster.allocate.uniform import solve_uniform
+from lqlora_dagster.methods import get_method
+from lqlora_dagster.pipeline.context import StageContext
+from lqlora_dagster.pipeline.error_table import load_table
+from lqlora_dagster.pipeline.handles import ErrorTableHandle, PlanHandle, PlanRef, TableRef
+from lqlora_dagster.pipeline.settings import PlanSettings
+from lqlora_dagster.quant.config import QuantConfig
+from lqlora_dagster.store.keys import stable_key
+from lqlora_dagster.store.schemas import PLAN_ASSIGNMENTS, PLANS
+
+PLAN_VERSION = "1"
+
+
+def plan_id(ref: TableRef, budget: float) -> str:
+    return stable_key(ref.table_key, ref.method, sorted(ref.configs), float(budget), PLAN_VERSION)
+
+
+def _existing(ctx: StageContext, pid: str) -> PlanRef | None:
+    rows = ctx.warehouse.query("SELECT * FROM plans WHERE plan_id = ?", [pid])
+    if rows.empty:
+        return None
+    r = rows.iloc[0]
+    return PlanRef(
+        pid,
+        r["method"],
+        float(r["budget"]),
+        float(r["bits_per_param"]),
+        float(r["objective"]),
+        r["table_key"],
+    )
+
+
+def _frames(
+    pid: str, model: str, ref: TableRef, table: pd.DataFrame, plan: Allocation
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    head = pd.DataFrame(
+        [
+            {
+                "plan_id": pid,
+                "model": model,
+                "method": ref.method,
+                "budget": float(plan.budget),
+                "table_key": ref.table_key,
+                "objective": plan.objective,
+                "bound": plan.bound,
+                "gap": plan.gap,
+                "status": plan.status,
+                "solve_s": plan.solve_s,
+                "bits_per_param": plan.bits_per_param,
+            }
+        ]
+    )
+    chosen = table.set_index(["matrix", "config"]).loc[list(plan.assignment.items())].reset_index()
+    rows = []
+    for r in chosen.itertuples():
+        c = QuantConfig.parse(r.config)
+        rows.append(
+            {
+                "plan_id": pid,
+                "matrix": r.matrix,
+                "config": r.config,
+                "b": c.b,
+                "b0": c.b0,
+                "b1": c.b1,
+                "block_size": c.B0,
+                "group_size": c.B1,
+                "bits_per_param": float(r.bits_per_param),
+                "error": float(r.error),
+            }
+        )
+    return PLANS.validate(head), PLAN_ASSIGNMENTS.validate(pd.DataFrame(rows))
+
+
+def run_planning(ctx: StageContext, tables: ErrorTableHandle, s: PlanSettings) -> PlanHandle:
+    refs = []
+    for ref in tables.tables:
+        method = get_method(ref.method)
+        table = None
+        for budget in s.budgets:
+            pid = plan_id(ref, budget)
+            cached = _existing(ctx, pid)
+            if cached is not None:
+                refs.append(cached)
+                continue
+            if table is None:
+                table = load_table(ctx, ref)
+            plan = solve_ilp(table, budget) if method.allocation == "ilp" else solve_uniform(table, budget)
+            head, assignments = _frames(pid, tables.model, ref, table, plan)
+            ctx.warehouse.replace_rows("plan_assignments", assignments, {"plan_id": pid})
+            ctx.warehouse.upsert("plans", head, ["plan_id"])  # written last: marks the plan complete
+            ctx.log(
+                f"plan {ref.method} @ {budget:g}: {plan.bits_per_param:.4f} bits/param, "
+                f"objective {plan.objective:.4g}, gap {plan.gap:.1e}, {plan.status}"
+            )
+            refs.append(
+                PlanRef(pid, ref.method, float(budget), plan.bits_per_param, plan.objective, ref.table_key)
+            )
+    return PlanHandle(tables.model, refs, tables.rank, tables.settings)
+
+
+def plan_configs(ctx: StageContext, pid: str) -> dict[str, QuantConfig]:
+    rows = ctx.warehouse.query("SELECT matrix, config FROM plan_assignments WHERE plan_id = ?", [pid])
+    return {r.matrix: QuantConfig.parse(r.config) for r in rows.itertuples()}

@@ -1,0 +1,79 @@
+"""Settings of each stage, as frozen dataclasses (the Dagster Config classes map onto
+these). Defaults are sized for SmolLM2-135M on a 2-core CPU."""
+
+from dataclasses import dataclass, field
+
+from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.methods import METHODS
+from lqlora_dagster.quant.config import CONFIG_GRID, REDUCED_GRID, QuantConfig
+
+GRIDS: dict[str, tuple[QuantConfig, ...]] = {"full": CONFIG_GRID, "reduced": REDUCED_GRID}
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    text: str = "sotu"  # "sotu" (the 1946-1999 speeches) or a path to a UTF-8 text file
+    n_sequences: int = 32
+    seq_len: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ErrorTableSettings:
+    methods: tuple[str, ...] = ("lqlora-fisher",)
+    # Rank 16, not the paper's 64: for 576-wide matrices a rank-64 factor pair in 16 bits
+    # costs ~2.9 bits/param on its own; rank 16 keeps it near 0.7 (rank 64 is a knob away).
+    rank: int = 16
+    grid: str = "reduced"  # "reduced" (24 configs) or "full" (432)
+    svd: str = "randomized"
+    max_iters: int = 100
+    rel_tol: float = 1e-3
+    fast: bool = True  # the shared-decomposition fast path; False: one decomposition per config
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise LQLoRAInputError(
+                f"unknown methods {unknown or '(none given)'}; choose from {', '.join(METHODS)}"
+            )
+        if self.grid not in GRIDS:
+            raise LQLoRAInputError(f"unknown config grid {self.grid!r}; use one of {sorted(GRIDS)}")
+        if self.rank < 1:
+            raise LQLoRAInputError(f"rank must be >= 1, got {self.rank}")
+
+    @property
+    def configs(self) -> tuple[QuantConfig, ...]:
+        return GRIDS[self.grid]
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    budgets: tuple[float, ...] = (3.25,)
+
+    def __post_init__(self) -> None:
+        if not self.budgets:
+            raise LQLoRAInputError("give at least one budget (bits per parameter)")
+        for b in self.budgets:
+            if not isinstance(b, (int, float)) or not (0 < b < 64) or b != b:
+                raise LQLoRAInputError(
+                    f"budget {b!r} is not a sensible number of bits per parameter (0 < b < 64)"
+                )
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    steps: int = 20
+    batch_size: int = 4
+    seq_len: int = 256
+    lr: float = 2e-4
+    warmup_steps: int = 2
+    seed: int = 0
+    methods: tuple[str, ...] = field(default_factory=tuple)  # empty: every plan
+    budgets: tuple[float, ...] = field(default_factory=tuple)  # empty: every plan
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    seq_len: int = 512
+    n_windows: int = 16  # spread evenly over the 2016+ speeches
+    batch_size: int = 4

@@ -1,0 +1,67 @@
+"""Fast simulated quantization for error tables, by a fine lookup table.
+
+Exact nearest-level search (`bucketize`) is the slowest step of quantizing on CPU.
+Here a normalised weight y = x / scale in [-1, 1] indexes one of LUT_BINS uniform
+bins whose entry is the NF level nearest the bin centre. Only values inside the
+2^b - 1 bins that straddle a midpoint between levels can land on the neighbouring
+level, and there both levels are (almost) equally far away, so the error moves by
+~1e-6 relative (1e-4 for NF8). Scales and their double quantization are exact.
+Used only to *estimate* errors; stored Q always comes from `codec.encode`.
+"""
+
+from functools import cache
+
+import torch
+
+from lqlora_dagster.quant.codec import block_scales, quantize_scales, to_blocks
+from lqlora_dagster.quant.config import QuantConfig
+from lqlora_dagster.quant.normal_float import nf_codebook
+
+LUT_BINS = 8192
+
+
+@cache
+def _table_cpu(bits: int) -> torch.Tensor:
+    levels = nf_codebook(bits)
+    mids = (levels[1:] + levels[:-1]) / 2
+    centers = ((torch.arange(LUT_BINS, dtype=torch.float64) + 0.5) * (2.0 / LUT_BINS) - 1).to(torch.float32)
+    return levels[torch.bucketize(centers, mids)]
+
+
+def level_table(bits: int, device: torch.device) -> torch.Tensor:
+    return _table_cpu(bits).to(device)
+
+
+def block_scales_for(absmax: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """(n_blocks, 1) dequantized double-quantized scales, exactly as `encode` uses."""
+    scale_codes, group_scales, offset = quantize_scales(absmax, config)
+    return block_scales(scale_codes, group_scales, offset, config)[: len(absmax), None]
+
+
+class BlockQuantizer:
+    """Table-based quantization of fixed (n_blocks, B0) blocks under any config with
+    that B0, reusing its buffers across configs (allocation dominates otherwise)."""
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+        self.absmax = blocks.abs().amax(dim=1)
+        self._y = torch.empty_like(blocks)
+        self._half = torch.full_like(blocks, LUT_BINS / 2)
+        self._idx = torch.empty(blocks.shape, dtype=torch.int32, device=blocks.device)
+        self._deq = torch.empty_like(blocks)
+
+    def dequantized(self, config: QuantConfig) -> torch.Tensor:
+        """(n_blocks, B0) quantized values; valid until the next call."""
+        scales = block_scales_for(self.absmax, config)
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        torch.addcmul(self._half, self.blocks, ((LUT_BINS / 2) / safe).expand_as(self.blocks), out=self._y)
+        self._idx.copy_(self._y.clamp_(0, LUT_BINS - 1))
+        table = level_table(config.b, self.blocks.device)
+        torch.index_select(table, 0, self._idx.view(-1), out=self._deq.view(-1))
+        return self._deq.mul_(scales)
+
+
+def simulate_fast(W: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """Approximately `simulate(W, config)`: same scales, table-based level choice."""
+    deq = BlockQuantizer(to_blocks(W, config.B0)).dequantized(config)
+    return deq.reshape(-1)[: W.numel()].reshape(W.shape)

@@ -1,0 +1,1 @@
+"""Persistence: content-addressed tensor artifacts and the DuckDB warehouse."""

@@ -1,0 +1,146 @@
+"""Content-addressed artifact store under LQLORA_HOME/artifacts.
+
+    artifacts/<asset>/<partition>/<key>.safetensors   (or <key>/ for a folder)
+    artifacts/<asset>/<partition>/<key>.json          sidecar: sha256 per file, sizes
+
+Writes go to a temporary name and are renamed into place, so a crash never leaves a
+half-written artifact under its final name. Reads verify the checksums; a damaged
+artifact is reported (and treated as absent by `find`, so it gets rebuilt).
+"""
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.store.keys import file_sha256
+
+
+class DamagedArtifact(LQLoRAInputError):
+    """An artifact's bytes no longer match the checksum recorded when it was written."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    asset: str
+    partition: str
+    key: str
+    path: Path  # file or folder
+    sha256: dict[str, str]  # relative file name -> checksum
+    nbytes: int
+
+
+class ArtifactStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def _base(self, asset: str, partition: str, key: str) -> Path:
+        return self.root / asset / partition / key
+
+    def _sidecar(self, asset: str, partition: str, key: str) -> Path:
+        return self._base(asset, partition, key).with_suffix(".json")
+
+    # --- writing ---
+
+    def save_tensors(
+        self,
+        asset: str,
+        partition: str,
+        key: str,
+        tensors: dict[str, torch.Tensor],
+        meta: dict[str, str] | None = None,
+    ) -> Artifact:
+        def write(tmp: Path) -> None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+
+        return self._commit(asset, partition, key, ".safetensors", write)
+
+    def save_folder(self, asset: str, partition: str, key: str, write_into) -> Artifact:
+        """`write_into(folder)` fills a fresh folder; it is committed as one artifact."""
+
+        def write(tmp: Path) -> None:
+            tmp.mkdir()
+            write_into(tmp)
+
+        return self._commit(asset, partition, key, "", write)
+
+    def _commit(self, asset: str, partition: str, key: str, suffix: str, write) -> Artifact:
+        final = (
+            self._base(asset, partition, key).with_suffix(suffix)
+            if suffix
+            else self._base(asset, partition, key)
+        )
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent)) / ("x" + suffix)
+        try:
+            write(tmp)
+            files = sorted(tmp.rglob("*")) if tmp.is_dir() else [tmp]
+            sums = {
+                str(f.relative_to(tmp)) if tmp.is_dir() else final.name: file_sha256(f)
+                for f in files
+                if f.is_file()
+            }
+            nbytes = sum(f.stat().st_size for f in files if f.is_file())
+            if final.exists():
+                shutil.rmtree(final) if final.is_dir() else final.unlink()
+            os.replace(tmp, final)
+            record = {"path": final.name, "sha256": sums, "nbytes": nbytes, "created": time.time()}
+            side = self._sidecar(asset, partition, key)
+            side_tmp = side.with_name(f".{side.name}.tmp")
+            side_tmp.write_text(json.dumps(record, indent=1))
+            os.replace(side_tmp, side)  # the sidecar is written last: it marks completion
+        finally:
+            shutil.rmtree(tmp.parent, ignore_errors=True)
+        return Artifact(asset, partition, key, final, sums, nbytes)
+
+    # --- reading ---
+
+    def find(self, asset: str, partition: str, key: str, verify: bool = True) -> Artifact | None:
+        """The complete, intact artifact for this key, or None (absent or damaged)."""
+        try:
+            return self.get(asset, partition, key, verify=verify)
+        except (FileNotFoundError, DamagedArtifact):
+            return None
+
+    def get(self, asset: str, partition: str, key: str, verify: bool = True) -> Artifact:
+        side = self._sidecar(asset, partition, key)
+        if not side.is_file():
+            raise FileNotFoundError(f"no artifact {asset}/{partition}/{key}")
+        record = json.loads(side.read_text())
+        path = side.parent / record["path"]
+        art = Artifact(asset, partition, key, path, record["sha256"], record["nbytes"])
+        if verify:
+            self.verify(art)
+        return art
+
+    def verify(self, art: Artifact) -> None:
+        for name, expected in art.sha256.items():
+            f = art.path / name if art.path.is_dir() else art.path
+            if not f.is_file() or file_sha256(f) != expected:
+                raise DamagedArtifact(
+                    f"artifact {f} is missing or altered (checksum mismatch); re-materialize asset "
+                    f"{art.asset!r} for partition {art.partition!r} to rebuild it"
+                )
+
+    def load_tensors(
+        self, art: Artifact, keys: list[str] | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """All tensors (or just `keys`, read lazily) and the header metadata."""
+        with safe_open(str(art.path), "pt") as f:
+            meta = f.metadata() or {}
+            if keys is None:
+                return load_file(str(art.path)), meta
+            missing = [k for k in keys if k not in set(f.keys())]
+            if missing:
+                raise DamagedArtifact(
+                    f"artifact {art.path} lacks tensors {missing[:3]}; re-materialize {art.asset!r}"
+                )
+            return {k: f.get_tensor(k) for k in keys}, meta

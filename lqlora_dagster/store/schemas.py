@@ -1,0 +1,116 @@
+"""Pandera schemas: every frame is validated before it is written to the warehouse,
+so a NaN error or a config outside the grid never reaches the ILP or a user's SQL."""
+
+import numpy as np
+import pandera.pandas as pa
+
+from lqlora_dagster.quant.config import SCALE_FORMATS
+
+_finite_nonneg = [pa.Check.ge(0), pa.Check(lambda s: np.isfinite(s.astype(float)), error="finite")]
+_config_columns = {
+    "config": pa.Column(str),
+    "b": pa.Column(int, pa.Check.isin([2, 3, 4, 8])),
+    "b0": pa.Column(int, pa.Check.isin([2, 3, 4, 8])),
+    "b1": pa.Column(str, pa.Check.isin(sorted(SCALE_FORMATS))),
+    "block_size": pa.Column(int, pa.Check.gt(0)),
+    "group_size": pa.Column(int, pa.Check.gt(0)),
+}
+
+MATRICES = pa.DataFrameSchema(
+    {
+        "model": pa.Column(str),
+        "name": pa.Column(str),
+        "kind": pa.Column(str),
+        "layer": pa.Column(int, pa.Check.ge(-1)),
+        "rows": pa.Column(int, pa.Check.gt(0)),
+        "cols": pa.Column(int, pa.Check.gt(0)),
+        "numel": pa.Column(int, pa.Check.gt(0)),
+        "transposed": pa.Column(bool),
+        "position": pa.Column(int, pa.Check.ge(0)),
+    },
+    unique=["model", "name"],
+    strict=True,
+)
+
+QUANT_ERRORS = pa.DataFrameSchema(
+    {
+        "table_key": pa.Column(str),
+        "model": pa.Column(str),
+        "init": pa.Column(str, pa.Check.isin(["zero", "loftq", "lq"])),
+        "matrix": pa.Column(str),
+        **_config_columns,
+        "rank": pa.Column(int, pa.Check.ge(0)),
+        "fisher": pa.Column(bool),
+        "bits_per_param": pa.Column(float, pa.Check.gt(0)),
+        "storage_bits": pa.Column(int, pa.Check.gt(0)),
+        "numel": pa.Column(int, pa.Check.gt(0)),
+        "error": pa.Column(float, _finite_nonneg),
+        "iters": pa.Column(int, pa.Check.ge(0)),
+        "seconds": pa.Column(float, pa.Check.ge(0)),
+    },
+    unique=["table_key", "matrix", "config"],
+    strict=True,
+)
+
+PLANS = pa.DataFrameSchema(
+    {
+        "plan_id": pa.Column(str, unique=True),
+        "model": pa.Column(str),
+        "method": pa.Column(str),
+        "budget": pa.Column(float, pa.Check.gt(0)),
+        "table_key": pa.Column(str),
+        "objective": pa.Column(float, _finite_nonneg),
+        "bound": pa.Column(float),
+        "gap": pa.Column(float, pa.Check.ge(0)),
+        "status": pa.Column(str),
+        "solve_s": pa.Column(float, pa.Check.ge(0)),
+        "bits_per_param": pa.Column(float, pa.Check.gt(0)),
+    },
+    checks=pa.Check(lambda df: df["bits_per_param"] <= df["budget"] + 1e-9, error="plan exceeds its budget"),
+    strict=True,
+)
+
+PLAN_ASSIGNMENTS = pa.DataFrameSchema(
+    {
+        "plan_id": pa.Column(str),
+        "matrix": pa.Column(str),
+        **_config_columns,
+        "bits_per_param": pa.Column(float, pa.Check.gt(0)),
+        "error": pa.Column(float, _finite_nonneg),
+    },
+    unique=["plan_id", "matrix"],
+    strict=True,
+)
+
+TRAIN_STEPS = pa.DataFrameSchema(
+    {
+        "run": pa.Column(str),
+        "plan_id": pa.Column(str),
+        "step": pa.Column(int, pa.Check.ge(1)),
+        "loss": pa.Column(float, _finite_nonneg),
+        "lr": pa.Column(float, pa.Check.ge(0)),
+        "seconds": pa.Column(float, pa.Check.ge(0)),
+    },
+    unique=["run", "step"],
+    strict=True,
+)
+
+EVALUATIONS = pa.DataFrameSchema(
+    {
+        "eval_key": pa.Column(str, unique=True),
+        "model": pa.Column(str),
+        "method": pa.Column(str),
+        "budget": pa.Column(float, nullable=True, coerce=True),
+        "stage": pa.Column(str, pa.Check.isin(["reference", "before_finetune", "after_finetune"])),
+        "metric": pa.Column(str, pa.Check.isin(["perplexity", "accuracy"])),
+        "value": pa.Column(float, _finite_nonneg),
+        "perplexity": pa.Column(float, nullable=True, coerce=True),
+        "bits_per_param": pa.Column(float, nullable=True, coerce=True),
+        "bits_incl_lowrank": pa.Column(float, nullable=True, coerce=True),
+        "peak_mb": pa.Column(float, nullable=True, coerce=True),
+        "n_tokens": pa.Column("Int64", nullable=True, coerce=True),
+        "seq_len": pa.Column("Int64", nullable=True, coerce=True),
+        "plan_id": pa.Column(str, nullable=True),
+    },
+    strict=True,
+)

@@ -1,0 +1,129 @@
+"""The DuckDB warehouse: short connections, retry on lock, keyed replace-writes.
+
+DuckDB lets one process hold a file read-write. Pipeline steps, the CLI and the UI's
+code server all touch the same file, so every operation opens a connection, does
+its work in one transaction and closes; a lock held by another process is retried
+with backoff instead of surfacing as an error.
+"""
+
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from lqlora_dagster.errors import LQLoRAInputError
+
+SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+_LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked", "lock on file")
+
+
+def _is_lock_error(err: Exception) -> bool:
+    return any(m in str(err) for m in _LOCK_MARKERS)
+
+
+class Warehouse:
+    def __init__(self, path: Path, lock_timeout_s: float = 120.0):
+        self.path = Path(path)
+        self.lock_timeout_s = lock_timeout_s
+
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                if not read_only:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                con = duckdb.connect(str(self.path), read_only=read_only)
+                break
+            except (duckdb.IOException, duckdb.Error) as err:
+                if _is_lock_error(err) and time.monotonic() < deadline:
+                    time.sleep(delay * (1 + random.random()))
+                    delay = min(delay * 2, 2.0)
+                    continue
+                raise self._explain(err) from err
+            except OSError as err:
+                raise self._explain(err) from err
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def _explain(self, err: Exception) -> LQLoRAInputError:
+        text = str(err)
+        if _is_lock_error(err):
+            return LQLoRAInputError(
+                f"the warehouse {self.path} stayed locked by another process for {self.lock_timeout_s:g} s; "
+                "stop the other writer (a long `duckdb` shell?) and retry"
+            )
+        if "not a valid DuckDB database" in text or "Corrupt" in text or "corrupt" in text:
+            return LQLoRAInputError(
+                f"{self.path} is not a readable DuckDB database ({text.splitlines()[0]}); move it away "
+                "and re-materialize to rebuild it"
+            )
+        if "Permission denied" in text or "Read-only" in text or "read-only" in text:
+            return LQLoRAInputError(
+                f"cannot write the warehouse {self.path}: permission denied; point LQLORA_HOME at a writable folder"
+            )
+        return LQLoRAInputError(f"cannot open the warehouse {self.path}: {text.splitlines()[0]}")
+
+    def init_schema(self) -> None:
+        ddl = (SQL_DIR / "schema.sql").read_text()
+        with self.connect() as con:
+            con.execute(ddl)
+
+    def replace_rows(self, table: str, frame: pd.DataFrame, where: dict[str, object]) -> int:
+        """Delete the rows matching `where` and insert `frame`, in one transaction."""
+        clause = " AND ".join(f'"{k}" = ?' for k in where) or "TRUE"
+        with self.connect() as con:
+            con.execute("BEGIN")
+            try:
+                con.execute(f'DELETE FROM "{table}" WHERE {clause}', list(where.values()))
+                self._insert(con, table, frame)
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+        return len(frame)
+
+    def upsert(self, table: str, frame: pd.DataFrame, keys: list[str]) -> int:
+        """Insert `frame`, replacing rows with the same primary-key values."""
+        if frame.empty:
+            return 0
+        with self.connect() as con:
+            con.execute("BEGIN")
+            try:
+                con.register("_incoming", frame[keys])
+                match = " AND ".join(f't."{k}" = i."{k}"' for k in keys)
+                con.execute(f'DELETE FROM "{table}" t WHERE EXISTS (SELECT 1 FROM _incoming i WHERE {match})')
+                con.unregister("_incoming")
+                self._insert(con, table, frame)
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+        return len(frame)
+
+    @staticmethod
+    def _insert(con: duckdb.DuckDBPyConnection, table: str, frame: pd.DataFrame) -> None:
+        if frame.empty:
+            return
+        con.register("_rows", frame)
+        cols = ", ".join(f'"{c}"' for c in frame.columns)
+        con.execute(f'INSERT INTO "{table}" ({cols}) SELECT {cols} FROM _rows')
+        con.unregister("_rows")
+
+    def query(self, sql: str, params: list | dict | None = None) -> pd.DataFrame:
+        with self.connect() as con:
+            return con.execute(sql, params or []).df()
+
+    def run_named_query(self, name: str, params: dict | None = None) -> pd.DataFrame:
+        path = SQL_DIR / "queries" / f"{name}.sql"
+        if not path.is_file():
+            known = sorted(p.stem for p in (SQL_DIR / "queries").glob("*.sql"))
+            raise LQLoRAInputError(f"unknown query {name!r}; known queries: {', '.join(known)}")
+        return self.query(path.read_text(), params)

@@ -1,0 +1,47 @@
+"""Decompose every target matrix of a model by a method and a per-matrix config plan,
+and swap in LQLinear layers."""
+
+from collections.abc import Callable
+
+import torch
+
+from lqlora_dagster.decompose.lq import Decomposition, LQSettings
+from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.methods import Method
+from lqlora_dagster.models.targets import Target, target_weight
+from lqlora_dagster.quant.config import QuantConfig
+from lqlora_dagster.surgery.injector import LayerInit, replace_with_lq
+
+
+def decompose_targets(
+    model: torch.nn.Module,
+    targets: list[Target],
+    plan: dict[str, QuantConfig],
+    method: Method,
+    settings: LQSettings,
+    fisher: dict[str, torch.Tensor] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict[str, Decomposition]:
+    """{target name: Decomposition} for every target, in order."""
+    unplanned = [t.name for t in targets if t.name not in plan]
+    if unplanned:
+        raise LQLoRAInputError(
+            f"the plan assigns no config to {len(unplanned)} targets, e.g. {unplanned[0]!r}"
+        )
+    if method.fisher and fisher is None:
+        raise LQLoRAInputError(f"method {method.name!r} needs Fisher diagonals; compute them first")
+    out = {}
+    for i, t in enumerate(targets):
+        W = target_weight(model, t).detach()
+        f = fisher[t.name] if (method.fisher and fisher is not None) else None
+        out[t.name] = method.decompose(W, plan[t.name], settings, f)
+        if progress is not None:
+            progress(i + 1, len(targets), t.name)
+    return out
+
+
+def apply_decompositions(
+    model: torch.nn.Module, decompositions: dict[str, Decomposition], scaling: float = 1.0
+) -> torch.nn.Module:
+    inits = {n: LayerInit(d.quantized(), d.L1, d.L2) for n, d in decompositions.items()}
+    return replace_with_lq(model, inits, scaling)

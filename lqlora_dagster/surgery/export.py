@@ -1,0 +1,81 @@
+"""Exports for other tools: PEFT LoRA adapters, and merged dense checkpoints.
+
+PEFT's LoRA computes base(x) + (alpha / r) * lora_B(lora_A(x)); ours computes
+deq(Q) x + scaling * L1 L2 x. So lora_A = L2, lora_B = L1 and lora_alpha =
+scaling * r: the adapter over the *dequantized* base reproduces our forward.
+"""
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.surgery.injector import lq_layers, to_dense
+
+PEFT_TASK = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}
+
+
+def export_peft_adapter(
+    model: torch.nn.Module,
+    folder: Path,
+    base_model_name_or_path: str = "",
+    task: str = "causal-lm",
+    head: str | None = None,
+) -> Path:
+    layers = lq_layers(model)
+    if not layers:
+        raise LQLoRAInputError("the model has no LQLinear layers to export as a LoRA adapter")
+    ranks = {m.rank for m in layers.values()}
+    scalings = {m.scaling for m in layers.values()}
+    if len(ranks) != 1 or len(scalings) != 1:
+        raise LQLoRAInputError(
+            f"PEFT export needs one rank and scaling for all layers, got {ranks}, {scalings}"
+        )
+    rank, scaling = ranks.pop(), scalings.pop()
+    transposed = {m.transposed for m in layers.values()}
+    config = {
+        "peft_type": "LORA",
+        "task_type": PEFT_TASK[task],
+        "r": rank,
+        "lora_alpha": scaling * rank,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(layers),
+        "bias": "none",
+        "fan_in_fan_out": transposed == {True},
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": [head] if head else None,
+    }
+    tensors = {}
+    for name, m in layers.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = m.L2.detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = m.L1.detach().cpu().contiguous()
+    if head:
+        for pname, p in model.get_submodule(head).named_parameters():
+            tensors[f"base_model.model.{head}.{pname}"] = p.detach().cpu().contiguous()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=1))
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def dequantized_base(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy with each LQLinear replaced by its dequantized Q alone: the base model a
+    PEFT adapter exported from `model` applies to."""
+    return to_dense(copy.deepcopy(model), merge=False)
+
+
+def export_merged(
+    model: torch.nn.Module, folder: Path, tokenizer=None, dtype: torch.dtype = torch.float32
+) -> Path:
+    """Dense weights deq(Q) + L1 L2 as a plain HF checkpoint (loads without this package)."""
+    merged = to_dense(copy.deepcopy(model), merge=True).to(dtype)
+    merged.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return Path(folder)

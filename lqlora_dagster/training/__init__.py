@@ -1,0 +1,1 @@
+"""Finetuning the low-rank factors (and optionally a task head)."""

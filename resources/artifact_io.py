@@ -1,0 +1,48 @@
+"""The artifact store resource, and the IO manager for the handles assets return.
+
+Heavy payloads are written by the stages into the content-addressed store (they must
+look a key up before computing, which an IO manager cannot do); what passes between
+assets is the small handle naming exactly which stored result to read. The IO manager
+persists that handle per (asset, partition) and records where it lives.
+"""
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from lqlora_dagster.pipeline.handles import from_json, to_json
+from lqlora_dagster.store.artifacts import ArtifactStore
+
+
+class ArtifactStoreResource(dg.ConfigurableResource):
+    root: str
+
+    def store(self) -> ArtifactStore:
+        return ArtifactStore(Path(self.root))
+
+
+class HandleIOManager(dg.ConfigurableIOManager):
+    root: str
+
+    def _path(self, context: dg.InputContext | dg.OutputContext) -> Path:
+        asset = "/".join(context.asset_key.path)
+        partition = context.asset_partition_key if context.has_asset_partitions else "_"
+        return Path(self.root) / asset / f"{partition}.json"
+
+    def handle_output(self, context: dg.OutputContext, obj) -> None:
+        path = self._path(context)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(to_json(obj))
+        os.replace(tmp, path)
+        context.add_output_metadata({"handle_path": dg.MetadataValue.path(str(path))})
+
+    def load_input(self, context: dg.InputContext):
+        path = self._path(context)  # the upstream asset and partition
+        if not path.is_file():
+            raise dg.Failure(
+                f"no stored result of {context.asset_key.to_user_string()} for this partition at {path}; "
+                "materialize it first"
+            )
+        return from_json(path.read_text())
