@@ -9,7 +9,7 @@ BASE_MODELS = dg.DynamicPartitionsDefinition(name="base_models")
 
 
 def stage_context(
-    context: dg.AssetExecutionContext,
+    context: dg.AssetExecutionContext | dg.OpExecutionContext,
     warehouse: WarehouseResource,
     artifacts: ArtifactStoreResource,
     models: ModelSource,

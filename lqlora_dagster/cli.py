@@ -89,6 +89,26 @@ def cmd_models(args: argparse.Namespace, home: Path) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace, home: Path) -> int:
+    """`dagster dev` on this project, with DAGSTER_HOME under LQLORA_HOME."""
+    import os
+    import subprocess
+
+    from lqlora_dagster.definitions import prepare_dagster_home
+
+    prepare_dagster_home(home)
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [str(Path(sys.executable).with_name("dagster")), "dev", "-w", str(repo / "workspace.yaml"),
+           "-h", args.host, "-p", str(args.port)]
+    print(f"Dagster UI on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    proc = subprocess.Popen(cmd, cwd=repo, env=os.environ.copy(), start_new_session=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, 15)
+        return proc.wait()
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lqlora", description=__doc__.split("\n\n")[0])
     p.add_argument("--home", type=Path, default=None, help="LQLORA_HOME (default: $LQLORA_HOME or ./.lqlora)")
@@ -105,7 +125,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--budget", type=float, nargs="+", default=[3.25], help="bits/param; one plan each")
     run.add_argument("--methods", nargs="+", default=["lqlora-fisher"], choices=list(METHODS))
     run.add_argument("--rank", type=int, default=16)
-    run.add_argument("--grid", choices=["reduced", "full"], default="reduced")
+    run.add_argument("--grid", choices=["full", "reduced"], default="full")
     run.add_argument(
         "--exhaustive", action="store_true", help="one decomposition per config (slow reference)"
     )
@@ -127,6 +147,11 @@ def parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list registered models")
     m.set_defaults(func=cmd_models)
+
+    ui = sub.add_parser("ui", help="open the Dagster UI (dagster dev) for this project")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(func=cmd_ui)
     return p
 
 

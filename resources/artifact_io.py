@@ -6,6 +6,7 @@ assets is the small handle naming exactly which stored result to read. The IO ma
 persists that handle per (asset, partition) and records where it lives.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -23,23 +24,35 @@ class ArtifactStoreResource(dg.ConfigurableResource):
 
 
 class HandleIOManager(dg.ConfigurableIOManager):
+    """Asset outputs (handles) per (asset, partition); op outputs inside graph-backed
+    assets (plain JSON values) per (run, step, output). JSON only, never pickle."""
+
     root: str
 
-    def _path(self, context: dg.InputContext | dg.OutputContext) -> Path:
+    def _asset_path(self, context: dg.InputContext | dg.OutputContext) -> Path:
         asset = "/".join(context.asset_key.path)
         partition = context.asset_partition_key if context.has_asset_partitions else "_"
         return Path(self.root) / asset / f"{partition}.json"
 
+    def _op_path(self, output: dg.OutputContext) -> Path:
+        return Path(self.root).joinpath("_ops", *output.get_identifier()).with_suffix(".json")
+
     def handle_output(self, context: dg.OutputContext, obj) -> None:
-        path = self._path(context)
+        if context.has_asset_key:
+            path, text = self._asset_path(context), to_json(obj)
+        else:
+            path, text = self._op_path(context), json.dumps(obj)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(to_json(obj))
+        tmp.write_text(text)
         os.replace(tmp, path)
-        context.add_output_metadata({"handle_path": dg.MetadataValue.path(str(path))})
+        if context.has_asset_key:
+            context.add_output_metadata({"handle_path": dg.MetadataValue.path(str(path))})
 
     def load_input(self, context: dg.InputContext):
-        path = self._path(context)  # the upstream asset and partition
+        if not context.has_asset_key:
+            return json.loads(self._op_path(context.upstream_output).read_text())
+        path = self._asset_path(context)  # the upstream asset and partition
         if not path.is_file():
             raise dg.Failure(
                 f"no stored result of {context.asset_key.to_user_string()} for this partition at {path}; "

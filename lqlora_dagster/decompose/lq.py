@@ -20,8 +20,9 @@ from lqlora_dagster.decompose.lowrank import LowRank, SVDMethod, full_low_rank, 
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.quant.codec import Codes, decode, encode
 from lqlora_dagster.quant.config import QuantConfig
-from lqlora_dagster.quant.lut import simulate_fast
+from lqlora_dagster.quant.lut import RepeatedQuantizer
 from lqlora_dagster.quant.matrix import QuantizedMatrix
+from lqlora_dagster.validation import check_matrix, check_rank
 
 # R -> (codes, dequantized R). Exact: codec.encode/decode; fast: table-based, no codes.
 Quantizer = Callable[[torch.Tensor], tuple[Codes | None, torch.Tensor]]
@@ -35,11 +36,11 @@ def exact_quantizer(config: QuantConfig) -> Quantizer:
     return quantize
 
 
-def fast_quantizer(config: QuantConfig) -> Quantizer:
-    return lambda R: (None, simulate_fast(R, config))
+def fast_quantizer(config: QuantConfig, shape: tuple[int, int], device: torch.device) -> Quantizer:
+    q = RepeatedQuantizer(shape, config, device)
+    return lambda R: (None, q(R))
 
 
-from lqlora_dagster.validation import check_matrix, check_rank
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class LQSettings:
     max_iters: int = 100
     rel_tol: float = 1e-3  # stop once an iteration improves the best error by less than this
     oversample: int = 10
-    power_iters: int = 2
+    power_iters: int = 1  # the basis is warm-started from the previous iteration
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -127,23 +128,30 @@ def _alternate(
     last: Decomposition | None = None
     Q = torch.zeros_like(W)
     LR = torch.zeros_like(W)
+    R = torch.empty_like(W)  # scratch: residuals are formed here, not in fresh tensors
+
+    def error_of(Q: torch.Tensor, LR: torch.Tensor) -> float:
+        torch.sub(W, Q, out=R)
+        R.sub_(LR).square_()
+        return float(torch.dot(R.view(-1), fisher.view(-1)) if fisher is not None else R.sum())
+
     if start is not None:  # warm start: Q <- q(W - L1 L2) for the given factors, then alternate
         LR = start.product()
-        codes, Q = quantize(W - LR)
-        err = residual_error(W - Q - LR, fisher)
+        codes, Q = quantize(torch.sub(W, LR, out=R))
+        err = error_of(Q, LR)
         trace.append(err)
         best = last = Decomposition(codes, start.L1, start.L2, err, best_iter=0)
     n_iters = fixed_iters if fixed_iters is not None else settings.max_iters
-    for it in range(n_iters):
+    for _ in range(n_iters):
         if order == "svd_first":  # L <- SVD(W - Q); Q <- q(W - L)
-            fit = step(W - Q)
+            fit = step(torch.sub(W, Q, out=R))
             LR = fit.product()
-            codes, Q = quantize(W - LR)
+            codes, Q = quantize(torch.sub(W, LR, out=R))
         else:  # Q <- q(W - L); L <- SVD(W - Q)
-            codes, Q = quantize(W - LR)
-            fit = step(W - Q)
+            codes, Q = quantize(torch.sub(W, LR, out=R))
+            fit = step(torch.sub(W, Q, out=R))
             LR = fit.product()
-        err = residual_error(W - Q - LR, fisher)
+        err = error_of(Q, LR)
         trace.append(err)
         last = Decomposition(codes, fit.L1, fit.L2, err, best_iter=len(trace) - 1)
         improved = best is None or err < best.error * (1 - settings.rel_tol)
@@ -193,7 +201,8 @@ def lq_error_estimate(
     ~1e-6, several times faster, but no codes (for error tables, not for storing)."""
     W = _checked(W, settings, fisher)
     f = fisher.to(W.device, torch.float32) if fisher is not None else None
-    return _alternate(W, fast_quantizer(config), settings, f, "svd_first", fixed_iters=None, start=start)
+    quantize = fast_quantizer(config, tuple(W.shape), W.device)
+    return _alternate(W, quantize, settings, f, "svd_first", fixed_iters=None, start=start)
 
 
 def loftq_decompose(

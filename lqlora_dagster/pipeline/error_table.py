@@ -135,6 +135,20 @@ def _fisher_for(ctx: StageContext, fisher: FisherHandle | None, names: set[str])
     return ctx.store.load_tensors(art, keys=sorted(names))[0]
 
 
+def table_chunks(ctx: StageContext, model: ModelHandle, n_chunks: int) -> list[list[str]]:
+    """Target names split into at most `n_chunks` groups of whole, contiguous layers
+    (matrices of one layer have the shapes of any other, so chunks cost the same)."""
+    targets = recorded_targets(ctx, model.model)
+    layers = sorted({t.layer for t in targets})
+    n = max(1, min(n_chunks, len(layers)))
+    groups = [layers[i * len(layers) // n : (i + 1) * len(layers) // n] for i in range(n)]
+    return [[t.name for t in targets if t.layer in set(g)] for g in groups if g]
+
+
+def table_handle(model: ModelHandle, fisher: FisherHandle | None, s: ErrorTableSettings) -> ErrorTableHandle:
+    return ErrorTableHandle(model.model, model.key, s.rank, lq_settings(s).__dict__, table_refs(model, fisher, s))
+
+
 def run_error_table(
     ctx: StageContext, model: ModelHandle, fisher: FisherHandle | None, s: ErrorTableSettings
 ) -> ErrorTableHandle:

@@ -39,8 +39,8 @@ def block_scales_for(absmax: torch.Tensor, config: QuantConfig) -> torch.Tensor:
 
 
 class BlockQuantizer:
-    """Table-based quantization of fixed (n_blocks, B0) blocks under any config with
-    that B0, reusing its buffers across configs (allocation dominates otherwise)."""
+    """Table-based quantization of (n_blocks, B0) blocks under any config with that B0,
+    reusing its buffers across configs and calls (allocation dominates otherwise)."""
 
     def __init__(self, blocks: torch.Tensor):
         self.blocks = blocks
@@ -49,6 +49,13 @@ class BlockQuantizer:
         self._half = torch.full_like(blocks, LUT_BINS / 2)
         self._idx = torch.empty(blocks.shape, dtype=torch.int32, device=blocks.device)
         self._deq = torch.empty_like(blocks)
+
+    def load(self, W: torch.Tensor) -> None:
+        """Quantize a new matrix of the same size next (copied into the block buffer)."""
+        flat = self.blocks.view(-1)
+        flat[: W.numel()].copy_(W.reshape(-1))
+        flat[W.numel() :].zero_()
+        torch.amax(self.blocks.abs(), dim=1, out=self.absmax)
 
     def dequantized(self, config: QuantConfig) -> torch.Tensor:
         """(n_blocks, B0) quantized values; valid until the next call."""
@@ -64,4 +71,18 @@ class BlockQuantizer:
 def simulate_fast(W: torch.Tensor, config: QuantConfig) -> torch.Tensor:
     """Approximately `simulate(W, config)`: same scales, table-based level choice."""
     deq = BlockQuantizer(to_blocks(W, config.B0)).dequantized(config)
-    return deq.reshape(-1)[: W.numel()].reshape(W.shape)
+    return deq.reshape(-1)[: W.numel()].reshape(W.shape).clone()
+
+
+class RepeatedQuantizer:
+    """`simulate_fast` for many matrices of one shape under one config (the LQ loop):
+    buffers are allocated once. The returned tensor is reused by the next call."""
+
+    def __init__(self, shape: tuple[int, int], config: QuantConfig, device: torch.device):
+        self.config, self.shape, self.n = config, shape, shape[0] * shape[1]
+        n_blocks = -(-self.n // config.B0)
+        self._q = BlockQuantizer(torch.zeros(n_blocks, config.B0, device=device))
+
+    def __call__(self, W: torch.Tensor) -> torch.Tensor:
+        self._q.load(W)
+        return self._q.dequantized(self.config).view(-1)[: self.n].view(self.shape)

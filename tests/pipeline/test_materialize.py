@@ -1,4 +1,8 @@
-"""The whole asset graph on a tiny model, materialized by Dagster into a temp home."""
+"""The whole asset graph on a tiny model, materialized by Dagster into a temp home;
+then caching: re-materializing recomputes nothing, a new budget only the plan onward."""
+
+import os
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -9,58 +13,108 @@ from lqlora_dagster.store.warehouse import Warehouse
 from tests.pipeline.conftest import tiny_run_config
 
 MODEL = "tiny-llama"
+TABLES = ("matrices", "quant_errors", "plans", "plan_assignments", "decompositions", "train_steps", "evaluations")
 
 
-@pytest.fixture()
-def home(tmp_path, tiny_llama_folder, monkeypatch):
-    monkeypatch.setenv("LQLORA_HOME", str(tmp_path))
-    w = Warehouse(tmp_path / "lqlora.duckdb")
-    w.init_schema()
-    register_model(w, MODEL, str(tiny_llama_folder))
-    return tmp_path
-
-
-def materialize(home, run_config, instance, selection=None):
+def materialize(home: Path, run_config: dict, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
     defs = build_definitions(home)
-    assets = [a for a in defs.assets]  # AssetsDefinitions
-    checks = list(defs.asset_checks or [])
     return dg.materialize(
-        assets + checks,
+        list(defs.assets) + list(defs.asset_checks or []),
         instance=instance,
         partition_key=MODEL,
         resources=resources_at(home),
         run_config=run_config,
-        selection=selection,
         raise_on_error=True,
     )
 
 
-def started_steps(result) -> set[str]:
-    return {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"}
+def artifact_mtimes(home: Path) -> dict[str, int]:
+    return {str(p.relative_to(home)): p.stat().st_mtime_ns for p in (home / "artifacts").rglob("*") if p.is_file()}
 
 
-def test_whole_graph_on_tiny_model(home):
+def counts(home: Path) -> dict[str, int]:
+    w = Warehouse(home / "lqlora.duckdb")
+    return {t: int(w.query(f"SELECT count(*) AS n FROM {t}")["n"].iloc[0]) for t in TABLES}
+
+
+@pytest.fixture(scope="module")
+def populated(tmp_path_factory, tiny_llama_folder):
+    """One full materialization in a fresh home; yields (home, instance, result)."""
+    home = tmp_path_factory.mktemp("home")
+    old = os.environ.get("LQLORA_HOME")
+    os.environ["LQLORA_HOME"] = str(home)
+    w = Warehouse(home / "lqlora.duckdb")
+    w.init_schema()
+    register_model(w, MODEL, str(tiny_llama_folder))
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("base_models", [MODEL])
         result = materialize(home, tiny_run_config(), instance)
-        assert result.success
-        checks = result.get_asset_check_evaluations()
-        assert checks and all(c.passed for c in checks if c.severity == dg.AssetCheckSeverity.ERROR), [
-            (c.check_name, c.metadata) for c in checks if not c.passed
-        ]
+        yield home, instance, result
+    if old is None:
+        os.environ.pop("LQLORA_HOME", None)
+    else:
+        os.environ["LQLORA_HOME"] = old
+
+
+def test_whole_graph_on_tiny_model(populated):
+    home, _, result = populated
+    assert result.success
+    failed = [(c.check_name, c.metadata) for c in result.get_asset_check_evaluations()
+              if not c.passed and c.severity == dg.AssetCheckSeverity.ERROR]
+    assert not failed
+    n = counts(home)
+    assert all(v > 0 for v in n.values()), n
     w = Warehouse(home / "lqlora.duckdb")
-    for table in (
-        "matrices",
-        "quant_errors",
-        "plans",
-        "plan_assignments",
-        "decompositions",
-        "train_steps",
-        "evaluations",
-    ):
-        assert int(w.query(f"SELECT count(*) AS n FROM {table}")["n"].iloc[0]) > 0, table
     plans = w.query("SELECT budget, bits_per_param, status FROM plans")
     assert (plans["bits_per_param"] <= plans["budget"]).all() and set(plans["status"]) == {"optimal"}
-    evals = w.query("SELECT stage, perplexity FROM evaluations ORDER BY stage")
+    evals = w.query("SELECT stage, perplexity FROM evaluations")
     assert set(evals["stage"]) == {"reference", "before_finetune", "after_finetune"}
     assert evals["perplexity"].between(1, 1e6).all()
+    assigned = w.query("SELECT count(DISTINCT matrix) AS n FROM plan_assignments")["n"].iloc[0]
+    assert assigned == n["matrices"]
+
+
+def test_rematerializing_recomputes_nothing(populated):
+    home, instance, _ = populated
+    before_files, before_rows = artifact_mtimes(home), counts(home)
+    result = materialize(home, tiny_run_config(), instance)
+    assert result.success
+    assert artifact_mtimes(home) == before_files  # no artifact rewritten
+    assert counts(home) == before_rows
+    logs = [e.user_message for e in instance.all_logs(result.run_id) if e.user_message]
+    assert any("0 new rows" in m for m in logs) and not any(m.endswith("new rows") and not m.endswith(" 0 new rows") for m in logs)
+    assert any("cached" in m and "fisher" in m for m in logs)
+
+
+def test_new_budget_recomputes_only_the_plan_and_after(populated):
+    home, instance, _ = populated
+    before_files, before_rows = artifact_mtimes(home), counts(home)
+    result = materialize(home, tiny_run_config(budgets=(2.75,)), instance)
+    assert result.success
+    after_files, after_rows = artifact_mtimes(home), counts(home)
+    for stage in ("calibration_batches", "fisher_diagonals"):
+        same = {k: v for k, v in after_files.items() if k.startswith(f"artifacts/{stage}/")}
+        assert same == {k: v for k, v in before_files.items() if k.startswith(f"artifacts/{stage}/")}
+    assert after_rows["quant_errors"] == before_rows["quant_errors"]  # no new errors computed
+    assert after_rows["plans"] == before_rows["plans"] + 1
+    new = set(after_files) - set(before_files)
+    assert any(k.startswith("artifacts/decomposed_model/") for k in new)
+    assert any(k.startswith("artifacts/finetuned_adapters/") for k in new)
+    assert after_rows["evaluations"] == before_rows["evaluations"] + 2  # before and after finetune
+
+
+@pytest.mark.parametrize(
+    "query", ["ppl_by_method_and_budget", "error_vs_bits", "best_config_per_layer_type", "ilp_bits_by_layer"]
+)
+def test_canned_queries_on_populated_db(populated, query):
+    home, _, _ = populated
+    frame = Warehouse(home / "lqlora.duckdb").run_named_query(query, {"model": MODEL})
+    assert len(frame) > 0
+    if query == "ppl_by_method_and_budget":
+        assert {"reference", "before_finetune", "after_finetune"} <= set(frame["stage"])
+    if query == "ilp_bits_by_layer":
+        assert set(frame["layer"]) == {0, 1} and frame["bits_per_param"].gt(2).all()
+    if query == "error_vs_bits":
+        assert frame["relative_error"].min() == 1.0
+    if query == "best_config_per_layer_type":
+        assert set(frame["kind"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

