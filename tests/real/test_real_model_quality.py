@@ -12,6 +12,7 @@ from lqlora_dagster.evaluation import perplexity, storage
 from lqlora_dagster.methods import get_method
 from lqlora_dagster.models.targets import find_targets
 from lqlora_dagster.quant import QLORA_NF4
+from lqlora_dagster.quant.config import storage_bits
 from lqlora_dagster.surgery.decompose_model import apply_decompositions, decompose_targets
 
 pytestmark = pytest.mark.real_model
@@ -37,7 +38,12 @@ def test_nf4_rank16_lq_init_perplexity(smollm2):
         decs = decompose_targets(lq, targets, plan, get_method(method), LQSettings(rank=16))
         apply_decompositions(lq, decs)
         results[method] = perplexity(lq, windows)
-        assert 4.13 < storage(lq).bits_per_param < 4.14
+        # The formula's 4.127 plus the padding of the 192x576 matrices to whole groups of
+        # 64*256 and a few header bytes per matrix: measured 4.1282.
+        bits = storage(lq).bits_per_param
+        assert QLORA_NF4.bits_per_param < bits < QLORA_NF4.bits_per_param + 0.005
+        packed = sum(storage_bits(t.numel, QLORA_NF4) for t in targets) / sum(t.numel for t in targets)
+        assert packed <= bits < packed + 0.001
     # Measured (16 windows of 512): reference 24.75, QLoRA init 30.69 (+24%), LQ init 27.66 (+11.8%).
     # Not "within a few percent": SmolLM2's packaged weights are already 4-bit GGUF, and at
     # 135M parameters every matrix matters. The Fisher variant at rank 64 reaches +3.4%.
