@@ -1,9 +1,9 @@
 """Asset `error_table`: e[i, c] and s[i, c] for every target matrix and candidate config.
 
-A graph-backed asset so the work fans out: `error_table_chunks` splits the targets
-into groups of layers, `error_table_chunk` runs once per group (in parallel under the
-multiprocess executor, or on a cluster under dagster-dask/-celery/-k8s), committing
-rows to DuckDB as each matrix finishes; `error_table_summary` returns the handle.
+A graph-backed asset so the work fans out: `error_table_chunk_<i>` computes the i-th
+of N_CHUNKS groups of whole layers (in parallel under the multiprocess executor, or on
+a cluster under dagster-dask/-celery/-k8s), committing rows to DuckDB as each matrix
+finishes; `error_table_summary` fans in and returns the handle.
 """
 
 import os
@@ -16,7 +16,7 @@ from assets.shared import BASE_MODELS, stage_context
 from lqlora_dagster.pipeline.error_table import TABLE_VERSION, compute_table_rows, table_chunks, table_handle
 from lqlora_dagster.pipeline.handles import ErrorTableHandle, FisherHandle, ModelHandle
 from lqlora_dagster.pipeline.settings import ErrorTableSettings
-from resources import ArtifactStoreResource, ComputeDevice, ModelSource, WarehouseResource
+from resources import WarehouseResource
 
 
 class ErrorTableConfig(dg.Config):
@@ -24,14 +24,19 @@ class ErrorTableConfig(dg.Config):
         default=["lqlora-fisher"],
         description="qlora, loftq, qlora-ilp, lqlora-uniform, lqlora, lqlora-fisher (one table per init)",
     )
-    rank: int = Field(default=16, description="rank of L1 L2 (16 suits 576-wide matrices; the paper used 64 at 7B)")
+    rank: int = Field(
+        default=16, description="rank of L1 L2 (16 suits 576-wide matrices; the paper used 64 at 7B)"
+    )
     grid: str = Field(default="full", description='"full" (the paper\'s 432 configs) or "reduced" (24)')
     svd: str = Field(default="randomized", description='"randomized" or "full"')
     max_iters: int = 100
     rel_tol: float = 1e-3
-    fast: bool = Field(default=True, description="shared-decomposition fast path; false: one decomposition per config")
-    chunks: int = Field(default=8, description="groups of layers computed as separate steps (parallel)")
-    threads_per_chunk: int = Field(default=1, description="torch CPU threads per chunk step (parallelism is across steps)")
+    fast: bool = Field(
+        default=True, description="shared-decomposition fast path; false: one decomposition per config"
+    )
+    threads_per_chunk: int = Field(
+        default=1, description="torch CPU threads per chunk step (parallelism is across steps)"
+    )
 
     def settings(self) -> ErrorTableSettings:
         return ErrorTableSettings(
@@ -40,6 +45,10 @@ class ErrorTableConfig(dg.Config):
 
 
 RESOURCES = {"warehouse", "artifacts", "models", "compute"}
+# Static fan-out: a fixed number of chunk steps (a step with no layers left does nothing).
+# Dynamic outputs would size this to the model, but dagster-dask plans its steps up
+# front and silently skips dynamically mapped ones; static steps run on every executor.
+N_CHUNKS = 8
 
 
 def _ctx(context: dg.OpExecutionContext):
@@ -47,31 +56,40 @@ def _ctx(context: dg.OpExecutionContext):
     return stage_context(context, r.warehouse, r.artifacts, r.models, r.compute)
 
 
-@dg.op(out=dg.DynamicOut(dict), required_resource_keys=RESOURCES, code_version=TABLE_VERSION)
-def error_table_chunks(context: dg.OpExecutionContext, config: ErrorTableConfig, base_model: ModelHandle):
-    """Split the targets into groups of layers, one mapped step each."""
-    for i, names in enumerate(table_chunks(_ctx(context), base_model, config.chunks)):
-        yield dg.DynamicOutput({"matrices": names, "config": config.model_dump()}, mapping_key=f"chunk_{i}")
+def _chunk_op(index: int) -> dg.OpDefinition:
+    @dg.op(name=f"error_table_chunk_{index}", required_resource_keys=RESOURCES, code_version=TABLE_VERSION)
+    def chunk(
+        context: dg.OpExecutionContext,
+        config: ErrorTableConfig,
+        base_model: ModelHandle,
+        fisher_diagonals: FisherHandle,
+    ) -> dict:
+        """Compute (or find cached) rows for one group of layers."""
+        ctx = _ctx(context)
+        groups = table_chunks(ctx, base_model, N_CHUNKS)
+        names = groups[index] if index < len(groups) else []
+        if config.threads_per_chunk > 0:
+            torch.set_num_threads(min(config.threads_per_chunk, os.cpu_count() or 1))
+        written = (
+            compute_table_rows(ctx, base_model, fisher_diagonals, config.settings(), names) if names else 0
+        )
+        context.log.info(f"chunk {index}: {len(names)} matrices, {written} new rows")
+        return {"written": written}
+
+    return chunk
 
 
-@dg.op(required_resource_keys=RESOURCES, code_version=TABLE_VERSION)
-def error_table_chunk(
-    context: dg.OpExecutionContext, chunk: dict, base_model: ModelHandle, fisher_diagonals: FisherHandle
-) -> dict:
-    """Compute (or find cached) rows for one group of layers."""
-    config = ErrorTableConfig(**chunk["config"])
-    if config.threads_per_chunk > 0:
-        torch.set_num_threads(min(config.threads_per_chunk, os.cpu_count() or 1))
-    written = compute_table_rows(_ctx(context), base_model, fisher_diagonals, config.settings(), chunk["matrices"])
-    context.log.info(f"{len(chunk['matrices'])} matrices, {written} new rows")
-    return {"config": chunk["config"], "written": written}
+CHUNK_OPS = [_chunk_op(i) for i in range(N_CHUNKS)]
 
 
 @dg.op(required_resource_keys=RESOURCES, code_version=TABLE_VERSION)
 def error_table_summary(
-    context: dg.OpExecutionContext, chunks: list[dict], base_model: ModelHandle, fisher_diagonals: FisherHandle
+    context: dg.OpExecutionContext,
+    config: ErrorTableConfig,
+    chunks: list[dict],
+    base_model: ModelHandle,
+    fisher_diagonals: FisherHandle,
 ) -> dg.Output[ErrorTableHandle]:
-    config = ErrorTableConfig(**chunks[0]["config"])
     handle = table_handle(base_model, fisher_diagonals, config.settings())
     return dg.Output(
         handle,
@@ -88,7 +106,8 @@ def error_table_summary(
 @dg.config_mapping
 def _map_config(config: ErrorTableConfig) -> dict:
     """The graph asset takes the same flat config as a plain asset would."""
-    return {"error_table_chunks": {"config": config.model_dump()}}
+    ops = [op.name for op in CHUNK_OPS] + ["error_table_summary"]
+    return {name: {"config": config.model_dump()} for name in ops}
 
 
 @dg.graph_asset(
@@ -97,17 +116,18 @@ def _map_config(config: ErrorTableConfig) -> dict:
     code_version=TABLE_VERSION,
     config=_map_config,
     description="Quantization error and storage of every target x config (DuckDB `quant_errors`, "
-    "pandera-checked), computed in parallel chunks of layers.",
+    f"pandera-checked), computed in {N_CHUNKS} parallel chunks of whole layers.",
     kinds={"duckdb"},
 )
 def error_table(base_model: ModelHandle, fisher_diagonals: FisherHandle):
-    chunks = error_table_chunks(base_model)
-    done = chunks.map(lambda c: error_table_chunk(c, base_model, fisher_diagonals))
-    return error_table_summary(done.collect(), base_model, fisher_diagonals)
+    done = [chunk(base_model, fisher_diagonals) for chunk in CHUNK_OPS]
+    return error_table_summary(done, base_model, fisher_diagonals)
 
 
 @dg.asset_check(asset=error_table, description="Every row is present, finite and >= 0.")
-def errors_complete_and_finite(error_table: ErrorTableHandle, warehouse: WarehouseResource) -> dg.AssetCheckResult:
+def errors_complete_and_finite(
+    error_table: ErrorTableHandle, warehouse: WarehouseResource
+) -> dg.AssetCheckResult:
     w = warehouse.warehouse()
     bad, missing = 0, 0
     for t in error_table.tables:
@@ -119,7 +139,9 @@ def errors_complete_and_finite(error_table: ErrorTableHandle, warehouse: Warehou
         )
         bad += int(rows["bad"].iloc[0])
         missing += t.n_rows - int(rows["n"].iloc[0])
-    return dg.AssetCheckResult(passed=bad == 0 and missing == 0, metadata={"bad_rows": bad, "missing_rows": missing})
+    return dg.AssetCheckResult(
+        passed=bad == 0 and missing == 0, metadata={"bad_rows": bad, "missing_rows": missing}
+    )
 
 
 @dg.asset_check(

@@ -26,3 +26,10 @@ def layer_matrices(layers: list[int]) -> dict[str, torch.Tensor]:
             if key.endswith("proj.weight") and int(parts[2]) in layers and parts[-2] in KINDS:
                 out[key[: -len(".weight")]] = f.get_tensor(key).to(torch.float32)
     return out
+
+
+def all_target_matrices() -> dict[str, torch.Tensor]:
+    """Every one of the 210 target matrices, by module name."""
+    with safe_open(str(smollm2_weights_file()), "pt") as f:
+        n_layers = 1 + max(int(k.split(".")[2]) for k in f.keys() if k.startswith("model.layers."))
+    return layer_matrices(list(range(n_layers)))

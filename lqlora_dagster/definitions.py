@@ -1,6 +1,7 @@
 """The one Dagster `Definitions` of the project: assets, checks, jobs, sensor,
 schedule and resources, all rooted at LQLORA_HOME (default ./.lqlora)."""
 
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -10,6 +11,7 @@ from assets.automation import MAIN_JOB, build_stale_schedule, new_model_sensor
 from assets.shared import BASE_MODELS
 from lqlora_dagster.pipeline.context import default_home
 from resources import ArtifactStoreResource, ComputeDevice, HandleIOManager, ModelSource, WarehouseResource
+from resources.executors import executor_named
 
 STAGE_MODULES = [models, calibration, errors, plans, decomposition, finetuning, evaluation]
 MAIN_ASSETS = [
@@ -35,7 +37,7 @@ def resources_at(home: Path, device: str = "auto") -> dict:
     }
 
 
-def build_definitions(home: Path | None = None) -> dg.Definitions:
+def build_definitions(home: Path | None = None, executor: str = "multiprocess") -> dg.Definitions:
     assets = dg.load_assets_from_modules(STAGE_MODULES)
     checks = dg.load_asset_checks_from_modules(STAGE_MODULES)
     main_job = dg.define_asset_job(
@@ -52,11 +54,11 @@ def build_definitions(home: Path | None = None) -> dg.Definitions:
         sensors=[new_model_sensor],
         schedules=[build_stale_schedule(versions)],
         resources=resources_at(home or default_home()),
-        executor=dg.multiprocess_executor,
+        executor=executor_named(executor),
     )
 
 
-defs = build_definitions()
+defs = build_definitions(executor=os.environ.get("LQLORA_EXECUTOR", "multiprocess"))
 
 __all__ = ["automation", "build_definitions", "defs", "resources_at"]
 
@@ -66,8 +68,6 @@ __all__ = ["automation", "build_definitions", "defs", "resources_at"]
 
 def prepare_dagster_home(home: Path) -> Path:
     """DAGSTER_HOME under LQLORA_HOME, with telemetry and the first-run modal off."""
-    import os
-
     dagster_home = Path(os.environ.get("DAGSTER_HOME") or Path(home) / "dagster")
     dagster_home.mkdir(parents=True, exist_ok=True)
     config = dagster_home / "dagster.yaml"
@@ -83,9 +83,18 @@ def add_partition(model: str) -> None:
             instance.add_dynamic_partitions(BASE_MODELS.name, [model])
 
 
-def main_job_definition() -> dg.JobDefinition:
-    """Module-level factory so the multiprocess executor can reconstruct the job."""
-    return build_definitions().resolve_job_def(MAIN_JOB)
+def main_job_definition(home: str | None = None, executor: str = "multiprocess") -> dg.JobDefinition:
+    """Module-level factory so other processes (multiprocess steps, Dask workers) can
+    reconstruct the job from its arguments."""
+    return build_definitions(Path(home) if home else None, executor).resolve_job_def(MAIN_JOB)
+
+
+def reconstructable_main_job(home: Path | None = None, executor: str = "multiprocess"):
+    return dg.build_reconstructable_job(
+        "lqlora_dagster.definitions",
+        "main_job_definition",
+        reconstructable_args=(str(home) if home else None, executor),
+    )
 
 
 def run_main_job(model: str, run_config: dict, multiprocess: bool = True) -> bool:
@@ -93,7 +102,7 @@ def run_main_job(model: str, run_config: dict, multiprocess: bool = True) -> boo
     shows the run afterwards). Returns whether the run succeeded."""
     with dg.DagsterInstance.get() as instance:
         if multiprocess:
-            job = dg.reconstructable(main_job_definition)
+            job = reconstructable_main_job()
             result = dg.execute_job(
                 job, instance=instance, run_config=run_config, tags={"dagster/partition": model}
             )
