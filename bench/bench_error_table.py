@@ -25,7 +25,7 @@ import torch
 from lqlora_dagster.allocate.ilp import solve_ilp
 from lqlora_dagster.decompose.lq import LQSettings, lq_decompose, lq_error_estimate
 from lqlora_dagster.error_table import ConfigError
-from lqlora_dagster.fast_error_table import fast_errors
+from lqlora_dagster.fast_error_table import FastSettings, fast_errors
 from lqlora_dagster.methods import get_method
 from lqlora_dagster.quant.config import CONFIG_GRID, storage_bits
 
@@ -86,7 +86,7 @@ def sample_run(args, settings: LQSettings) -> tuple[list[dict], pd.DataFrame, pd
     rows_ref, rows_fast, timing = [], [], []
     for name, W in mats.items():
         t0 = time.perf_counter()
-        fast = fast_errors(W, CONFIG_GRID, LQ, settings)
+        fast = fast_errors(W, CONFIG_GRID, LQ, settings, fast=FastSettings(refine_steps=args.refine))
         t_fast = time.perf_counter() - t0
         t0 = time.perf_counter()
         ref = reference_errors(W, settings, args.reference)
@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the sample comparison")
     ap.add_argument("--workers", type=int, default=2, help="processes for the full table")
     ap.add_argument("--reference", choices=["lut", "exact"], default="lut")
+    ap.add_argument("--refine", type=int, default=0, help="fast path: alternating steps per sibling config")
     ap.add_argument("--full", action="store_true", help="also time the full 210-matrix table")
     args = ap.parse_args()
     settings = LQSettings(rank=args.rank)
