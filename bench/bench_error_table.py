@@ -100,16 +100,16 @@ def sample_run(args, settings: LQSettings) -> tuple[list[dict], pd.DataFrame, pd
 
 
 def _fast_one(item):
-    name, W, rank = item
+    name, W, rank, refine = item
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    fast_errors(W, CONFIG_GRID, LQ, LQSettings(rank=rank))
+    fast_errors(W, CONFIG_GRID, LQ, LQSettings(rank=rank), fast=FastSettings(refine_steps=refine))
     return name, time.perf_counter() - t0
 
 
 def full_run(args) -> tuple[float, list[float]]:
     mats = all_target_matrices()
-    items = [(n, W, args.rank) for n, W in mats.items()]
+    items = [(n, W, args.rank, args.refine) for n, W in mats.items()]
     t0 = time.perf_counter()
     per = []
     with mp.get_context("spawn").Pool(args.workers) as pool:
