@@ -1,0 +1,69 @@
+"""Perplexity of SmolLM2-135M at NF4 (QLoRA's config, 4.127 bits) after each init, against
+the fp32 reference, on held-out State-of-the-Union text (2016+).
+
+    python bench/bench_nf4_quality.py [--windows 16] [--seq-len 512] [--ranks 16 64]
+
+Rows: QLoRA (quantize only), LQ init at each rank, Fisher-weighted LQ init at each rank
+(Fisher from 32 x 256-token calibration sequences of the 1946-1999 speeches).
+"""
+
+import argparse
+import copy
+import time
+
+from lqlora_dagster.data.corpora import sotu_text
+from lqlora_dagster.data.windows import token_windows, tokenize
+from lqlora_dagster.decompose.lq import LQSettings
+from lqlora_dagster.evaluation import perplexity, storage
+from lqlora_dagster.fisher import estimate_fisher
+from lqlora_dagster.methods import get_method
+from lqlora_dagster.models.loading import load_model, load_tokenizer
+from lqlora_dagster.models.targets import find_targets
+from lqlora_dagster.quant import QLORA_NF4
+from lqlora_dagster.surgery.decompose_model import apply_decompositions, decompose_targets
+
+try:
+    from _real_matrices import smollm2_weights_file
+except ImportError:  # run as a module from the repo root
+    from bench._real_matrices import smollm2_weights_file
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
+    args = ap.parse_args()
+    folder = smollm2_weights_file().parent
+    model, tokenizer = load_model(folder), load_tokenizer(folder)
+    windows = token_windows(tokenize(tokenizer, sotu_text("eval")), args.seq_len, args.windows)
+    calibration = token_windows(tokenize(tokenizer, sotu_text("calibration")), 256, 32, seed=0)
+    targets = find_targets(model)
+    plan = {t.name: QLORA_NF4 for t in targets}
+
+    t0 = time.perf_counter()
+    reference = perplexity(model, windows)
+    print(f"{'init':22s} {'rank':>4s} {'ppl':>7s} {'vs fp32':>8s} {'bits':>6s} {'+low rank':>9s} {'s':>6s}")
+    print(
+        f"{'fp32 reference':22s} {'':>4s} {reference:7.2f} {'':>8s} {'':>6s} {'':>9s} {time.perf_counter() - t0:6.0f}"
+    )
+    fisher = estimate_fisher(model, calibration, targets)
+    runs = [("qlora", 16)] + [(m, r) for r in args.ranks for m in ("lqlora", "lqlora-fisher")]
+    for method, rank in runs:
+        t0 = time.perf_counter()
+        lq = copy.deepcopy(model)
+        m = get_method(method)
+        decs = decompose_targets(lq, targets, plan, m, LQSettings(rank=rank), fisher if m.fisher else None)
+        apply_decompositions(lq, decs)
+        ppl = perplexity(lq, windows)
+        st = storage(lq)
+        print(
+            f"{method:22s} {rank:4d} {ppl:7.2f} {ppl / reference - 1:+8.1%} {st.bits_per_param:6.3f} "
+            f"{st.bits_incl_lowrank:9.3f} {time.perf_counter() - t0:6.0f}",
+            flush=True,
+        )
+        del lq, decs
+
+
+if __name__ == "__main__":
+    main()
