@@ -55,9 +55,9 @@ def decomposed_model(
     description="Stored files match their checksums and every packed Q round-trips exactly (unpack/repack, byte count).",
 )
 def dequantization_round_trip(
-    decomposed_model: DecomposedHandle, artifacts: ArtifactStoreResource
+    decomposed_model: DecomposedHandle, artifacts: ArtifactStoreResource, warehouse: WarehouseResource
 ) -> dg.AssetCheckResult:
-    store = artifacts.store()
+    store = artifacts.store(warehouse.warehouse())
     layers_checked, failures = 0, []
     for d in decomposed_model.items:
         art = store.get(ASSET, decomposed_model.model, d.decomp_key)  # verifies checksums

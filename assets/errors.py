@@ -7,6 +7,7 @@ finishes; `error_table_summary` fans in and returns the handle.
 """
 
 import os
+from typing import Literal
 
 import dagster as dg
 import torch
@@ -20,6 +21,9 @@ from resources import WarehouseResource
 
 
 class ErrorTableConfig(dg.Config):
+    """`grid` and `svd` are checked by Dagster before a run starts; `methods` (a list,
+    which Dagster cannot enumerate) by the settings when the step starts."""
+
     methods: list[str] = Field(
         default=["lqlora-fisher"],
         description="qlora, loftq, qlora-ilp, lqlora-uniform, lqlora, lqlora-fisher (one table per init)",
@@ -27,8 +31,8 @@ class ErrorTableConfig(dg.Config):
     rank: int = Field(
         default=16, description="rank of L1 L2 (16 suits 576-wide matrices; the paper used 64 at 7B)"
     )
-    grid: str = Field(default="full", description='"full" (the paper\'s 432 configs) or "reduced" (24)')
-    svd: str = Field(default="randomized", description='"randomized" or "full"')
+    grid: Literal["full", "reduced"] = Field(default="full", description='"full" (the paper\'s 432 configs) or "reduced" (24)')
+    svd: Literal["randomized", "full"] = Field(default="randomized", description='"randomized" or "full"')
     max_iters: int = 100
     rel_tol: float = 1e-3
     fast: bool = Field(

@@ -15,11 +15,13 @@ def stage_context(
     models: ModelSource,
     compute: ComputeDevice,
 ) -> StageContext:
+    wh = warehouse.warehouse()
+    store = artifacts.store(wh)
     return StageContext(
-        store=artifacts.store(),
-        warehouse=warehouse.warehouse(),
+        store=store,
+        warehouse=wh,
         model_cache=models.cache(),
-        checkpoints=artifacts.store().root.parent / "checkpoints",
+        checkpoints=store.root.parent / "checkpoints",
         device=compute.torch_device(),
         log=context.log.info,
     )

@@ -2,8 +2,10 @@
 
     lqlora register SOURCE [--name NAME] [--pattern REGEX]   add a base model (a partition)
     lqlora run [--model M] [--budget 2.75 ...] [...]         materialize the whole graph
+    lqlora unregister NAME                                   forget a registered model
     lqlora sql QUERY [--model M]                             run a canned query (sql/queries)
     lqlora models                                            list registered models
+    lqlora ui [--port 3000]                                  the Dagster UI on this project
 
 Exit codes: 0 success, 1 a run failed, 2 bad input (the message says what to do).
 """
@@ -14,8 +16,21 @@ from pathlib import Path
 
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.methods import METHODS
-from lqlora_dagster.pipeline.context import default_home
-from lqlora_dagster.pipeline.registry import DEFAULT_MODEL, register_model, registered_models
+from lqlora_dagster.pipeline.context import default_home, ensure_writable_home
+from lqlora_dagster.pipeline.registry import (
+    DEFAULT_MODEL,
+    check_model_name,
+    register_model,
+    registered_models,
+    unregister_model,
+)
+from lqlora_dagster.pipeline.settings import (
+    CalibrationSettings,
+    ErrorTableSettings,
+    EvalSettings,
+    FinetuneSettings,
+    PlanSettings,
+)
 from lqlora_dagster.store.warehouse import SQL_DIR, Warehouse
 
 
@@ -23,6 +38,15 @@ def _warehouse(home: Path) -> Warehouse:
     w = Warehouse(home / "lqlora.duckdb")
     w.init_schema()
     return w
+
+
+def check_run_args(args: argparse.Namespace) -> None:
+    """Every setting checked before a run starts: a typo fails in a second, not an hour in."""
+    CalibrationSettings(n_sequences=args.calibration_sequences, seq_len=args.calibration_len)
+    ErrorTableSettings(methods=tuple(args.methods), rank=args.rank, grid=args.grid, fast=not args.exhaustive)
+    PlanSettings(budgets=tuple(args.budget))
+    FinetuneSettings(steps=args.steps)
+    EvalSettings(seq_len=args.eval_len, n_windows=args.eval_windows)
 
 
 def _run_config(args: argparse.Namespace) -> dict:
@@ -59,6 +83,7 @@ def cmd_register(args: argparse.Namespace, home: Path) -> int:
 def cmd_run(args: argparse.Namespace, home: Path) -> int:
     from lqlora_dagster.definitions import add_partition, prepare_dagster_home, run_main_job
 
+    check_run_args(args)
     warehouse = _warehouse(home)
     if args.model == DEFAULT_MODEL:
         register_model(warehouse, DEFAULT_MODEL, DEFAULT_MODEL)
@@ -78,8 +103,28 @@ def cmd_run(args: argparse.Namespace, home: Path) -> int:
     return 0
 
 
+def cmd_unregister(args: argparse.Namespace, home: Path) -> int:
+    """Forget a model (its partition and registry row); stored results stay in DuckDB."""
+    from lqlora_dagster.definitions import prepare_dagster_home, remove_partition
+
+    check_model_name(args.name)
+    warehouse = _warehouse(home)
+    if args.name not in set(registered_models(warehouse)["model"]):
+        raise LQLoRAInputError(f"model {args.name!r} is not registered; `lqlora models` lists them")
+    unregister_model(warehouse, args.name)
+    prepare_dagster_home(home)
+    remove_partition(args.name)
+    print(f"unregistered {args.name!r}")
+    return 0
+
+
 def cmd_sql(args: argparse.Namespace, home: Path) -> int:
-    frame = _warehouse(home).run_named_query(args.query, {"model": args.model})
+    """Read-only when the warehouse exists, so a shared or write-protected file still answers."""
+    path = home / "lqlora.duckdb"
+    if path.is_file():
+        frame = Warehouse(path).run_named_query(args.query, {"model": args.model}, read_only=True)
+    else:
+        frame = _warehouse(home).run_named_query(args.query, {"model": args.model})
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.4g}") if not frame.empty else "(no rows)")
     return 0
 
@@ -139,6 +184,10 @@ def parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_run)
 
+    u = sub.add_parser("unregister", help="forget a registered model (its results stay in DuckDB)")
+    u.add_argument("name")
+    u.set_defaults(func=cmd_unregister)
+
     q = sub.add_parser("sql", help="run a canned query from sql/queries")
     known = sorted(f.stem for f in (SQL_DIR / "queries").glob("*.sql"))
     q.add_argument("query", help=f"one of: {', '.join(known)}")
@@ -162,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     home = (args.home or default_home()).resolve()
     os.environ["LQLORA_HOME"] = str(home)  # the Dagster code (and its subprocesses) read it
     try:
+        if args.command != "sql":
+            ensure_writable_home(home)
         return args.func(args, home)
     except LQLoRAInputError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -83,6 +83,12 @@ def add_partition(model: str) -> None:
             instance.add_dynamic_partitions(BASE_MODELS.name, [model])
 
 
+def remove_partition(model: str) -> None:
+    with dg.DagsterInstance.get() as instance:
+        if instance.has_dynamic_partition(BASE_MODELS.name, model):
+            instance.delete_dynamic_partition(BASE_MODELS.name, model)
+
+
 def main_job_definition(home: str | None = None, executor: str = "multiprocess") -> dg.JobDefinition:
     """Module-level factory so other processes (multiprocess steps, Dask workers) can
     reconstruct the job from its arguments."""

@@ -14,13 +14,16 @@ import dagster as dg
 
 from lqlora_dagster.pipeline.handles import from_json, to_json
 from lqlora_dagster.store.artifacts import ArtifactStore
+from lqlora_dagster.store.ledger import ArtifactLedger
+from lqlora_dagster.store.warehouse import Warehouse
 
 
 class ArtifactStoreResource(dg.ConfigurableResource):
     root: str
 
-    def store(self) -> ArtifactStore:
-        return ArtifactStore(Path(self.root))
+    def store(self, warehouse: Warehouse | None = None) -> ArtifactStore:
+        """The store; with the warehouse, checksums are recorded in and checked against DuckDB."""
+        return ArtifactStore(Path(self.root), ArtifactLedger(warehouse) if warehouse is not None else None)
 
 
 class HandleIOManager(dg.ConfigurableIOManager):

@@ -5,12 +5,13 @@ import torch
 
 from lqlora_dagster.models.loading import load_model
 from lqlora_dagster.models.source import resolve_model_folder
-from lqlora_dagster.models.targets import Target, find_targets
+from lqlora_dagster.models.targets import Target, find_targets, target_weight
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.handles import ModelHandle
 from lqlora_dagster.pipeline.registry import lookup_model
 from lqlora_dagster.store.keys import file_sha256, stable_key
 from lqlora_dagster.store.schemas import MATRICES
+from lqlora_dagster.validation import check_matrix
 
 CODE_VERSION = "1"
 
@@ -51,6 +52,8 @@ def run_base_model(ctx: StageContext, model_name: str) -> ModelHandle:
     ctx.log(f"{model_name}: loading {folder}")
     model = load_model(folder, task)
     targets = find_targets(model, record["pattern"])
+    for t in targets:  # a NaN here would otherwise surface hours later as a NaN error table
+        check_matrix(target_weight(model, t).detach(), f"model {model_name!r}: weight of {t.name}")
     frame = pd.DataFrame(
         [
             {

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
+from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.store.artifacts import ArtifactStore
+from lqlora_dagster.store.ledger import ArtifactLedger
 from lqlora_dagster.store.warehouse import Warehouse
 
 _log = logging.getLogger("lqlora")
@@ -17,6 +19,22 @@ _log = logging.getLogger("lqlora")
 def default_home() -> Path:
     """LQLORA_HOME, default ./.lqlora: DuckDB file, artifacts, model cache, checkpoints."""
     return Path(os.environ.get("LQLORA_HOME", ".lqlora")).resolve()
+
+
+def ensure_writable_home(home: Path) -> Path:
+    """Create LQLORA_HOME if needed and prove it takes files, before any work starts."""
+    home = Path(home)
+    probe = home / f".write-probe-{os.getpid()}"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise LQLoRAInputError(
+            f"LQLORA_HOME {home} is not a writable folder ({err.strerror}); "
+            "point --home or LQLORA_HOME at a folder you can write"
+        ) from err
+    return home
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -38,9 +56,10 @@ class StageContext:
     def at(cls, home: Path, **kwargs) -> "StageContext":
         """Everything under one home folder (the default layout)."""
         home = Path(home)
+        warehouse = Warehouse(home / "lqlora.duckdb")
         ctx = cls(
-            ArtifactStore(home / "artifacts"),
-            Warehouse(home / "lqlora.duckdb"),
+            ArtifactStore(home / "artifacts", ArtifactLedger(warehouse)),
+            warehouse,
             home / "models",
             home / "checkpoints",
             **kwargs,

@@ -48,6 +48,19 @@ def table_refs(model: ModelHandle, fisher: FisherHandle | None, s: ErrorTableSet
     return refs
 
 
+def check_rank_fits(model: ModelHandle, targets: list[Target], rank: int) -> None:
+    """The low-rank part must be thinner than every target matrix."""
+    if not targets:
+        return
+    thinnest = min(targets, key=lambda t: min(t.rows, t.cols))
+    limit = min(thinnest.rows, thinnest.cols)
+    if rank >= limit:
+        raise LQLoRAInputError(
+            f"rank {rank} is too large for model {model.model!r}: its thinnest target, {thinnest.name} "
+            f"({thinnest.rows}x{thinnest.cols}), allows at most rank {limit - 1}; lower `rank`"
+        )
+
+
 def _done(ctx: StageContext, table_key: str) -> set[tuple[str, str]]:
     rows = ctx.warehouse.query("SELECT matrix, config FROM quant_errors WHERE table_key = ?", [table_key])
     return set(zip(rows["matrix"], rows["config"]))
@@ -94,7 +107,10 @@ def compute_table_rows(
     rows were written. Safe to run concurrently on disjoint matrix sets."""
     from lqlora_dagster.fast_error_table import fast_errors
 
-    targets = [t for t in recorded_targets(ctx, model.model) if matrices is None or t.name in set(matrices)]
+    all_targets = recorded_targets(ctx, model.model)
+    if any(get_method(m).has_lowrank_init for m in s.methods):
+        check_rank_fits(model, all_targets, s.rank)
+    targets = [t for t in all_targets if matrices is None or t.name in set(matrices)]
     refs = {ref.table_key: ref for ref in table_refs(model, fisher, s)}  # shared tables once
     todo = []
     for ref in refs.values():

@@ -17,6 +17,16 @@ class CalibrationSettings:
     seq_len: int = 256
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _at_least(1, n_sequences=self.n_sequences)
+        _at_least(2, seq_len=self.seq_len)
+
+
+def _at_least(low: int, **values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise LQLoRAInputError(f"{name} must be an integer >= {low}, got {value!r}")
+
 
 @dataclass(frozen=True)
 class ErrorTableSettings:
@@ -71,9 +81,21 @@ class FinetuneSettings:
     methods: tuple[str, ...] = field(default_factory=tuple)  # empty: every plan
     budgets: tuple[float, ...] = field(default_factory=tuple)  # empty: every plan
 
+    def __post_init__(self) -> None:
+        _at_least(1, steps=self.steps)
+        _at_least(0, warmup_steps=self.warmup_steps)
+        _at_least(1, batch_size=self.batch_size)
+        _at_least(2, seq_len=self.seq_len)
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
+            raise LQLoRAInputError(f"learning rate must be in (0, 1), got {self.lr!r}")
+
 
 @dataclass(frozen=True)
 class EvalSettings:
     seq_len: int = 512
     n_windows: int = 16  # spread evenly over the 2016+ speeches
     batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        _at_least(1, n_windows=self.n_windows, batch_size=self.batch_size)
+        _at_least(2, seq_len=self.seq_len)

@@ -4,8 +4,10 @@
     artifacts/<asset>/<partition>/<key>.json          sidecar: sha256 per file, sizes
 
 Writes go to a temporary name and are renamed into place, so a crash never leaves a
-half-written artifact under its final name. Reads verify the checksums; a damaged
-artifact is reported (and treated as absent by `find`, so it gets rebuilt).
+half-written artifact under its final name. With a ledger, the checksums are also
+recorded in DuckDB (`artifacts`) and reads check the files against that record (the
+sidecar alone is the fallback). A damaged artifact is reported (and treated as
+absent by `find`, so the stage that owns it rebuilds it).
 """
 
 import json
@@ -22,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.store.keys import file_sha256
+from lqlora_dagster.store.ledger import ArtifactLedger
 
 
 class DamagedArtifact(LQLoRAInputError):
@@ -39,8 +42,13 @@ class Artifact:
 
 
 class ArtifactStore:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, ledger: ArtifactLedger | None = None):
         self.root = Path(root)
+        self.ledger = ledger
+
+    def _ledger_path(self, path: Path) -> str:
+        """Artifact paths in the ledger are relative to the store root (a moved home still matches)."""
+        return str(Path(path).relative_to(self.root))
 
     def _base(self, asset: str, partition: str, key: str) -> Path:
         return self.root / asset / partition / key
@@ -96,6 +104,8 @@ class ArtifactStore:
             side = self._sidecar(asset, partition, key)
             side_tmp = side.with_name(f".{side.name}.tmp")
             side_tmp.write_text(json.dumps(record, indent=1))
+            if self.ledger is not None:
+                self.ledger.record(self._ledger_path(final), asset, partition, key, sums, nbytes)
             os.replace(side_tmp, side)  # the sidecar is written last: it marks completion
         finally:
             shutil.rmtree(tmp.parent, ignore_errors=True)
@@ -114,9 +124,22 @@ class ArtifactStore:
         side = self._sidecar(asset, partition, key)
         if not side.is_file():
             raise FileNotFoundError(f"no artifact {asset}/{partition}/{key}")
-        record = json.loads(side.read_text())
-        path = side.parent / record["path"]
-        art = Artifact(asset, partition, key, path, record["sha256"], record["nbytes"])
+        try:
+            record = json.loads(side.read_text())
+            path, sums = side.parent / record["path"], record["sha256"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise DamagedArtifact(
+                f"the record {side} of artifact {asset}/{partition}/{key} is unreadable ({err}); "
+                f"re-materialize asset {asset!r} for partition {partition!r} to rebuild it"
+            ) from err
+        if self.ledger is not None:
+            recorded = self.ledger.checksums(self._ledger_path(path))
+            if recorded is not None and recorded != sums:
+                raise DamagedArtifact(
+                    f"artifact {path}: its sidecar disagrees with the checksums recorded in DuckDB; "
+                    f"re-materialize asset {asset!r} for partition {partition!r} to rebuild it"
+                )
+        art = Artifact(asset, partition, key, path, sums, record["nbytes"])
         if verify:
             self.verify(art)
         return art
@@ -134,6 +157,18 @@ class ArtifactStore:
         self, art: Artifact, keys: list[str] | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """All tensors (or just `keys`, read lazily) and the header metadata."""
+        try:
+            return self._read_tensors(art, keys)
+        except (OSError, RuntimeError, ValueError) as err:  # safetensors' header/parse errors
+            if isinstance(err, DamagedArtifact):
+                raise
+            raise DamagedArtifact(
+                f"artifact {art.path} cannot be read ({err}); re-materialize {art.asset!r} "
+                f"for partition {art.partition!r}"
+            ) from err
+
+    @staticmethod
+    def _read_tensors(art: Artifact, keys: list[str] | None):
         with safe_open(str(art.path), "pt") as f:
             meta = f.metadata() or {}
             if keys is None:

@@ -117,13 +117,13 @@ class Warehouse:
         con.execute(f'INSERT INTO "{table}" ({cols}) SELECT {cols} FROM _rows')
         con.unregister("_rows")
 
-    def query(self, sql: str, params: list | dict | None = None) -> pd.DataFrame:
-        with self.connect() as con:
+    def query(self, sql: str, params: list | dict | None = None, read_only: bool = False) -> pd.DataFrame:
+        with self.connect(read_only=read_only) as con:
             return con.execute(sql, params or []).df()
 
-    def run_named_query(self, name: str, params: dict | None = None) -> pd.DataFrame:
+    def run_named_query(self, name: str, params: dict | None = None, read_only: bool = False) -> pd.DataFrame:
         path = SQL_DIR / "queries" / f"{name}.sql"
         if not path.is_file():
             known = sorted(p.stem for p in (SQL_DIR / "queries").glob("*.sql"))
             raise LQLoRAInputError(f"unknown query {name!r}; known queries: {', '.join(known)}")
-        return self.query(path.read_text(), params)
+        return self.query(path.read_text(), params, read_only=read_only)
