@@ -26,6 +26,7 @@ from lqlora_dagster.surgery.export import export_peft_adapter
 from lqlora_dagster.surgery.injector import lq_layers, mark_trainable
 from lqlora_dagster.surgery.lq_model_io import load_lq_model
 from lqlora_dagster.training.finetune import TrainSettings, causal_lm_batches, finetune
+from lqlora_dagster.training.state import checkpoint_step
 
 FINETUNE_VERSION = "1"
 ASSET = "finetuned_adapters"
@@ -74,11 +75,12 @@ def _train(ctx, model, ref, s, run_key, windows):
     settings = train_settings(s)
     checkpoint = ctx.checkpoints / run_key
 
+    resumed = checkpoint_step(checkpoint)
+    if resumed is not None:
+        ctx.log(f"finetune {ref.method} @ {ref.budget:g}: resuming from the checkpoint at step {resumed}")
+
     def on_step(step) -> None:
-        if step.step == 1 or step.step % 5 == 0 or step.step == settings.steps:
-            ctx.log(
-                f"finetune {ref.method} @ {ref.budget:g}: step {step.step}/{settings.steps} loss {step.loss:.4f}"
-            )
+        ctx.log(f"finetune {ref.method} @ {ref.budget:g}: step {step.step}/{settings.steps} loss {step.loss:.4f}")
 
     history = finetune(
         lq, causal_lm_batches(windows, settings), settings, checkpoint_dir=checkpoint, on_step=on_step

@@ -62,3 +62,13 @@ def load_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
             if state:
                 optimizer.state[param] = state
     return meta
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step a complete checkpoint in `folder` holds, or None."""
+    if not (folder / META).is_file() or not (folder / TENSORS).is_file():
+        return None
+    try:
+        return int(json.loads((folder / META).read_text())["step"])
+    except (ValueError, KeyError, TypeError):
+        return None

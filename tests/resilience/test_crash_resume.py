@@ -1,0 +1,203 @@
+"""kill -9 in the middle of a run, then re-materialize: nothing finished is redone,
+nothing half-done is kept, and the result equals an uninterrupted run's.
+
+Each run is a real `dg.materialize` in its own process group (tests/resilience/
+crash_driver.py) on the tiny model; the kill is a real SIGKILL to that group.
+"""
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lqlora_dagster.pipeline.registry import register_model
+from lqlora_dagster.store.warehouse import Warehouse
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "tiny"
+N_MATRICES = 14  # 2 layers x 7 targets
+TABLE_CONFIG = {
+    "calibration_batches": {"config": {"n_sequences": 4, "seq_len": 64}},
+    # the exhaustive path: one decomposition per config, so a matrix takes a while
+    "error_table": {"config": {"methods": ["lqlora"], "rank": 4, "grid": "reduced", "fast": False}},
+}
+TRAIN_CONFIG = {
+    "calibration_batches": {"config": {"n_sequences": 4, "seq_len": 64}},
+    "error_table": {"config": {"methods": ["lqlora"], "rank": 4, "grid": "reduced"}},
+    "allocation_plan": {"config": {"budgets": [3.0]}},
+    "finetuned_adapters": {"config": {"steps": 12, "batch_size": 2, "seq_len": 64}},
+}
+
+
+class Run:
+    """One driver process; its stderr lines are collected with arrival times."""
+
+    def __init__(self, home: Path, last_asset: str, run_config: dict):
+        env = dict(os.environ, LQLORA_HOME=str(home), DAGSTER_HOME=str(home / "dagster"), PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.resilience.crash_driver", str(home), MODEL, last_asset, json.dumps(run_config)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[tuple[float, str]] = []
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stderr:
+            self._queue.put((time.monotonic(), line.rstrip("\n")))
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                item = self._queue.get(timeout=1)
+            except queue.Empty:
+                continue
+            if item is None:
+                break
+            self.lines.append(item)
+            if re.search(pattern, item[1]):
+                return
+        self.kill()
+        tail = "\n".join(line for _, line in self.lines[-30:])
+        raise AssertionError(f"never saw {pattern!r} (exit {self.proc.poll()}); log tail:\n{tail}")
+
+    def kill(self) -> float:
+        """SIGKILL the whole process group; returns when it happened."""
+        at = time.monotonic()
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=60)
+        self._drain()
+        return at
+
+    def finish(self, timeout: float = 600) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self._drain()
+        return code
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=5)
+            except queue.Empty:
+                return
+            if item is None:
+                return
+            self.lines.append(item)
+
+    def matching(self, pattern: str) -> list[tuple[float, str]]:
+        return [(t, line) for t, line in self.lines if re.search(pattern, line)]
+
+    def log_tail(self) -> str:
+        return "\n".join(line for _, line in self.lines[-40:])
+
+
+def new_home(tmp_path: Path, name: str, model_folder: Path) -> Path:
+    home = tmp_path / name
+    w = Warehouse(home / "lqlora.duckdb")
+    w.init_schema()
+    register_model(w, MODEL, str(model_folder))
+    return home
+
+
+def table_rows(home: Path):
+    return Warehouse(home / "lqlora.duckdb").query(
+        "SELECT table_key, matrix, config, error FROM quant_errors ORDER BY table_key, matrix, config"
+    )
+
+
+MATRIX_DONE = r"error_table lqlora: \d+/\d+ (\S+) \(24 configs\)"
+
+
+def test_kill_during_error_table_redoes_only_the_matrix_in_flight(tmp_path, tiny_llama_folder):
+    home = new_home(tmp_path, "home", tiny_llama_folder)
+    first = Run(home, "error_table", TABLE_CONFIG)
+    first.wait_for(r"error_table lqlora: 3/7 ")
+    (t2, _), (t3, _) = first.matching(MATRIX_DONE)[-2:]
+    time.sleep((t3 - t2) / 2)  # kill in the middle of the 4th matrix
+    killed_at = first.kill()
+    reported = {m.group(1) for _, line in first.matching(MATRIX_DONE) if (m := re.search(MATRIX_DONE, line))}
+
+    after_kill = table_rows(home)
+    per_matrix = after_kill.groupby("matrix").size()
+    assert (per_matrix == 24).all(), f"a matrix was committed in part: {per_matrix.to_dict()}"
+    assert set(per_matrix.index) == reported, "every matrix the log reported as done is in DuckDB, and no other"
+    done = len(per_matrix)
+    assert 3 <= done < N_MATRICES
+
+    second = Run(home, "error_table", TABLE_CONFIG)
+    assert second.finish() == 0, second.log_tail()
+    recomputed = {m.group(1) for _, line in second.matching(MATRIX_DONE) if (m := re.search(MATRIX_DONE, line))}
+    assert not (recomputed & reported), "a matrix finished before the kill was computed again"
+    assert len(recomputed) == N_MATRICES - done
+
+    final = table_rows(home)
+    assert len(final) == N_MATRICES * 24
+    assert not final.duplicated(["table_key", "matrix", "config"]).any()
+
+    # the work lost to the kill: time since the last committed matrix (one matrix at most)
+    times = [t for t, _ in first.matching(MATRIX_DONE)]
+    per_matrix_s = [b - a for a, b in zip(times, times[1:])]
+    lost_s = killed_at - times[-1]
+    print(
+        f"\ncrash-resume error_table: {done}/{N_MATRICES} matrices kept, {len(recomputed)} computed after restart, "
+        f"0 recomputed; work lost {lost_s:.2f}s (one matrix takes {max(per_matrix_s, default=0):.2f}s)"
+    )
+
+    clean = new_home(tmp_path, "clean", tiny_llama_folder)
+    assert Run(clean, "error_table", TABLE_CONFIG).finish() == 0
+    reference = table_rows(clean)
+    assert list(final["matrix"] + final["config"]) == list(reference["matrix"] + reference["config"])
+    assert (abs(final["error"] - reference["error"]) <= 1e-6 * reference["error"].abs() + 1e-12).all()
+
+
+STEP = r"finetune lqlora @ 3: step (\d+)/12 loss (\S+)"
+
+
+def train_rows(home: Path):
+    return Warehouse(home / "lqlora.duckdb").query("SELECT run, step, loss FROM train_steps ORDER BY run, step")
+
+
+def test_kill_during_finetuning_resumes_from_the_last_checkpoint(tmp_path, tiny_llama_folder):
+    home = new_home(tmp_path, "home", tiny_llama_folder)
+    first = Run(home, "finetuned_adapters", TRAIN_CONFIG)
+    first.wait_for(r"finetune lqlora @ 3: step 7/12 ")
+    first.kill()
+    steps_before = [int(re.search(STEP, line).group(1)) for _, line in first.matching(STEP)]
+    assert train_rows(home).empty, "steps are written once the adapter is committed, never in part"
+
+    second = Run(home, "finetuned_adapters", TRAIN_CONFIG)
+    assert second.finish() == 0, second.log_tail()
+    assert second.matching(r"resuming from the checkpoint at step 5"), second.log_tail()
+    steps_after = [int(re.search(STEP, line).group(1)) for _, line in second.matching(STEP)]
+    assert steps_after == list(range(6, 13))
+    redone = [s for s in steps_before if s > 5]
+    print(
+        f"\ncrash-resume finetune: killed after step {max(steps_before)}, resumed at step 6; "
+        f"{len(redone)} steps redone (checkpoint every 5)"
+    )
+
+    rows = train_rows(home)
+    assert list(rows["step"]) == list(range(1, 13)) and rows["run"].nunique() == 1
+
+    clean = new_home(tmp_path, "clean", tiny_llama_folder)
+    assert Run(clean, "finetuned_adapters", TRAIN_CONFIG).finish() == 0
+    reference = train_rows(clean)
+    # the resumed run restored weights and AdamW moments: the same losses as without the kill
+    assert list(reference["run"]) == list(rows["run"])
+    assert rows["loss"].tolist() == pytest.approx(reference["loss"].tolist(), rel=1e-5)
