@@ -1,6 +1,7 @@
 """The one Dagster `Definitions` of the project: assets, checks, jobs, sensor,
 schedule and resources, all rooted at LQLORA_HOME (default ./.lqlora)."""
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -67,13 +68,24 @@ __all__ = ["automation", "build_definitions", "defs", "resources_at"]
 
 
 def prepare_dagster_home(home: Path) -> Path:
-    """DAGSTER_HOME under LQLORA_HOME, with telemetry and the first-run modal off."""
+    """DAGSTER_HOME under LQLORA_HOME, with telemetry and the first-run modal off, and its
+    storage created once under a file lock: two runs started together on a fresh home
+    would otherwise race to create the same SQLite schema (alembic "more than one head")."""
     dagster_home = Path(os.environ.get("DAGSTER_HOME") or Path(home) / "dagster")
     dagster_home.mkdir(parents=True, exist_ok=True)
-    config = dagster_home / "dagster.yaml"
-    if not config.exists():
-        config.write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
     os.environ["DAGSTER_HOME"] = str(dagster_home)
+    ready = dagster_home / ".storage-ready"
+    if ready.exists():
+        return dagster_home
+    with open(dagster_home / ".init.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not ready.exists():
+            config = dagster_home / "dagster.yaml"
+            if not config.exists():
+                config.write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
+            with dg.DagsterInstance.get():  # creates and migrates the storage
+                pass
+            ready.touch()
     return dagster_home
 
 

@@ -17,7 +17,12 @@ def main(home: str, partition: str, last_asset: str, run_config: str) -> int:
     os.environ["LQLORA_HOME"] = home
     import dagster as dg
 
-    from lqlora_dagster.definitions import add_partition, build_definitions, prepare_dagster_home, resources_at
+    from lqlora_dagster.definitions import (
+        add_partition,
+        build_definitions,
+        prepare_dagster_home,
+        resources_at,
+    )
 
     prepare_dagster_home(Path(home))
     add_partition(partition)
