@@ -1,11 +1,17 @@
 """Partitions and the glue every asset uses to build its stage context."""
 
+import warnings
+
 import dagster as dg
 
 from lqlora_dagster.pipeline.context import StageContext
 from resources import ArtifactStoreResource, ComputeDevice, ModelSource, WarehouseResource
 
 BASE_MODELS = dg.DynamicPartitionsDefinition(name="base_models")
+
+# Every asset reports a data version (its content key) on purpose, so Dagster can tell
+# stale from fresh; the beta notice it prints for each one is noise in users' logs.
+warnings.filterwarnings("ignore", message="Parameter `data_version`", category=dg.BetaWarning)
 
 
 def stage_context(
@@ -17,6 +23,7 @@ def stage_context(
 ) -> StageContext:
     wh = warehouse.warehouse()
     store = artifacts.store(wh)
+    store.on_damaged = context.log.warning
     return StageContext(
         store=store,
         warehouse=wh,

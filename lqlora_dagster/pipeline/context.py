@@ -52,6 +52,10 @@ class StageContext:
     device: torch.device = field(default_factory=lambda: resolve_device("auto"))
     log: Callable[[str], None] = _log.info
 
+    def __post_init__(self) -> None:
+        if self.store.on_damaged is None:
+            self.store.on_damaged = self.log  # a damaged artifact being rebuilt shows in the run's log
+
     @classmethod
     def at(cls, home: Path, **kwargs) -> "StageContext":
         """Everything under one home folder (the default layout)."""

@@ -42,9 +42,10 @@ class Artifact:
 
 
 class ArtifactStore:
-    def __init__(self, root: Path, ledger: ArtifactLedger | None = None):
+    def __init__(self, root: Path, ledger: ArtifactLedger | None = None, on_damaged=None):
         self.root = Path(root)
         self.ledger = ledger
+        self.on_damaged = on_damaged  # called with the message when `find` skips a damaged artifact
 
     def _ledger_path(self, path: Path) -> str:
         """Artifact paths in the ledger are relative to the store root (a moved home still matches)."""
@@ -117,7 +118,11 @@ class ArtifactStore:
         """The complete, intact artifact for this key, or None (absent or damaged)."""
         try:
             return self.get(asset, partition, key, verify=verify)
-        except (FileNotFoundError, DamagedArtifact):
+        except FileNotFoundError:
+            return None
+        except DamagedArtifact as err:
+            if self.on_damaged is not None:
+                self.on_damaged(f"{err.args[0].split('; re-materialize')[0]}: rebuilding it")
             return None
 
     def get(self, asset: str, partition: str, key: str, verify: bool = True) -> Artifact:
