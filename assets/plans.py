@@ -12,9 +12,14 @@ from resources import ArtifactStoreResource, ComputeDevice, ModelSource, Warehou
 
 class PlanConfig(dg.Config):
     budgets: list[float] = Field(default=[3.25], description="target bits per parameter; one plan per budget")
+    budgets_by_method: dict[str, list[float]] = Field(
+        default={},
+        description="budgets for particular methods instead of `budgets` (e.g. qlora: [3.13, 4.13] for NF3, NF4)",
+    )
 
     def settings(self) -> PlanSettings:
-        return PlanSettings(tuple(self.budgets))
+        by_method = tuple((m, tuple(b)) for m, b in sorted(self.budgets_by_method.items()))
+        return PlanSettings(tuple(self.budgets), by_method)
 
 
 @dg.asset(

@@ -2,6 +2,7 @@
 
     lqlora register SOURCE [--name NAME] [--pattern REGEX]   add a base model (a partition)
     lqlora run [--model M] [--budget 2.75 ...] [...]         materialize the whole graph
+    lqlora compare [--model M]                               every method at the paper's budgets
     lqlora unregister NAME                                   forget a registered model
     lqlora sql QUERY [--model M]                             run a canned query (sql/queries)
     lqlora models                                            list registered models
@@ -80,26 +81,50 @@ def cmd_register(args: argparse.Namespace, home: Path) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace, home: Path) -> int:
-    from lqlora_dagster.definitions import add_partition, prepare_dagster_home, run_main_job
-
-    check_run_args(args)
-    warehouse = _warehouse(home)
-    if args.model == DEFAULT_MODEL:
+def _ensure_model(warehouse: Warehouse, model: str) -> None:
+    """The bundled default registers itself; any other model must be registered first."""
+    if model == DEFAULT_MODEL:
         register_model(warehouse, DEFAULT_MODEL, DEFAULT_MODEL)
-    elif args.model not in set(registered_models(warehouse)["model"]):
-        raise LQLoRAInputError(
-            f"model {args.model!r} is not registered; run `lqlora register SOURCE --name {args.model}`"
-        )
+    elif model not in set(registered_models(warehouse)["model"]):
+        raise LQLoRAInputError(f"model {model!r} is not registered; run `lqlora register SOURCE --name {model}`")
+
+
+def _run_job(args: argparse.Namespace, home: Path, run_config: dict, job: str | None = None) -> bool:
+    from lqlora_dagster.definitions import MAIN_JOB, add_partition, prepare_dagster_home, run_main_job
+
+    _ensure_model(_warehouse(home), args.model)
     prepare_dagster_home(home)
     add_partition(args.model)
-    print(f"running the main job for {args.model!r} (LQLORA_HOME={home})", flush=True)
-    ok = run_main_job(args.model, _run_config(args), multiprocess=not args.in_process)
+    print(f"running {job or MAIN_JOB} for {args.model!r} (LQLORA_HOME={home})", flush=True)
+    ok = run_main_job(args.model, run_config, multiprocess=not args.in_process, job=job or MAIN_JOB)
     if not ok:
         print("the run failed; see the log above or the Dagster UI (lqlora ui)", file=sys.stderr)
+    return ok
+
+
+def cmd_run(args: argparse.Namespace, home: Path) -> int:
+    check_run_args(args)
+    if not _run_job(args, home, _run_config(args)):
         return 1
-    table = warehouse.run_named_query("ppl_by_method_and_budget", {"model": args.model})
+    table = _warehouse(home).run_named_query("ppl_by_method_and_budget", {"model": args.model})
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, home: Path) -> int:
+    """The comparison job: every method at the paper's budgets, then the report."""
+    from lqlora_dagster.comparison import ComparisonSettings
+    from lqlora_dagster.definitions import COMPARISON_JOB, comparison_run_config, stored_handle
+
+    settings = ComparisonSettings(
+        rank=args.rank, finetune_steps=args.steps, eval_windows=args.eval_windows, eval_len=args.eval_len
+    )
+    if not _run_job(args, home, comparison_run_config(settings), COMPARISON_JOB):
+        return 1
+    report = stored_handle(home, "comparison_report", args.model)
+    folder = home / "artifacts" / "comparison_report" / args.model / report.key
+    print((folder / "comparison.md").read_text())
+    print(f"plots: {folder}/")
     return 0
 
 
@@ -183,6 +208,17 @@ def parser() -> argparse.ArgumentParser:
         "--in-process", action="store_true", help="run steps in this process (no multiprocess executor)"
     )
     run.set_defaults(func=cmd_run)
+
+    c = sub.add_parser(
+        "compare", help="compare every method at the paper's budgets (table and plots; about 1.5 h on 2 cores)"
+    )
+    c.add_argument("--model", default=DEFAULT_MODEL)
+    c.add_argument("--rank", type=int, default=16)
+    c.add_argument("--steps", type=int, default=10, help="finetuning steps, the same for every method")
+    c.add_argument("--eval-windows", type=int, default=8)
+    c.add_argument("--eval-len", type=int, default=512)
+    c.add_argument("--in-process", action="store_true", help="run steps in this process")
+    c.set_defaults(func=cmd_compare)
 
     u = sub.add_parser("unregister", help="forget a registered model (its results stay in DuckDB)")
     u.add_argument("name")

@@ -7,14 +7,26 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets import automation, calibration, decomposition, errors, evaluation, finetuning, models, plans
+from assets import (
+    automation,
+    calibration,
+    comparison,
+    decomposition,
+    errors,
+    evaluation,
+    finetuning,
+    models,
+    plans,
+)
 from assets.automation import MAIN_JOB, build_stale_schedule, new_model_sensor
+from assets.comparison import COMPARISON_JOB, comparison_run_config
 from assets.shared import BASE_MODELS
 from lqlora_dagster.pipeline.context import default_home
+from lqlora_dagster.pipeline.handles import from_json
 from resources import ArtifactStoreResource, ComputeDevice, HandleIOManager, ModelSource, WarehouseResource
 from resources.executors import executor_named
 
-STAGE_MODULES = [models, calibration, errors, plans, decomposition, finetuning, evaluation]
+STAGE_MODULES = [models, calibration, errors, plans, decomposition, finetuning, evaluation, comparison]
 MAIN_ASSETS = [
     "base_model",
     "calibration_batches",
@@ -47,11 +59,25 @@ def build_definitions(home: Path | None = None, executor: str = "multiprocess") 
         partitions_def=BASE_MODELS,
         description="The whole LQ-LoRA graph for one base model: calibration to evaluation.",
     )
-    versions = {k: v for a in assets for k, v in a.code_versions_by_key.items() if v is not None}
+    comparison_job = dg.define_asset_job(
+        COMPARISON_JOB,
+        selection=dg.AssetSelection.assets(*MAIN_ASSETS, "comparison_report"),
+        partitions_def=BASE_MODELS,
+        config=comparison_run_config(),
+        description="LQ-LoRA vs QLoRA, LoftQ and QLoRA-ILP at the paper's budgets on one model, "
+        "with a short identical finetune, rendered as a table and plots (comparison_report).",
+    )
+    # the nightly schedule re-runs the main job, so only the main job's assets count as stale
+    versions = {
+        k: v
+        for a in assets
+        for k, v in a.code_versions_by_key.items()
+        if v is not None and k.to_user_string() in MAIN_ASSETS
+    }
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
-        jobs=[main_job],
+        jobs=[main_job, comparison_job],
         sensors=[new_model_sensor],
         schedules=[build_stale_schedule(versions)],
         resources=resources_at(home or default_home()),
@@ -61,7 +87,7 @@ def build_definitions(home: Path | None = None, executor: str = "multiprocess") 
 
 defs = build_definitions(executor=os.environ.get("LQLORA_EXECUTOR", "multiprocess"))
 
-__all__ = ["automation", "build_definitions", "defs", "resources_at"]
+__all__ = ["COMPARISON_JOB", "automation", "build_definitions", "comparison_run_config", "defs", "resources_at"]
 
 
 # --- running from the CLI: the Dagster side of `lqlora register` and `lqlora run` ---
@@ -89,6 +115,11 @@ def prepare_dagster_home(home: Path) -> Path:
     return dagster_home
 
 
+def stored_handle(home: Path, asset: str, model: str):
+    """The handle an asset last stored for a partition (what the IO manager hands downstream)."""
+    return from_json((Path(home) / "handles" / asset / f"{model}.json").read_text())
+
+
 def add_partition(model: str) -> None:
     with dg.DagsterInstance.get() as instance:
         if not instance.has_dynamic_partition(BASE_MODELS.name, model):
@@ -101,31 +132,33 @@ def remove_partition(model: str) -> None:
             instance.delete_dynamic_partition(BASE_MODELS.name, model)
 
 
-def main_job_definition(home: str | None = None, executor: str = "multiprocess") -> dg.JobDefinition:
+def job_definition(home: str | None = None, executor: str = "multiprocess", job: str = MAIN_JOB) -> dg.JobDefinition:
     """Module-level factory so other processes (multiprocess steps, Dask workers) can
     reconstruct the job from its arguments."""
-    return build_definitions(Path(home) if home else None, executor).resolve_job_def(MAIN_JOB)
+    return build_definitions(Path(home) if home else None, executor).resolve_job_def(job)
 
 
-def reconstructable_main_job(home: Path | None = None, executor: str = "multiprocess"):
+def reconstructable_main_job(home: Path | None = None, executor: str = "multiprocess", job: str = MAIN_JOB):
     return dg.build_reconstructable_job(
         "lqlora_dagster.definitions",
-        "main_job_definition",
-        reconstructable_args=(str(home) if home else None, executor),
+        "job_definition",
+        reconstructable_args=(str(home) if home else None, executor, job),
     )
 
 
-def run_main_job(model: str, run_config: dict, multiprocess: bool = True) -> bool:
-    """Materialize the whole graph for one partition in the persistent instance (the UI
-    shows the run afterwards). Returns whether the run succeeded."""
+def run_main_job(model: str, run_config: dict, multiprocess: bool = True, job: str = MAIN_JOB) -> bool:
+    """Run the main job (or `job`, e.g. the comparison) for one partition in the persistent
+    instance (the UI shows the run afterwards). Returns whether the run succeeded."""
     with dg.DagsterInstance.get() as instance:
         if multiprocess:
-            job = reconstructable_main_job()
             result = dg.execute_job(
-                job, instance=instance, run_config=run_config, tags={"dagster/partition": model}
+                reconstructable_main_job(job=job),
+                instance=instance,
+                run_config=run_config,
+                tags={"dagster/partition": model},
             )
             return result.success
-        result = main_job_definition().execute_in_process(
+        result = job_definition(job=job).execute_in_process(
             run_config=run_config, instance=instance, partition_key=model, raise_on_error=False
         )
         return result.success

@@ -32,6 +32,12 @@ def lq_settings(s: ErrorTableSettings) -> LQSettings:
     return LQSettings(rank=s.rank, svd=s.svd, max_iters=s.max_iters, rel_tol=s.rel_tol)
 
 
+def uses_fast_path(method: Method) -> bool:
+    """The fast path shares one LQ decomposition among sibling configs; LoftQ (5 fixed
+    iterations over 3 configs) and the zero init (no iterations) gain nothing from it."""
+    return method.init == "lq"
+
+
 def table_refs(model: ModelHandle, fisher: FisherHandle | None, s: ErrorTableSettings) -> list[TableRef]:
     refs = []
     for name in s.methods:
@@ -41,7 +47,7 @@ def table_refs(model: ModelHandle, fisher: FisherHandle | None, s: ErrorTableSet
         if method.fisher and fisher is None:
             raise LQLoRAInputError(f"method {name!r} needs Fisher diagonals, but none were computed")
         recipe = lq_settings(s) if method.has_lowrank_init else None
-        fast = s.fast if method.has_lowrank_init else None
+        fast = s.fast if uses_fast_path(method) else None  # LoftQ and QLoRA: one path only
         key = stable_key(model.key, method.init, method.fisher, rank, recipe, fisher_key, fast, TABLE_VERSION)
         configs = [c.name for c in method.candidate_configs(s.configs)]
         refs.append(TableRef(name, key, rank, fisher_key, configs, len(configs) * model.n_targets))
@@ -111,12 +117,19 @@ def compute_table_rows(
     if any(get_method(m).has_lowrank_init for m in s.methods):
         check_rank_fits(model, all_targets, s.rank)
     targets = [t for t in all_targets if matrices is None or t.name in set(matrices)]
-    refs = {ref.table_key: ref for ref in table_refs(model, fisher, s)}  # shared tables once
+    # methods with the same init share one table (qlora and qlora-ilp, lqlora and
+    # lqlora-uniform): compute it once, for the union of their candidate configs
+    refs: dict[str, TableRef] = {}
+    wanted: dict[str, list[str]] = {}
+    for ref in table_refs(model, fisher, s):
+        refs.setdefault(ref.table_key, ref)
+        wanted.setdefault(ref.table_key, [])
+        wanted[ref.table_key] += [c for c in ref.configs if c not in wanted[ref.table_key]]
     todo = []
-    for ref in refs.values():
-        done = _done(ctx, ref.table_key)
+    for key, ref in refs.items():
+        done = _done(ctx, key)
         for t in targets:
-            missing = [c for c in ref.configs if (t.name, c) not in done]
+            missing = [c for c in wanted[key] if (t.name, c) not in done]
             if missing:
                 todo.append((ref, t, missing))
     if not todo:
@@ -131,7 +144,7 @@ def compute_table_rows(
         W = weights[target.name].to(ctx.device)
         F = fisher_tensors[target.name].to(ctx.device) if ref.fisher_key else None
         configs = tuple(QuantConfig.parse(c) for c in missing)
-        if s.fast and method.has_lowrank_init:
+        if s.fast and uses_fast_path(method):
             results = fast_errors(W, configs, method, settings, F)
         else:
             results = exhaustive_errors(W, configs, method, settings, F)

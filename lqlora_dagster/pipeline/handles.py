@@ -111,6 +111,14 @@ class EvaluationHandle:
     eval_keys: list[str]
 
 
+@dataclass(frozen=True)
+class ReportHandle:
+    model: str
+    key: str  # the stored report folder: comparison.md, pareto.png, allocation.png
+    files: list[str]
+    heatmap_plan: str | None  # plan_id drawn in allocation.png
+
+
 HANDLE_TYPES = {
     cls.__name__: cls
     for cls in (
@@ -122,6 +130,7 @@ HANDLE_TYPES = {
         DecomposedHandle,
         FinetunedHandle,
         EvaluationHandle,
+        ReportHandle,
     )
 }
 

@@ -82,7 +82,7 @@ def run_planning(ctx: StageContext, tables: ErrorTableHandle, s: PlanSettings) -
     for ref in tables.tables:
         method = get_method(ref.method)
         table = None
-        for budget in s.budgets:
+        for budget in s.budgets_for(ref.method):
             pid = plan_id(ref, budget)
             cached = _existing(ctx, pid)
             if cached is not None:

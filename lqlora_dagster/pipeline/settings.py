@@ -59,15 +59,28 @@ class ErrorTableSettings:
 @dataclass(frozen=True)
 class PlanSettings:
     budgets: tuple[float, ...] = (3.25,)
+    # budgets for particular methods instead of `budgets`: QLoRA and LoftQ have only
+    # NF2/NF3/NF4, so a comparison plans them at those rates (3.13, 4.13), not at 2.5 ... 4.0
+    budgets_by_method: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.budgets:
             raise LQLoRAInputError("give at least one budget (bits per parameter)")
-        for b in self.budgets:
+        for method, budgets in self.budgets_by_method:
+            if method not in METHODS:
+                raise LQLoRAInputError(
+                    f"budgets_by_method names unknown method {method!r}; choose from {', '.join(METHODS)}"
+                )
+            if not budgets:
+                raise LQLoRAInputError(f"budgets_by_method gives no budget for {method!r}")
+        for b in self.budgets + tuple(b for _, bs in self.budgets_by_method for b in bs):
             if not isinstance(b, (int, float)) or not (0 < b < 64) or b != b:
                 raise LQLoRAInputError(
                     f"budget {b!r} is not a sensible number of bits per parameter (0 < b < 64)"
                 )
+
+    def budgets_for(self, method: str) -> tuple[float, ...]:
+        return dict(self.budgets_by_method).get(method, self.budgets)
 
 
 @dataclass(frozen=True)

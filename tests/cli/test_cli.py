@@ -10,9 +10,23 @@ import pytest
 LQLORA = str(Path(sys.executable).with_name("lqlora"))
 # a run small enough for a test: the tiny Llama, reduced grid, a few windows and steps
 TINY_RUN = [
-    "--model", "tiny", "--in-process", "--rank", "4", "--grid", "reduced",
-    "--calibration-sequences", "4", "--calibration-len", "64",
-    "--steps", "2", "--eval-windows", "2", "--eval-len", "64",
+    "--model",
+    "tiny",
+    "--in-process",
+    "--rank",
+    "4",
+    "--grid",
+    "reduced",
+    "--calibration-sequences",
+    "4",
+    "--calibration-len",
+    "64",
+    "--steps",
+    "2",
+    "--eval-windows",
+    "2",
+    "--eval-len",
+    "64",
 ]
 
 

@@ -73,8 +73,15 @@ def built(tmp_path_factory, tiny_llama_folder):
     register_model(w, MODEL, str(tiny_llama_folder))
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("base_models", [MODEL])
-        stages = ("base_model", "calibration_batches", "fisher_diagonals", "error_table",
-                  "allocation_plan", "decomposed_model", "finetuned_adapters")
+        stages = (
+            "base_model",
+            "calibration_batches",
+            "fisher_diagonals",
+            "error_table",
+            "allocation_plan",
+            "decomposed_model",
+            "finetuned_adapters",
+        )
         assert run(home, instance, *stages).success
         yield home, instance
     if old is None:

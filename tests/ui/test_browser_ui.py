@@ -77,9 +77,21 @@ def dagster_dev(tmp_path, tiny_llama_folder):
     env = {**os.environ, "LQLORA_HOME": str(home), "DAGSTER_HOME": str(home / "dagster")}
     env["LQLORA_EXECUTOR"] = "in_process"  # one run process on 2 cores
     registered = subprocess.run(
-        [sys.executable, "-m", "lqlora_dagster.cli", "--home", str(home), "register",
-         str(tiny_llama_folder), "--name", PARTITION],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "lqlora_dagster.cli",
+            "--home",
+            str(home),
+            "register",
+            str(tiny_llama_folder),
+            "--name",
+            PARTITION,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert registered.returncode == 0, registered.stderr
     settings = (home / "dagster" / "dagster.yaml").read_text()
@@ -88,9 +100,21 @@ def dagster_dev(tmp_path, tiny_llama_folder):
     port, log = free_port(), tmp_path / "dagster-dev.log"
     with open(log, "w") as out:
         server = subprocess.Popen(
-            [str(Path(sys.executable).with_name("dagster")), "dev", "-w", str(REPO / "workspace.yaml"),
-             "-h", "127.0.0.1", "-p", str(port)],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(Path(sys.executable).with_name("dagster")),
+                "dev",
+                "-w",
+                str(REPO / "workspace.yaml"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -127,7 +151,9 @@ def test_materialize_an_asset_by_clicking(dagster_dev, tmp_path):
             expect(page.get_by_text("Launched run")).to_be_visible()
             page.get_by_role("button", name="View").or_(page.get_by_role("link", name="View")).first.click()
             page.wait_for_url("**/runs/**")
-            status = page.get_by_text("Success", exact=True).or_(page.get_by_text("Failure", exact=True)).first
+            status = (
+                page.get_by_text("Success", exact=True).or_(page.get_by_text("Failure", exact=True)).first
+            )
             status.wait_for(timeout=240_000)
             assert status.inner_text() == "Success", log.read_text()[-3000:]
             expect(page.get_by_text(f"partition: {PARTITION}")).to_be_visible()

@@ -1,0 +1,66 @@
+"""Stage `comparison_report`: the evaluation rows of a run as a markdown table and two
+plots, stored as one artifact (content-keyed by the rows and the plan it draws)."""
+
+from pathlib import Path
+
+import pandas as pd
+
+from lqlora_dagster.comparison import HEATMAP_PLAN
+from lqlora_dagster.methods import get_method
+from lqlora_dagster.pipeline.context import StageContext
+from lqlora_dagster.pipeline.evaluating import evaluation_table
+from lqlora_dagster.pipeline.handles import EvaluationHandle, PlanHandle, PlanRef, ReportHandle
+from lqlora_dagster.report import (
+    allocation_grid,
+    comparison_frame,
+    heatmap_figure,
+    markdown_table,
+    pareto_figure,
+    save_png,
+)
+from lqlora_dagster.store.keys import stable_key
+
+REPORT_VERSION = "1"
+ASSET = "comparison_report"
+TABLE, PARETO, HEATMAP = "comparison.md", "pareto.png", "allocation.png"
+
+
+def heatmap_plan(plans: PlanHandle, wanted: tuple[str, float] = HEATMAP_PLAN) -> PlanRef | None:
+    """The wanted (method, budget) plan if the run made it, else its first ILP plan."""
+    ilp = [p for p in plans.plans if get_method(p.method).allocation == "ilp"]
+    exact = [p for p in ilp if p.method == wanted[0] and abs(p.budget - wanted[1]) < 1e-9]
+    return (exact or ilp or [None])[0]
+
+
+def plan_allocation(ctx: StageContext, model: str, plan_id: str) -> pd.DataFrame:
+    return ctx.warehouse.query(
+        "SELECT m.layer, m.kind, a.bits_per_param FROM plan_assignments a "
+        "JOIN matrices m ON m.model = ? AND m.name = a.matrix WHERE a.plan_id = ?",
+        [model, plan_id],
+    )
+
+
+def run_report(ctx: StageContext, evaluation: EvaluationHandle, plans: PlanHandle) -> ReportHandle:
+    plan = heatmap_plan(plans)
+    key = stable_key(sorted(evaluation.eval_keys), plan.plan_id if plan else None, REPORT_VERSION)
+    files = [TABLE, PARETO] + ([HEATMAP] if plan else [])
+    if ctx.store.find(ASSET, evaluation.model, key) is not None:
+        ctx.log("comparison report: cached")
+        return ReportHandle(evaluation.model, key, files, plan.plan_id if plan else None)
+    frame = comparison_frame(evaluation_table(ctx, evaluation.eval_keys))
+
+    def write(folder: Path) -> None:
+        (folder / TABLE).write_text(markdown_table(frame) + "\n")
+        save_png(pareto_figure(frame, f"{evaluation.model}: perplexity vs memory"), folder / PARETO)
+        if plan is not None:
+            grid = allocation_grid(plan_allocation(ctx, evaluation.model, plan.plan_id))
+            title = f"{plan.method} @ {plan.budget:g} bits: bits/param per matrix"
+            save_png(heatmap_figure(grid, title), folder / HEATMAP)
+
+    ctx.store.save_folder(ASSET, evaluation.model, key, write)
+    ctx.log(f"comparison report: {len(frame)} rows, {len(files)} files")
+    return ReportHandle(evaluation.model, key, files, plan.plan_id if plan else None)
+
+
+def report_folder(ctx: StageContext, handle: ReportHandle) -> Path:
+    return ctx.store.get(ASSET, handle.model, handle.key).path

@@ -1,0 +1,149 @@
+"""The comparison report: one markdown table and two PNG plots from DuckDB rows.
+
+Users pick a method by its numbers, so the table puts every method and budget on one
+line with both bit counts (the quantized part alone, and with the 16-bit low-rank
+factors) next to perplexity before and after finetuning; the Pareto plot shows
+perplexity against total memory; the heatmap shows where one ILP plan spent its bits.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib import rcParams
+from matplotlib.figure import Figure  # no pyplot: files only, no display, no global state
+
+from lqlora_dagster.comparison import LABELS, method_label
+from lqlora_dagster.errors import LQLoRAInputError
+
+KIND_ORDER = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "query",
+    "key",
+    "value",
+    "dense",
+)
+
+
+def comparison_frame(evals: pd.DataFrame) -> pd.DataFrame:
+    """One row per (method, budget): perplexity before/after finetuning and the bits.
+
+    `evals` has the columns of DuckDB `evaluations` (method, budget, stage, perplexity,
+    bits_per_param, bits_incl_lowrank)."""
+    if evals.empty:
+        raise LQLoRAInputError("no evaluations to report; materialize `evaluation` first")
+    ref = evals[evals["stage"] == "reference"]
+    rest = evals[evals["stage"] != "reference"]
+    wide = rest.pivot_table(
+        index=["method", "budget"], columns="stage", values="perplexity", aggfunc="last"
+    ).reindex(columns=["before_finetune", "after_finetune"])
+    bits = rest.groupby(["method", "budget"])[["bits_per_param", "bits_incl_lowrank"]].last()
+    frame = wide.join(bits).reset_index()
+    frame["label"] = [
+        method_label(m, b, q) for m, b, q in zip(frame["method"], frame["budget"], frame["bits_per_param"])
+    ]
+    order = {m: i for i, m in enumerate(LABELS)}
+    frame["_order"] = frame["method"].map(order).fillna(len(order))
+    frame = frame.sort_values(["budget", "_order"]).drop(columns="_order").reset_index(drop=True)
+    if not ref.empty:
+        top = pd.DataFrame(
+            [
+                {
+                    "method": "reference",
+                    "budget": np.nan,
+                    "before_finetune": float(ref["perplexity"].iloc[-1]),
+                    "after_finetune": np.nan,
+                    "bits_per_param": 32.0,
+                    "bits_incl_lowrank": 32.0,
+                    "label": LABELS["reference"],
+                }
+            ]
+        )
+        frame = pd.concat([top, frame], ignore_index=True)
+    return frame
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    def num(v, fmt):
+        return "" if pd.isna(v) else format(v, fmt)
+
+    lines = [
+        "| method | budget | bits/param (Q) | bits/param incl. low rank | perplexity before finetune | after finetune |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in frame.itertuples():
+        lines.append(
+            f"| {r.label} | {num(r.budget, 'g')} | {num(r.bits_per_param, '.3f')} | "
+            f"{num(r.bits_incl_lowrank, '.3f')} | {num(r.before_finetune, '.2f')} | {num(r.after_finetune, '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def save_png(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, format="png")
+    return path
+
+
+def pareto_figure(frame: pd.DataFrame, title: str = "") -> Figure:
+    """Perplexity vs total bits/param (incl. the low-rank part), one line per method;
+    hollow markers before finetuning, filled after."""
+    rows = frame[frame["method"] != "reference"]
+    if rows.empty:
+        raise LQLoRAInputError("nothing to plot: no method rows")
+    fig = Figure(figsize=(7.5, 4.8), dpi=110)
+    ax = fig.subplots()
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (method, g) in enumerate(rows.groupby("method", sort=False)):
+        g = g.sort_values("bits_incl_lowrank")
+        c = colors[i % len(colors)]
+        label = LABELS.get(method, method)
+        ax.plot(
+            g["bits_incl_lowrank"], g["before_finetune"], "o--", color=c, mfc="none", label=f"{label}, before"
+        )
+        after = g.dropna(subset=["after_finetune"])
+        if not after.empty:
+            ax.plot(
+                after["bits_incl_lowrank"], after["after_finetune"], "o-", color=c, label=f"{label}, after"
+            )
+    ref = frame[frame["method"] == "reference"]
+    if not ref.empty:
+        ax.axhline(
+            float(ref["before_finetune"].iloc[0]), color="black", lw=0.8, ls=":", label="fp32 reference"
+        )
+    ax.set_xlabel("bits per parameter, including the 16-bit low-rank part")
+    ax.set_ylabel("perplexity (held-out speeches)")
+    ax.set_yscale("log")
+    ax.set_title(title or "Perplexity vs memory")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def allocation_grid(assignments: pd.DataFrame) -> pd.DataFrame:
+    """bits/param per (layer, matrix type) of one plan, from rows (layer, kind, bits_per_param)."""
+    if assignments.empty:
+        raise LQLoRAInputError("the plan has no assignments to draw")
+    grid = assignments.pivot_table(index="layer", columns="kind", values="bits_per_param", aggfunc="mean")
+    kinds = [k for k in KIND_ORDER if k in grid.columns] + sorted(set(grid.columns) - set(KIND_ORDER))
+    return grid[kinds].sort_index()
+
+
+def heatmap_figure(grid: pd.DataFrame, title: str = "") -> Figure:
+    fig = Figure(figsize=(6.5, max(3.0, 0.22 * len(grid) + 1.5)), dpi=110)
+    ax = fig.subplots()
+    image = ax.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(grid.shape[1]), list(grid.columns), rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(grid.shape[0]), [str(i) for i in grid.index], fontsize=7)
+    ax.set_xlabel("matrix type")
+    ax.set_ylabel("layer")
+    ax.set_title(title or "bits/param per matrix")
+    fig.colorbar(image, ax=ax, label="bits per parameter")
+    fig.tight_layout()
+    return fig

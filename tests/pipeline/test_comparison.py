@@ -1,0 +1,162 @@
+"""The comparison job on the tiny model (reduced grid, a few steps), and the report it
+renders: the table's rows, and plots whose axes carry the evaluation numbers."""
+
+import os
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.image import imread
+
+from lqlora_dagster.comparison import (
+    BUDGETS,
+    FINETUNED_BUDGETS,
+    ILP_METHODS,
+    UNIFORM_METHODS,
+    ComparisonSettings,
+)
+from lqlora_dagster.definitions import (
+    COMPARISON_JOB,
+    build_definitions,
+    comparison_run_config,
+    stored_handle,
+)
+from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.pipeline.registry import register_model
+from lqlora_dagster.report import allocation_grid, comparison_frame, heatmap_figure, pareto_figure
+from lqlora_dagster.store.warehouse import Warehouse
+
+MODEL = "tiny-llama"
+TINY = ComparisonSettings(
+    rank=4,
+    grid="reduced",
+    calibration_sequences=4,
+    calibration_len=64,
+    finetune_steps=2,
+    finetune_batch=2,
+    finetune_len=64,
+    eval_windows=2,
+    eval_len=64,
+    uniform_budgets=(3.6, 4.6),  # 64-wide matrices pad a whole scale group: NF3 = 3.51 bits here
+)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, tiny_llama_folder):
+    home = tmp_path_factory.mktemp("compare-home")
+    old = os.environ.get("LQLORA_HOME")
+    os.environ["LQLORA_HOME"] = str(home)
+    w = Warehouse(home / "lqlora.duckdb")
+    w.init_schema()
+    register_model(w, MODEL, str(tiny_llama_folder))
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("base_models", [MODEL])
+        job = build_definitions(home, executor="in_process").resolve_job_def(COMPARISON_JOB)
+        result = job.execute_in_process(
+            run_config=comparison_run_config(TINY), instance=instance, partition_key=MODEL
+        )
+        assert result.success
+        yield home, w, result
+    if old is None:
+        os.environ.pop("LQLORA_HOME", None)
+    else:
+        os.environ["LQLORA_HOME"] = old
+
+
+def test_every_method_and_budget_is_evaluated(compared):
+    _, w, _ = compared
+    evals = w.query("SELECT method, budget, stage, bits_per_param FROM evaluations WHERE model = ?", [MODEL])
+    before = evals[evals["stage"] == "before_finetune"]
+    expected = {(m, b) for m in ILP_METHODS for b in BUDGETS} | {
+        (m, b) for m in UNIFORM_METHODS for b in TINY.uniform_budgets
+    }
+    assert set(zip(before["method"], before["budget"])) == expected
+    after = evals[evals["stage"] == "after_finetune"]
+    assert set(zip(after["method"], after["budget"])) == {
+        (m, b) for m in ILP_METHODS for b in FINETUNED_BUDGETS
+    } | {("qlora", b) for b in TINY.uniform_budgets}
+    qlora = before[before["method"] == "qlora"].sort_values("budget")
+    assert np.allclose(qlora["bits_per_param"], [3.5, 4.5], atol=0.1)  # NF3, NF4 (with padding)
+
+
+def test_report_is_stored_and_shown_in_the_ui(compared):
+    home, _, result = compared
+    handle = stored_handle(home, "comparison_report", MODEL)
+    folder = home / "artifacts" / "comparison_report" / MODEL / handle.key
+    table = (folder / "comparison.md").read_text()
+    assert "| fp32 reference |" in table and "| QLoRA NF4 |" in table and "| LoftQ NF3 |" in table
+    assert table.count("| LQ-LoRA (ILP + Fisher) |") == len(BUDGETS)
+    for name in ("pareto.png", "allocation.png"):
+        data = (folder / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+        pixels = imread(folder / name)
+        assert pixels.shape[0] > 300 and pixels.std() > 0.05  # a drawn picture, not a blank canvas
+    (mat,) = [
+        m
+        for m in result.get_asset_materialization_events()
+        if m.asset_key == dg.AssetKey("comparison_report")
+    ]
+    meta = mat.materialization.metadata
+    assert meta["pareto"].value.startswith("![pareto](data:image/png;base64,")
+    assert meta["allocation"].value.startswith("![allocation](data:image/png;base64,")
+    assert "| QLoRA NF3 |" in meta["table"].value
+
+
+# --- the report functions on hand-made rows: each number lands where it should ---
+
+ROWS = pd.DataFrame(
+    [
+        ("reference", None, "reference", 20.0, None, None),
+        ("qlora", 4.13, "before_finetune", 30.0, 4.127, 4.86),
+        ("qlora", 4.13, "after_finetune", 27.0, 4.127, 4.86),
+        ("lqlora", 2.75, "before_finetune", 40.0, 2.74, 3.48),
+        ("lqlora", 3.5, "before_finetune", 26.0, 3.49, 4.22),
+        ("lqlora", 3.5, "after_finetune", 24.0, 3.49, 4.22),
+    ],
+    columns=["method", "budget", "stage", "perplexity", "bits_per_param", "bits_incl_lowrank"],
+)
+
+
+def test_comparison_frame_puts_each_number_on_its_row():
+    frame = comparison_frame(ROWS).set_index("label")
+    assert frame.loc["fp32 reference", "before_finetune"] == 20.0
+    assert frame.loc["QLoRA NF4", "after_finetune"] == 27.0
+    lq = frame.loc["LQ-LoRA (ILP)"].set_index("budget")
+    assert lq.loc[3.5, "before_finetune"] == 26.0 and np.isnan(lq.loc[2.75, "after_finetune"])
+
+
+def test_pareto_axes_carry_the_data():
+    fig = pareto_figure(comparison_frame(ROWS))
+    (ax,) = fig.axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    before = lines["LQ-LoRA (ILP), before"]
+    assert list(before.get_xdata()) == [3.48, 4.22] and list(before.get_ydata()) == [40.0, 26.0]
+    assert list(lines["QLoRA, after"].get_ydata()) == [27.0]
+    assert list(lines["fp32 reference"].get_ydata()) == [20.0, 20.0]
+    assert "bits per parameter" in ax.get_xlabel() and "perplexity" in ax.get_ylabel()
+    low, high = ax.get_ylim()
+    assert low < 20.0 and high > 40.0
+
+
+def test_heatmap_cells_are_the_plan_bits():
+    rows = pd.DataFrame(
+        {
+            "layer": [0, 0, 1, 1],
+            "kind": ["q_proj", "down_proj", "q_proj", "down_proj"],
+            "bits_per_param": [2.5, 4.1, 3.0, 3.6],
+        }
+    )
+    grid = allocation_grid(rows)
+    assert list(grid.columns) == ["q_proj", "down_proj"]  # the model's order, not alphabetical
+    fig = heatmap_figure(grid)
+    image = fig.axes[0].get_images()[0]
+    assert np.array_equal(image.get_array(), [[2.5, 4.1], [3.0, 3.6]])
+
+
+def test_empty_inputs_say_what_to_do():
+    with pytest.raises(LQLoRAInputError, match="materialize `evaluation` first"):
+        comparison_frame(ROWS.iloc[0:0])
+    with pytest.raises(LQLoRAInputError, match="no assignments"):
+        allocation_grid(pd.DataFrame(columns=["layer", "kind", "bits_per_param"]))
