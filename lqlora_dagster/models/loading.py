@@ -6,6 +6,8 @@ import torch
 
 from lqlora_dagster.errors import LQLoRAInputError
 
+HEAD_SEED = 0
+
 
 def load_model(folder: Path, task: str = "causal-lm", num_labels: int = 2):
     """A float32 model in eval mode. Transformers is imported here, not at module
@@ -16,9 +18,13 @@ def load_model(folder: Path, task: str = "causal-lm", num_labels: int = 2):
         if task == "causal-lm":
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         elif task == "seq-cls":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                folder, dtype=torch.float32, num_labels=num_labels
-            )
+            # the new classification head is drawn from a fixed seed, so every stage
+            # (Fisher, decomposition, reference) starts from the same head
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(HEAD_SEED)
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    folder, dtype=torch.float32, num_labels=num_labels
+                )
         else:
             raise LQLoRAInputError(f"unknown task {task!r}; use 'causal-lm' or 'seq-cls'")
     except (OSError, ValueError, KeyError) as err:

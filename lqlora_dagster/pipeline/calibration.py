@@ -6,7 +6,9 @@ import pandas as pd
 import torch
 
 from lqlora_dagster.data.corpora import read_text, sotu_text
+from lqlora_dagster.data.polarity import encode_sentences, polarity_split
 from lqlora_dagster.data.windows import token_windows, tokenize
+from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.fisher import estimate_fisher
 from lqlora_dagster.models.loading import load_tokenizer
 from lqlora_dagster.pipeline.base_model import load_with_targets
@@ -23,21 +25,35 @@ def calibration_text(source: str) -> str:
     return sotu_text("calibration") if source == "sotu" else read_text(Path(source))
 
 
+def calibration_examples(model: ModelHandle, s: CalibrationSettings) -> dict[str, torch.Tensor]:
+    """Token windows of the calibration speeches (causal LM), or the first labelled
+    sentences of the polarity train split (classifier; never its test split)."""
+    tokenizer = load_tokenizer(Path(model.folder))
+    if model.task == "seq-cls":
+        if s.text != "sotu":
+            raise LQLoRAInputError("a classifier calibrates on the polarity train sentences; leave `text` unset")
+        rows = polarity_split("train")
+        if s.n_sequences > len(rows):
+            raise LQLoRAInputError(f"{s.n_sequences} calibration sentences asked, the train split has {len(rows)}")
+        return encode_sentences(tokenizer, rows[: s.n_sequences], s.seq_len)
+    ids = tokenize(tokenizer, calibration_text(s.text))
+    return {"input_ids": token_windows(ids, s.seq_len, s.n_sequences, seed=s.seed)}
+
+
 def run_calibration(ctx: StageContext, model: ModelHandle, s: CalibrationSettings) -> CalibrationHandle:
     text_id = s.text if s.text == "sotu" else stable_key(read_text(Path(s.text)))
+    if model.task == "seq-cls":
+        text_id = "polarity"
     key = stable_key(model.key, s, text_id, CALIBRATION_VERSION)
     handle = CalibrationHandle(model.model, key, s.n_sequences, s.seq_len)
     if ctx.store.find("calibration_batches", model.model, key) is not None:
         ctx.log(f"calibration {key}: cached")
         return handle
-    tokenizer = load_tokenizer(Path(model.folder))
-    ids = tokenize(tokenizer, calibration_text(s.text))
-    windows = token_windows(ids, s.seq_len, s.n_sequences, seed=s.seed)
-    art = ctx.store.save_tensors("calibration_batches", model.model, key, {"input_ids": windows})
+    art = ctx.store.save_tensors("calibration_batches", model.model, key, calibration_examples(model, s))
     row = {
         "key": key,
         "model": model.model,
-        "text": s.text,
+        "text": "polarity" if model.task == "seq-cls" else s.text,
         "n_sequences": s.n_sequences,
         "seq_len": s.seq_len,
         "path": str(art.path),
@@ -46,9 +62,11 @@ def run_calibration(ctx: StageContext, model: ModelHandle, s: CalibrationSetting
     return handle
 
 
-def load_calibration(ctx: StageContext, handle: CalibrationHandle) -> torch.Tensor:
+def load_calibration(ctx: StageContext, handle: CalibrationHandle) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Token windows (causal LM), or {input_ids, attention_mask, labels} (classifier)."""
     art = ctx.store.get("calibration_batches", handle.model, handle.key)
-    return ctx.store.load_tensors(art)[0]["input_ids"]
+    tensors = ctx.store.load_tensors(art)[0]
+    return tensors if "labels" in tensors else tensors["input_ids"]
 
 
 def run_fisher(ctx: StageContext, model: ModelHandle, calibration: CalibrationHandle) -> FisherHandle:
@@ -59,7 +77,7 @@ def run_fisher(ctx: StageContext, model: ModelHandle, calibration: CalibrationHa
         return handle
     base, targets = load_with_targets(model, ctx.device)
     batches = load_calibration(ctx, calibration)
-    every = max(1, len(batches) // 8)
+    every = max(1, len(batches["labels"] if isinstance(batches, dict) else batches) // 8)
 
     def progress(i: int, n: int) -> None:
         if i % every == 0 or i == n:

@@ -1,6 +1,7 @@
 """Stage `evaluation`: perplexity on held-out speeches (2016+) of the reference model,
 each decomposed model (before finetuning) and each finetuned one (after), with
-storage in bits/param. Rows already in DuckDB for the same inputs are reused."""
+storage in bits/param; for a classifier, accuracy on the polarity test sentences.
+Rows already in DuckDB for the same inputs are reused."""
 
 from pathlib import Path
 
@@ -8,8 +9,9 @@ import pandas as pd
 import torch
 
 from lqlora_dagster.data.corpora import sotu_text
+from lqlora_dagster.data.polarity import encode_sentences, polarity_split
 from lqlora_dagster.data.windows import token_windows, tokenize
-from lqlora_dagster.evaluation import peak_memory_mb, perplexity, storage
+from lqlora_dagster.evaluation import accuracy, peak_memory_mb, perplexity, storage
 from lqlora_dagster.models.loading import load_tokenizer
 from lqlora_dagster.pipeline.base_model import load_base
 from lqlora_dagster.pipeline.context import StageContext
@@ -35,15 +37,11 @@ def run_evaluation(
     finetuned: FinetunedHandle,
     s: EvalSettings,
 ) -> EvaluationHandle:
-    jobs = [
-        (
-            stable_key(model.key, s, EVAL_VERSION),
-            "reference",
-            None,
-            None,
-            lambda: load_base(model, ctx.device),
+    jobs = []
+    if model.task != "seq-cls":  # a classifier's fresh head makes the untrained model a coin toss
+        jobs.append(
+            (stable_key(model.key, s, EVAL_VERSION), "reference", None, None, lambda: load_base(model, ctx.device))
         )
-    ]
     for ref in decomposed.items:
         path = ctx.store.get(DECOMPOSED, model.model, ref.decomp_key).path
         jobs.append(
@@ -72,12 +70,12 @@ def run_evaluation(
         if _done(ctx, key):
             continue
         if windows is None:
-            ids = tokenize(load_tokenizer(Path(model.folder)), sotu_text("eval"))
-            windows = token_windows(ids, s.seq_len, s.n_windows)
+            windows = eval_examples(model, s)
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
         net = load()
-        ppl = perplexity(net, windows, s.batch_size)
+        metric, value = score(net, windows, s)
+        ppl = value if metric == "perplexity" else None
         st = storage(net) if stage != "reference" else None
         row = {
             "eval_key": key,
@@ -85,26 +83,41 @@ def run_evaluation(
             "method": ref.method if ref is not None else "reference",
             "budget": float(ref.budget) if ref is not None else None,
             "stage": stage,
-            "metric": "perplexity",
-            "value": ppl,
+            "metric": metric,
+            "value": value,
             "perplexity": ppl,
             "bits_per_param": st.bits_per_param if st else None,
             "bits_incl_lowrank": st.bits_incl_lowrank if st else None,
             "peak_mb": peak_memory_mb(ctx.device),
-            "n_tokens": int(windows.numel()),
+            "n_tokens": int(windows["attention_mask"].sum() if metric == "accuracy" else windows.numel()),
             "seq_len": s.seq_len,
             "plan_id": plan_id,
         }
         ctx.warehouse.upsert("evaluations", EVALUATIONS.validate(pd.DataFrame([row])), ["eval_key"])
         label = "reference" if ref is None else f"{ref.method} @ {ref.budget:g} {stage}"
-        ctx.log(f"evaluation {label}: perplexity {ppl:.3f}")
+        ctx.log(f"evaluation {label}: {metric} {value:.4f}")
         del net
     return EvaluationHandle(model.model, keys)
 
 
+def eval_examples(model: ModelHandle, s: EvalSettings):
+    """Windows of the 2016+ speeches (causal LM), or the 800 polarity test sentences."""
+    tokenizer = load_tokenizer(Path(model.folder))
+    if model.task == "seq-cls":
+        return encode_sentences(tokenizer, polarity_split("test"), s.seq_len)
+    return token_windows(tokenize(tokenizer, sotu_text("eval")), s.seq_len, s.n_windows)
+
+
+def score(net: torch.nn.Module, examples, s: EvalSettings) -> tuple[str, float]:
+    if isinstance(examples, dict):
+        acc = accuracy(net, examples["input_ids"], examples["attention_mask"], examples["labels"], 64)
+        return "accuracy", acc
+    return "perplexity", perplexity(net, examples, s.batch_size)
+
+
 def evaluation_table(ctx: StageContext, keys: list[str]) -> pd.DataFrame:
     frame = ctx.warehouse.query(
-        "SELECT method, budget, stage, perplexity, bits_per_param, bits_incl_lowrank FROM evaluations "
+        "SELECT method, budget, stage, metric, value, perplexity, bits_per_param, bits_incl_lowrank FROM evaluations "
         "WHERE eval_key IN (SELECT unnest(?::VARCHAR[])) ORDER BY stage <> 'reference', method, budget, stage DESC",
         [keys],
     )

