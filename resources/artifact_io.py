@@ -34,8 +34,18 @@ class HandleIOManager(dg.ConfigurableIOManager):
 
     def _asset_path(self, context: dg.InputContext | dg.OutputContext) -> Path:
         asset = "/".join(context.asset_key.path)
-        partition = context.asset_partition_key if context.has_asset_partitions else "_"
-        return Path(self.root) / asset / f"{partition}.json"
+        return Path(self.root) / asset / f"{self._partition(context)}.json"
+
+    @staticmethod
+    def _partition(context: dg.InputContext | dg.OutputContext) -> str:
+        if not context.has_asset_partitions:
+            return "_"
+        if isinstance(context, dg.InputContext) and context.has_partition_key:
+            # asset checks are not partitioned: Dagster hands them every partition of the
+            # asset; inside a partitioned run the one they check is the run's own
+            if len(context.asset_partition_keys) != 1:
+                return context.partition_key
+        return context.asset_partition_key
 
     def _op_path(self, output: dg.OutputContext) -> Path:
         return Path(self.root).joinpath("_ops", *output.get_identifier()).with_suffix(".json")
