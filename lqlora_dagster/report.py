@@ -17,20 +17,6 @@ from matplotlib.figure import Figure  # no pyplot: files only, no display, no gl
 from lqlora_dagster.comparison import LABELS, method_label
 from lqlora_dagster.errors import LQLoRAInputError
 
-KIND_ORDER = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-    "query",
-    "key",
-    "value",
-    "dense",
-)
-
 
 def comparison_frame(evals: pd.DataFrame) -> pd.DataFrame:
     """One row per (method, budget): the metric before/after finetuning and the bits.
@@ -137,13 +123,23 @@ def pareto_figure(frame: pd.DataFrame, title: str = "") -> Figure:
     return fig
 
 
+def matrix_role(name: str) -> str:
+    """A target's name within its layer: 'mlp.down_proj', 'attention.output.dense'
+    (BERT has three matrices of kind 'dense' per layer; this keeps them apart)."""
+    parts = name.split(".")
+    index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    return ".".join(parts[index + 1 :]) if index is not None else name
+
+
 def allocation_grid(assignments: pd.DataFrame) -> pd.DataFrame:
-    """bits/param per (layer, matrix type) of one plan, from rows (layer, kind, bits_per_param)."""
+    """bits/param per (layer, matrix) of one plan, from rows (layer, matrix, position,
+    bits_per_param); columns in the model's order of modules."""
     if assignments.empty:
         raise LQLoRAInputError("the plan has no assignments to draw")
-    grid = assignments.pivot_table(index="layer", columns="kind", values="bits_per_param", aggfunc="mean")
-    kinds = [k for k in KIND_ORDER if k in grid.columns] + sorted(set(grid.columns) - set(KIND_ORDER))
-    return grid[kinds].sort_index()
+    rows = assignments.assign(role=assignments["matrix"].map(matrix_role))
+    grid = rows.pivot_table(index="layer", columns="role", values="bits_per_param", aggfunc="mean")
+    order = rows.groupby("role")["position"].min().sort_values().index
+    return grid[list(order)].sort_index()
 
 
 def heatmap_figure(grid: pd.DataFrame, title: str = "") -> Figure:

@@ -20,7 +20,7 @@ from lqlora_dagster.report import (
 )
 from lqlora_dagster.store.keys import stable_key
 
-REPORT_VERSION = "1"
+REPORT_VERSION = "2"
 ASSET = "comparison_report"
 TABLE, PARETO, HEATMAP = "comparison.md", "pareto.png", "allocation.png"
 
@@ -34,7 +34,7 @@ def heatmap_plan(plans: PlanHandle, wanted: tuple[str, float] = HEATMAP_PLAN) ->
 
 def plan_allocation(ctx: StageContext, model: str, plan_id: str) -> pd.DataFrame:
     return ctx.warehouse.query(
-        "SELECT m.layer, m.kind, a.bits_per_param FROM plan_assignments a "
+        "SELECT m.layer, a.matrix, m.position, a.bits_per_param FROM plan_assignments a "
         "JOIN matrices m ON m.model = ? AND m.name = a.matrix WHERE a.plan_id = ?",
         [model, plan_id],
     )
@@ -51,7 +51,8 @@ def run_report(ctx: StageContext, evaluation: EvaluationHandle, plans: PlanHandl
 
     def write(folder: Path) -> None:
         (folder / TABLE).write_text(markdown_table(frame) + "\n")
-        save_png(pareto_figure(frame, f"{evaluation.model}: perplexity vs memory"), folder / PARETO)
+        metric = frame.attrs["metric"]
+        save_png(pareto_figure(frame, f"{evaluation.model}: {metric} vs memory"), folder / PARETO)
         if plan is not None:
             grid = allocation_grid(plan_allocation(ctx, evaluation.model, plan.plan_id))
             title = f"{plan.method} @ {plan.budget:g} bits: bits/param per matrix"

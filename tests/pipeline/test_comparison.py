@@ -143,20 +143,26 @@ def test_pareto_axes_carry_the_data():
 def test_heatmap_cells_are_the_plan_bits():
     rows = pd.DataFrame(
         {
-            "layer": [0, 0, 1, 1],
-            "kind": ["q_proj", "down_proj", "q_proj", "down_proj"],
-            "bits_per_param": [2.5, 4.1, 3.0, 3.6],
+            "layer": [0, 0, 0, 1, 1, 1],
+            "matrix": [
+                f"bert.encoder.layer.{i}.{m}"
+                for i in (0, 1)
+                for m in ("attention.self.query", "attention.output.dense", "output.dense")
+            ],
+            "position": [0, 1, 2, 3, 4, 5],
+            "bits_per_param": [2.5, 4.1, 3.2, 3.0, 3.6, 2.2],
         }
     )
     grid = allocation_grid(rows)
-    assert list(grid.columns) == ["q_proj", "down_proj"]  # the model's order, not alphabetical
+    # the model's order, and BERT's three "dense" matrices kept apart
+    assert list(grid.columns) == ["attention.self.query", "attention.output.dense", "output.dense"]
     fig = heatmap_figure(grid)
     image = fig.axes[0].get_images()[0]
-    assert np.array_equal(image.get_array(), [[2.5, 4.1], [3.0, 3.6]])
+    assert np.array_equal(image.get_array(), [[2.5, 4.1, 3.2], [3.0, 3.6, 2.2]])
 
 
 def test_empty_inputs_say_what_to_do():
     with pytest.raises(LQLoRAInputError, match="materialize `evaluation` first"):
         comparison_frame(ROWS.iloc[0:0])
     with pytest.raises(LQLoRAInputError, match="no assignments"):
-        allocation_grid(pd.DataFrame(columns=["layer", "kind", "bits_per_param"]))
+        allocation_grid(pd.DataFrame(columns=["layer", "matrix", "position", "bits_per_param"]))
