@@ -1,5 +1,6 @@
 """Shared fixtures: tiny models built in code, and the real bundled SmolLM2 (cached)."""
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -87,3 +88,29 @@ def tiny_bert_folder(tmp_path_factory) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         shutil.copy(minilm / name, folder / name)
     return folder
+
+
+@contextlib.contextmanager
+def registered_home(home: Path, models: dict[str, Path]):
+    """LQLORA_HOME pointed at `home` with `models` registered and their partitions in a
+    test Dagster instance; yields (warehouse, instance); restores LQLORA_HOME after."""
+    import dagster as dg
+
+    from lqlora_dagster.pipeline.registry import register_model
+    from lqlora_dagster.store.warehouse import Warehouse
+
+    old = os.environ.get("LQLORA_HOME")
+    os.environ["LQLORA_HOME"] = str(home)
+    try:
+        warehouse = Warehouse(home / "lqlora.duckdb")
+        warehouse.init_schema()
+        for name, folder in models.items():
+            register_model(warehouse, name, str(folder))
+        with dg.instance_for_test() as instance:
+            instance.add_dynamic_partitions("base_models", list(models))
+            yield warehouse, instance
+    finally:
+        if old is None:
+            os.environ.pop("LQLORA_HOME", None)
+        else:
+            os.environ["LQLORA_HOME"] = old

@@ -1,7 +1,6 @@
 """The comparison job on the tiny model (reduced grid, a few steps), and the report it
 renders: the table's rows, and plots whose axes carry the evaluation numbers."""
 
-import os
 
 import dagster as dg
 import numpy as np
@@ -23,9 +22,8 @@ from lqlora_dagster.definitions import (
     stored_handle,
 )
 from lqlora_dagster.errors import LQLoRAInputError
-from lqlora_dagster.pipeline.registry import register_model
 from lqlora_dagster.report import allocation_grid, comparison_frame, heatmap_figure, pareto_figure
-from lqlora_dagster.store.warehouse import Warehouse
+from tests.conftest import registered_home
 
 MODEL = "tiny-llama"
 TINY = ComparisonSettings(
@@ -46,23 +44,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, tiny_llama_folder):
     home = tmp_path_factory.mktemp("compare-home")
-    old = os.environ.get("LQLORA_HOME")
-    os.environ["LQLORA_HOME"] = str(home)
-    w = Warehouse(home / "lqlora.duckdb")
-    w.init_schema()
-    register_model(w, MODEL, str(tiny_llama_folder))
-    with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions("base_models", [MODEL])
+    with registered_home(home, {MODEL: tiny_llama_folder}) as (w, instance):
         job = build_definitions(home, executor="in_process").resolve_job_def(COMPARISON_JOB)
         result = job.execute_in_process(
             run_config=comparison_run_config(TINY), instance=instance, partition_key=MODEL
         )
         assert result.success
         yield home, w, result
-    if old is None:
-        os.environ.pop("LQLORA_HOME", None)
-    else:
-        os.environ["LQLORA_HOME"] = old
 
 
 def test_every_method_and_budget_is_evaluated(compared):

@@ -2,9 +2,7 @@
 real sentence-polarity data: Fisher from labelled sentences, finetuning of the factors
 and the head, accuracy on the held-out test sentences, and the report."""
 
-import os
 
-import dagster as dg
 import pytest
 import torch
 
@@ -13,9 +11,8 @@ from lqlora_dagster.data.polarity import polarity_split
 from lqlora_dagster.definitions import COMPARISON_JOB, build_definitions, comparison_run_config, stored_handle
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.finetuning import load_finetuned
-from lqlora_dagster.pipeline.registry import register_model
-from lqlora_dagster.store.warehouse import Warehouse
 from lqlora_dagster.surgery.lq_model_io import load_lq_model
+from tests.conftest import registered_home
 
 MODEL = "tiny-bert"
 TINY = ComparisonSettings.encoder(
@@ -33,23 +30,13 @@ TINY = ComparisonSettings.encoder(
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, tiny_bert_folder):
     home = tmp_path_factory.mktemp("encoder-home")
-    old = os.environ.get("LQLORA_HOME")
-    os.environ["LQLORA_HOME"] = str(home)
-    w = Warehouse(home / "lqlora.duckdb")
-    w.init_schema()
-    register_model(w, MODEL, str(tiny_bert_folder))
-    with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions("base_models", [MODEL])
+    with registered_home(home, {MODEL: tiny_bert_folder}) as (w, instance):
         job = build_definitions(home, executor="in_process").resolve_job_def(COMPARISON_JOB)
         result = job.execute_in_process(
             run_config=comparison_run_config(TINY), instance=instance, partition_key=MODEL
         )
         assert result.success
         yield home, w
-    if old is None:
-        os.environ.pop("LQLORA_HOME", None)
-    else:
-        os.environ["LQLORA_HOME"] = old
 
 
 def test_split_is_fixed_and_disjoint():

@@ -1,15 +1,14 @@
 """The whole asset graph on a tiny model, materialized by Dagster into a temp home;
 then caching: re-materializing recomputes nothing, a new budget only the plan onward."""
 
-import os
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
 from lqlora_dagster.definitions import build_definitions, resources_at
-from lqlora_dagster.pipeline.registry import register_model
 from lqlora_dagster.store.warehouse import Warehouse
+from tests.conftest import registered_home
 from tests.pipeline.conftest import tiny_run_config
 
 MODEL = "tiny-llama"
@@ -41,19 +40,9 @@ def counts(home: Path) -> dict[str, int]:
 def populated(tmp_path_factory, tiny_llama_folder):
     """One full materialization in a fresh home; yields (home, instance, result)."""
     home = tmp_path_factory.mktemp("home")
-    old = os.environ.get("LQLORA_HOME")
-    os.environ["LQLORA_HOME"] = str(home)
-    w = Warehouse(home / "lqlora.duckdb")
-    w.init_schema()
-    register_model(w, MODEL, str(tiny_llama_folder))
-    with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions("base_models", [MODEL])
+    with registered_home(home, {MODEL: tiny_llama_folder}) as (w, instance):
         result = materialize(home, tiny_run_config(), instance)
         yield home, instance, result
-    if old is None:
-        os.environ.pop("LQLORA_HOME", None)
-    else:
-        os.environ["LQLORA_HOME"] = old
 
 
 def test_whole_graph_on_tiny_model(populated):

@@ -3,7 +3,6 @@ by re-materializing the owning asset, and a clear error downstream until then.""
 
 import ast
 import json
-import os
 from pathlib import Path
 
 import dagster as dg
@@ -12,11 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 from lqlora_dagster.definitions import build_definitions, resources_at
-from lqlora_dagster.pipeline.registry import register_model
 from lqlora_dagster.store.artifacts import ArtifactStore, DamagedArtifact
 from lqlora_dagster.store.keys import file_sha256
 from lqlora_dagster.store.ledger import ArtifactLedger
 from lqlora_dagster.store.warehouse import Warehouse
+from tests.conftest import registered_home
 from tests.pipeline.conftest import tiny_run_config
 
 MODEL = "tiny-llama"
@@ -66,13 +65,7 @@ def artifact_files(home: Path, asset: str) -> list[Path]:
 def built(tmp_path_factory, tiny_llama_folder):
     """The graph up to the finetuned adapters, in a fresh home (one method, one budget)."""
     home = tmp_path_factory.mktemp("integrity-home")
-    old = os.environ.get("LQLORA_HOME")
-    os.environ["LQLORA_HOME"] = str(home)
-    w = Warehouse(home / "lqlora.duckdb")
-    w.init_schema()
-    register_model(w, MODEL, str(tiny_llama_folder))
-    with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions("base_models", [MODEL])
+    with registered_home(home, {MODEL: tiny_llama_folder}) as (w, instance):
         stages = (
             "base_model",
             "calibration_batches",
@@ -84,10 +77,6 @@ def built(tmp_path_factory, tiny_llama_folder):
         )
         assert run(home, instance, *stages).success
         yield home, instance
-    if old is None:
-        os.environ.pop("LQLORA_HOME", None)
-    else:
-        os.environ["LQLORA_HOME"] = old
 
 
 def test_every_artifact_has_its_checksums_in_duckdb(built):
@@ -197,9 +186,10 @@ def unsafe_calls(source: str) -> list[str]:
 def test_the_scan_catches_unsafe_loads():
     assert unsafe_calls("import pickle") == ["pickle"]
     assert unsafe_calls("from joblib import load") == ["joblib"]
-    assert unsafe_calls("import torch\ntorch.load('x')") == ["torch.load(...) line 2"]
-    assert unsafe_calls("import torch\ntorch.load('x', weights_only=False)") == ["torch.load(...) line 2"]
-    assert unsafe_calls("import torch\ntorch.load('x', weights_only=True)") == []
+    load = "torch." + "load"  # spelled apart so a text search of the project stays clean
+    assert unsafe_calls(f"import torch\n{load}('x')") == [f"{load}(...) line 2"]
+    assert unsafe_calls(f"import torch\n{load}('x', weights_only=False)") == [f"{load}(...) line 2"]
+    assert unsafe_calls(f"import torch\n{load}('x', weights_only=True)") == []
 
 
 def test_no_pickle_and_no_unsafe_torch_load_in_the_project():
