@@ -33,6 +33,7 @@ from lqlora_dagster.pipeline.settings import (
     FinetuneSettings,
     PlanSettings,
 )
+from lqlora_dagster.store.artifacts import ArtifactStore
 from lqlora_dagster.store.warehouse import SQL_DIR, Warehouse
 
 
@@ -93,7 +94,6 @@ def _ensure_model(warehouse: Warehouse, model: str) -> None:
 def _run_job(args: argparse.Namespace, home: Path, run_config: dict, job: str | None = None) -> bool:
     from lqlora_dagster.definitions import MAIN_JOB, add_partition, prepare_dagster_home, run_main_job
 
-    _ensure_model(_warehouse(home), args.model)
     prepare_dagster_home(home)
     add_partition(args.model)
     print(f"running {job or MAIN_JOB} for {args.model!r} (LQLORA_HOME={home})", flush=True)
@@ -105,6 +105,7 @@ def _run_job(args: argparse.Namespace, home: Path, run_config: dict, job: str | 
 
 def cmd_run(args: argparse.Namespace, home: Path) -> int:
     check_run_args(args)
+    _ensure_model(_warehouse(home), args.model)
     if not _run_job(args, home, _run_config(args)):
         return 1
     table = _warehouse(home).run_named_query("ppl_by_method_and_budget", {"model": args.model})
@@ -129,7 +130,7 @@ def cmd_compare(args: argparse.Namespace, home: Path) -> int:
     if not _run_job(args, home, comparison_run_config(settings), COMPARISON_JOB):
         return 1
     report = stored_handle(home, "comparison_report", args.model)
-    folder = home / "artifacts" / "comparison_report" / args.model / report.key
+    folder = ArtifactStore(home / "artifacts").get("comparison_report", args.model, report.key).path
     print((folder / "comparison.md").read_text())
     print(f"plots: {folder}/")
     return 0

@@ -14,10 +14,8 @@ from typing import Literal
 
 import torch
 
-from lqlora_dagster.decompose.fisher_weights import residual_error
 from lqlora_dagster.decompose.lq import Decomposition, LQSettings, loftq_decompose, lq_decompose, qlora_init
 from lqlora_dagster.errors import LQLoRAInputError
-from lqlora_dagster.quant.codec import simulate
 from lqlora_dagster.quant.config import CONFIG_GRID, QLORA_NF3, QLORA_NF4, QuantConfig
 
 QLORA_NF2 = QuantConfig(b=2, b0=8, b1="fp32", B0=64, B1=256)
@@ -48,15 +46,6 @@ class Method:
         if self.init == "loftq":
             return loftq_decompose(W, config, settings, iters=LOFTQ_ITERS)
         return lq_decompose(W, config, settings, fisher if self.fisher else None)
-
-    def table_error(
-        self, W: torch.Tensor, config: QuantConfig, settings: LQSettings, fisher: torch.Tensor | None = None
-    ) -> float:
-        """e[i, c] for the error table: the error this method's init leaves in W."""
-        if self.init == "zero":  # no low-rank part: plain quantization error, cheap
-            weights = fisher if self.fisher else None
-            return residual_error(W.to(torch.float32) - simulate(W, config), weights)
-        return self.decompose(W, config, settings, fisher).error
 
 
 METHODS: dict[str, Method] = {

@@ -31,19 +31,22 @@ def calibration_examples(model: ModelHandle, s: CalibrationSettings) -> dict[str
     tokenizer = load_tokenizer(Path(model.folder))
     if model.task == "seq-cls":
         if s.text != "sotu":
-            raise LQLoRAInputError("a classifier calibrates on the polarity train sentences; leave `text` unset")
+            raise LQLoRAInputError(
+                "a classifier calibrates on the polarity train sentences; leave `text` unset"
+            )
         rows = polarity_split("train")
         if s.n_sequences > len(rows):
-            raise LQLoRAInputError(f"{s.n_sequences} calibration sentences asked, the train split has {len(rows)}")
+            raise LQLoRAInputError(
+                f"{s.n_sequences} calibration sentences asked, the train split has {len(rows)}"
+            )
         return encode_sentences(tokenizer, rows[: s.n_sequences], s.seq_len)
     ids = tokenize(tokenizer, calibration_text(s.text))
     return {"input_ids": token_windows(ids, s.seq_len, s.n_sequences, seed=s.seed)}
 
 
 def run_calibration(ctx: StageContext, model: ModelHandle, s: CalibrationSettings) -> CalibrationHandle:
-    text_id = s.text if s.text == "sotu" else stable_key(read_text(Path(s.text)))
-    if model.task == "seq-cls":
-        text_id = "polarity"
+    source = "polarity" if model.task == "seq-cls" else s.text
+    text_id = source if source in ("sotu", "polarity") else stable_key(read_text(Path(s.text)))
     key = stable_key(model.key, s, text_id, CALIBRATION_VERSION)
     handle = CalibrationHandle(model.model, key, s.n_sequences, s.seq_len)
     if ctx.store.find("calibration_batches", model.model, key) is not None:
@@ -53,7 +56,7 @@ def run_calibration(ctx: StageContext, model: ModelHandle, s: CalibrationSetting
     row = {
         "key": key,
         "model": model.model,
-        "text": "polarity" if model.task == "seq-cls" else s.text,
+        "text": source,
         "n_sequences": s.n_sequences,
         "seq_len": s.seq_len,
         "path": str(art.path),
@@ -77,10 +80,9 @@ def run_fisher(ctx: StageContext, model: ModelHandle, calibration: CalibrationHa
         return handle
     base, targets = load_with_targets(model, ctx.device)
     batches = load_calibration(ctx, calibration)
-    every = max(1, len(batches["labels"] if isinstance(batches, dict) else batches) // 8)
 
     def progress(i: int, n: int) -> None:
-        if i % every == 0 or i == n:
+        if i % max(1, n // 8) == 0 or i == n:
             ctx.log(f"fisher: {i}/{n} sequences")
 
     fisher = estimate_fisher(base, batches, targets, progress=progress)
