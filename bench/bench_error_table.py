@@ -1,18 +1,25 @@
 """Error-table benchmark: the fast path against the exhaustive reference on real SmolLM2.
 
     python bench/bench_error_table.py [--rank 16] [--sample-layers 0 15] [--workers 2]
-                                      [--full] [--reference lut|exact]
+                                      [--variants priced by-b0 default] [--full | --full-only]
 
 1. Sample (two whole layers, 14 matrices, all 432 configs): the exhaustive reference (one
-   cold-start LQ decomposition per config) and the fast path, timed on the same matrices;
-   every config's relative error difference; ILP plans over the sample at six budgets
-   from each table, compared by assignment and by objective under the exhaustive errors.
-2. With --full: the fast table for all 210 target matrices, fanned out over --workers
-   processes of one torch thread each (what the pipeline's chunks do).
+   cold-start LQ decomposition per config, SVD seed 0), the same with SVD seed 1 (on
+   --noise-layers, default the whole sample: how far two honest runs of the reference
+   differ), and each fast-path variant, timed on the same matrices; per-config relative
+   differences; the reference's resolution (configs that differ only in an fp16 vs fp32
+   scale per B0*B1 weights have all but equal true errors: how far apart does it put them?).
+2. ILP plans over the sample at six budgets, from each table, scored two ways:
+   - as the issue states it: objective under the seed-0 errors, relative to the seed-0
+     plan's. Biased towards the seed-0 plan, which picked configs where seed 0 happened
+     to land low (the seed-1 reference itself is 0.1-1.6% "worse" by this measure);
+   - fair: objective under the seed-1 errors (independent of every table but seed 1),
+     relative to the seed-0 exhaustive plan's objective under the same errors.
+3. With --full: the fast table for all 210 target matrices per variant in --full-variants,
+   fanned out over --workers processes of one torch thread each (as the pipeline's chunks).
 
-The reference's quantizer is selectable: "exact" (bit-packed codes, what the pipeline's
-exhaustive path runs) or "lut" (the table-based quantizer, same errors to ~1e-6, faster);
-the speed-up column always compares against what was run. Prints one table at the end.
+The reference runs the table-based quantizer (`lq_error_estimate`), which matches the
+bit-packed one to ~1e-6, so the speed-up compares like with like. Prints one table.
 """
 
 import argparse
@@ -25,7 +32,7 @@ import pandas as pd
 import torch
 
 from lqlora_dagster.allocate.ilp import solve_ilp
-from lqlora_dagster.decompose.lq import LQSettings, lq_decompose, lq_error_estimate
+from lqlora_dagster.decompose.lq import LQSettings, lq_error_estimate
 from lqlora_dagster.error_table import ConfigError
 from lqlora_dagster.fast_error_table import FastSettings, fast_errors
 from lqlora_dagster.methods import get_method
@@ -38,16 +45,18 @@ except ImportError:  # run as a module from the repo root
 
 BUDGETS = (2.5, 2.75, 3.0, 3.25, 3.5, 4.0)
 LQ = get_method("lqlora")
+VARIANTS = {
+    "priced": ("one LQ per (b, B0); siblings priced on its factors", FastSettings(refine_steps=0)),
+    "by-b0": ("one LQ per (b, B0, b0); siblings priced", FastSettings(("b", "B0", "b0"), refine_steps=0)),
+    "default": ("the pipeline's: priced, then 2 own steps for b0 <= 3", FastSettings()),
+}
 
 
-def reference_errors(
-    W: torch.Tensor, settings: LQSettings, quantizer: str, grid=CONFIG_GRID
-) -> list[ConfigError]:
-    decompose = lq_decompose if quantizer == "exact" else lq_error_estimate
+def reference_errors(W: torch.Tensor, settings: LQSettings, grid=CONFIG_GRID) -> list[ConfigError]:
     out = []
     for c in grid:
         t0 = time.perf_counter()
-        d = decompose(W, c, settings)
+        d = lq_error_estimate(W, c, settings)
         out.append(ConfigError(c, d.error, len(d.trace), time.perf_counter() - t0))
     return out
 
@@ -65,80 +74,102 @@ def as_rows(name: str, W: torch.Tensor, results: list[ConfigError]) -> list[dict
     ]
 
 
-def plan_agreement(fast: pd.DataFrame, ref: pd.DataFrame) -> list[dict]:
-    """Per budget: same assignment? objective of the fast plan under exhaustive errors
-    relative to the exhaustive plan's objective."""
-    truth = ref.set_index(["matrix", "config"])["error"]
-    out = []
-    for budget in BUDGETS:
-        p_ref, p_fast = solve_ilp(ref, budget), solve_ilp(fast, budget)
-        obj_fast = sum(truth[(m, c)] for m, c in p_fast.assignment.items())
-        out.append(
-            {
-                "budget": budget,
-                "same": p_fast.assignment == p_ref.assignment,
-                "rel_obj": obj_fast / p_ref.objective - 1,
-                "bits": p_fast.bits_per_param,
-            }
-        )
-    return out
-
-
 def sample_run(args, settings: LQSettings) -> tuple[list[dict], dict[str, pd.DataFrame]]:
-    """Fast and reference tables over the sample; on the noise layers also the reference
-    with another SVD seed (how far two honest runs of the reference differ)."""
+    """Every variant's table and the reference's (seed 0, and seed 1 on the noise layers)."""
     torch.set_num_threads(args.threads)
     mats = layer_matrices(args.sample_layers)
-    rows: dict[str, list[dict]] = {"fast": [], "ref": [], "ref_seed1": []}
+    rows: dict[str, list[dict]] = {k: [] for k in [*args.variants, "ref", "ref_seed1"]}
     timing = []
     for name, W in mats.items():
+        t = {"matrix": name}
+        for key in args.variants:
+            t0 = time.perf_counter()
+            rows[key] += as_rows(name, W, fast_errors(W, args.grid, LQ, settings, fast=VARIANTS[key][1]))
+            t[key] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        fast = fast_errors(W, args.grid, LQ, settings, fast=FastSettings(refine_steps=args.refine))
-        t_fast = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ref = reference_errors(W, settings, args.reference, args.grid)
-        t_ref = time.perf_counter() - t0
-        rows["fast"] += as_rows(name, W, fast)
-        rows["ref"] += as_rows(name, W, ref)
+        rows["ref"] += as_rows(name, W, reference_errors(W, settings, args.grid))
+        t["ref"] = time.perf_counter() - t0
         if int(name.split(".")[2]) in args.noise_layers:
-            rows["ref_seed1"] += as_rows(
-                name, W, reference_errors(W, replace(settings, seed=1), args.reference, args.grid)
-            )
-        rel = max(abs(f.error - r.error) / r.error for f, r in zip(fast, ref))
-        timing.append({"matrix": name, "fast_s": t_fast, "ref_s": t_ref, "max_rel": rel})
-        print(f"{name:40s} fast {t_fast:6.2f}s  ref {t_ref:7.2f}s  max rel diff {rel:7.3%}", flush=True)
+            rows["ref_seed1"] += as_rows(name, W, reference_errors(W, replace(settings, seed=1), args.grid))
+        timing.append(t)
+        spent = "  ".join(f"{k} {t[k]:6.2f}s" for k in [*args.variants, "ref"])
+        print(f"{name:40s} {spent}", flush=True)
     return timing, {k: pd.DataFrame(v) for k, v in rows.items()}
 
 
-def compare(label: str, table: pd.DataFrame, ref: pd.DataFrame) -> pd.Series:
-    """Per-config relative differences of `table` against `ref` (same matrices)."""
+def relative_differences(table: pd.DataFrame, ref: pd.DataFrame) -> pd.Series:
+    """(e - e_ref) / e_ref per (matrix, config) present in both."""
     merged = table.merge(ref, on=["matrix", "config"], suffixes=("", "_ref"))
-    rel = (merged["error"] - merged["error_ref"]).abs() / merged["error_ref"]
-    print(
-        f"  {label:34s} max {rel.max():8.2%}  median {rel.median():6.2%}  "
-        f"over 1%: {(rel > 0.01).sum():4d}  over 5%: {(rel > 0.05).sum():4d}  of {len(rel)}"
+    return ((merged["error"] - merged["error_ref"]) / merged["error_ref"]).set_axis(
+        pd.MultiIndex.from_frame(merged[["matrix", "config"]])
     )
-    return rel
+
+
+def print_spread(label: str, rel: pd.Series) -> None:
+    a = rel.abs()
+    print(
+        f"  {label:36s} max {a.max():8.2%}  median {a.median():6.2%}  mean signed {rel.mean():+7.2%}  "
+        f"over 1%: {(a > 0.01).mean():4.0%}  over 5%: {(a > 0.05).mean():4.0%}  of {len(a)}"
+    )
+
+
+def twin_spread(table: pd.DataFrame) -> pd.Series:
+    """|e(fp16) - e(fp32)| / e(fp32) for configs equal but for the group-scale format."""
+    t = table.assign(twin=table["config"].str.replace("-fp16-", "-fpXX-").str.replace("-fp32-", "-fpXX-"))
+    fp16 = t[t["config"].str.contains("-fp16-")].set_index(["matrix", "twin"])["error"]
+    fp32 = t[t["config"].str.contains("-fp32-")].set_index(["matrix", "twin"])["error"]
+    return ((fp16 - fp32).abs() / fp32).dropna()
+
+
+def plan_scores(table: pd.DataFrame, ref: pd.DataFrame, ref1: pd.DataFrame) -> list[dict]:
+    """Per budget: the plan from `table` against the seed-0 exhaustive plan, under the
+    seed-0 errors (the issue's criterion) and under the independent seed-1 errors
+    (over the matrices seed 1 covers)."""
+    seed0 = ref.set_index(["matrix", "config"])["error"]
+    seed1 = ref1.set_index(["matrix", "config"])["error"]
+    covered = set(ref1["matrix"])
+    out = []
+    for budget in BUDGETS:
+        mine, exhaustive = solve_ilp(table, budget), solve_ilp(ref, budget)
+        row = {
+            "budget": budget,
+            "same": mine.assignment == exhaustive.assignment,
+            "vs_seed0": sum(seed0[k] for k in mine.assignment.items()) / exhaustive.objective - 1,
+            "bits": mine.bits_per_param,
+            "vs_seed1": None,
+        }
+        if covered:
+            sub = table[table["matrix"].isin(covered)]
+            mine1 = solve_ilp(sub, budget).assignment
+            exhaustive1 = solve_ilp(ref[ref["matrix"].isin(covered)], budget).assignment
+            row["vs_seed1"] = (
+                sum(seed1[k] for k in mine1.items()) / sum(seed1[k] for k in exhaustive1.items()) - 1
+            )
+        out.append(row)
+    return out
 
 
 def _fast_one(item):
-    name, W, rank, refine = item
+    name, W, rank, fast = item
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    fast_errors(W, CONFIG_GRID, LQ, LQSettings(rank=rank), fast=FastSettings(refine_steps=refine))
+    fast_errors(W, CONFIG_GRID, LQ, LQSettings(rank=rank), fast=fast)
     return name, time.perf_counter() - t0
 
 
-def full_run(args) -> tuple[float, list[float]]:
+def full_run(args, key: str) -> tuple[float, list[float]]:
     mats = all_target_matrices()
-    items = [(n, W, args.rank, args.refine) for n, W in mats.items()]
+    items = [(n, W, args.rank, VARIANTS[key][1]) for n, W in mats.items()]
     t0 = time.perf_counter()
     per = []
     with mp.get_context("spawn").Pool(args.workers) as pool:
         for i, (_name, s) in enumerate(pool.imap_unordered(_fast_one, items), 1):
             per.append(s)
-            if i % 10 == 0 or i == len(items):
-                print(f"  full table: {i}/{len(items)} matrices, {time.perf_counter() - t0:.0f}s", flush=True)
+            if i % 30 == 0 or i == len(items):
+                print(
+                    f"  {key}, full table: {i}/{len(items)} matrices, {time.perf_counter() - t0:.0f}s",
+                    flush=True,
+                )
     return time.perf_counter() - t0, per
 
 
@@ -146,79 +177,99 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--sample-layers", type=int, nargs="+", default=[0, 15])
-    ap.add_argument(
-        "--noise-layers", type=int, nargs="*", default=[0], help="also run the reference with seed 1"
-    )
+    ap.add_argument("--noise-layers", type=int, nargs="*", help="reference with seed 1 (default: the sample)")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the sample comparison")
     ap.add_argument("--workers", type=int, default=2, help="processes for the full table")
-    ap.add_argument("--reference", choices=["lut", "exact"], default="lut")
-    ap.add_argument("--refine", type=int, default=0, help="fast path: alternating steps per sibling config")
     ap.add_argument("--full", action="store_true", help="also time the full 210-matrix table")
+    ap.add_argument("--full-variants", nargs="+", choices=list(VARIANTS), default=["default"])
+    ap.add_argument("--full-only", action="store_true", help="skip the sample; time the full table only")
     ap.add_argument("--smoke", action="store_true", help="a 32-config slice of the grid (checks the script)")
     args = ap.parse_args()
+    if args.full_only:
+        for key in args.full_variants:
+            wall, per = full_run(args, key)
+            print(
+                f"rank {args.rank}, {key}, all 210, {args.workers} procs: {wall:.1f} s wall, {sum(per) / len(per):.2f} s/matrix"
+            )
+        return
+    if args.noise_layers is None:
+        args.noise_layers = args.sample_layers
     args.grid = (
         tuple(c for c in CONFIG_GRID if c.B0 == 64 and c.B1 == 64 and c.b1 != "bf16")
         if args.smoke
         else CONFIG_GRID
     )
     settings = LQSettings(rank=args.rank)
-    print(
-        f"# rank {args.rank}, {len(args.grid)} configs, sample layers {args.sample_layers}, "
-        f"reference quantizer {args.reference}"
-    )
+    print(f"# rank {args.rank}, {len(args.grid)} configs, sample layers {args.sample_layers}")
+    for key in args.variants:
+        print(f"#   {key}: {VARIANTS[key][0]}")
 
     timing, tables = sample_run(args, settings)
-    fast, ref, ref1 = tables["fast"], tables["ref"], tables["ref_seed1"]
+    ref, ref1 = tables["ref"], tables["ref_seed1"]
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
     for key, frame in tables.items():  # kept for later analysis (bench/out is git-ignored)
         frame.to_csv(out / f"error_table_rank{args.rank}_{key}.csv", index=False)
-    t_fast = sum(t["fast_s"] for t in timing)
-    t_ref = sum(t["ref_s"] for t in timing)
-    print("\n# per-config relative error difference against the exhaustive reference (seed 0)")
-    rel = compare("fast, whole sample", fast, ref)
-    noise = ref1["matrix"].unique()
-    if len(noise):
-        compare(f"fast, layers {args.noise_layers}", fast[fast["matrix"].isin(noise)], ref)
-        compare(f"reference seed 1, layers {args.noise_layers}", ref1, ref)
-    worst = fast.merge(ref, on=["matrix", "config"], suffixes=("", "_ref"))
-    worst["rel"] = (worst["error"] - worst["error_ref"]).abs() / worst["error_ref"]
-    print(
-        worst.sort_values("rel", ascending=False).head(5)[["matrix", "config", "rel"]].to_string(index=False)
-    )
 
-    print("\n# ILP plans, fast table vs exhaustive table (objective under the exhaustive errors)")
-    plans = plan_agreement(fast, ref)
-    for p in plans:
+    print("\n# per-config (e - e_exhaustive) / e_exhaustive, exhaustive = seed 0")
+    rels = {key: relative_differences(tables[key], ref) for key in args.variants}
+    for key in args.variants:
+        print_spread(key, rels[key])
+    if len(ref1):
+        rels["seed 1"] = relative_differences(ref1, ref)
+        print_spread(f"exhaustive, seed 1 (layers {args.noise_layers})", rels["seed 1"])
+    for key in args.variants:
+        worst = rels[key].reindex(rels[key].abs().sort_values(ascending=False).index).head(3)
+        print(f"  worst of {key}: " + ", ".join(f"{c} {v:+.0%}" for (_, c), v in worst.items()))
+
+    print("\n# resolution: configs equal but for an fp16 vs fp32 scale per B0*B1 weights")
+    for key, table in [("exhaustive", ref), *[(k, tables[k]) for k in args.variants]]:
+        spread = twin_spread(table)
         print(
-            f"  budget {p['budget']:.2f}: same assignment {p['same']!s:5s}  "
-            f"objective {p['rel_obj']:+.3%}, {p['bits']:.3f} bits/param"
+            f"  {key:36s} max {spread.max():8.2%}  median {spread.median():6.2%}  "
+            f"over 1%: {(spread > 0.01).sum():4d} of {len(spread)}"
         )
-    if len(noise):
-        print(f"# the same for the seed-1 reference over layers {args.noise_layers} (noise floor)")
-        for p in plan_agreement(ref1, ref[ref["matrix"].isin(noise)]):
+
+    print(
+        "\n# ILP plans vs the exhaustive (seed 0) plan: objective under seed-0 errors | under seed-1 errors"
+    )
+    plans = {key: plan_scores(tables[key], ref, ref1) for key in args.variants}
+    if len(ref1):
+        plans["seed 1"] = plan_scores(ref1, ref[ref["matrix"].isin(set(ref1["matrix"]))], ref1.iloc[:0])
+    for key, scores in plans.items():
+        print(f"  {key}:")
+        for p in scores:
+            fair = f"{p['vs_seed1']:+.3%}" if p["vs_seed1"] is not None else "-"
             print(
-                f"  budget {p['budget']:.2f}: same assignment {p['same']!s:5s}  objective {p['rel_obj']:+.3%}"
+                f"    budget {p['budget']:.2f}: same {p['same']!s:5s} {p['vs_seed0']:+.3%} | {fair:>8s}"
+                f"   ({p['bits']:.3f} bits/param)"
             )
 
     n = len(timing)
-    agree = sum(p["same"] or p["rel_obj"] <= 0.005 for p in plans)
+    t_ref = sum(t["ref"] for t in timing)
     print(
-        f"\n{'method':24s} {'wall s':>9s} {'s/matrix':>9s} {'speed-up':>9s} {'max rel err':>12s} {'plans ok':>9s}"
+        f"\n{'method':34s} {'wall s':>8s} {'s/matrix':>8s} {'speed-up':>8s} {'max rel':>9s} {'median':>7s} "
+        f"{'worst plan':>10s} {'plans ok':>8s} {'fair worst':>10s}"
     )
-    print(
-        f"{'exhaustive (' + args.reference + ')':24s} {t_ref:9.1f} {t_ref / n:9.2f} {1:9.1f} {0:12.3%} {'-':>9s}"
-    )
-    print(
-        f"{'fast':24s} {t_fast:9.1f} {t_fast / n:9.2f} {t_ref / t_fast:9.1f} {rel.max():12.3%} "
-        f"{agree:>4d}/{len(plans)}"
-    )
-    if args.full:
-        wall, per = full_run(args)
+    print(f"{'exhaustive (seed 0)':34s} {t_ref:8.1f} {t_ref / n:8.2f} {1:8.1f}")
+    for key, scores in plans.items():
+        wall = sum(t[key] for t in timing) if key in args.variants else None
+        timed = f"{wall:8.1f} {wall / n:8.2f} {t_ref / wall:8.1f}" if wall else " " * 26
+        ok = sum(p["same"] or p["vs_seed0"] <= 0.005 for p in scores)
+        fair = [p["vs_seed1"] for p in scores if p["vs_seed1"] is not None]
+        name = key if wall else f"exhaustive, seed 1 (layers {args.noise_layers})"
         print(
-            f"{'fast, all 210, ' + str(args.workers) + ' procs':24s} {wall:9.1f} {sum(per) / len(per):9.2f} "
-            f"{'':>9s} {'':>12s} {'':>9s}"
+            f"{name:34s} {timed} {rels[key].abs().max():9.1%} {rels[key].abs().median():7.2%} "
+            f"{max(p['vs_seed0'] for p in scores):+10.2%} {ok:>5d}/{len(scores)} "
+            f"{(f'{max(fair):+10.2%}' if fair else '-'):>10s}"
         )
+    if args.full:
+        for key in args.full_variants:
+            wall, per = full_run(args, key)
+            print(
+                f"{key + ', all 210, ' + str(args.workers) + ' procs':34s} {wall:8.1f} {sum(per) / len(per):8.2f}"
+            )
 
 
 if __name__ == "__main__":

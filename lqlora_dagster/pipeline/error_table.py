@@ -25,7 +25,7 @@ from lqlora_dagster.quant.config import QuantConfig, storage_bits
 from lqlora_dagster.store.keys import stable_key
 from lqlora_dagster.store.schemas import QUANT_ERRORS
 
-TABLE_VERSION = "1"
+TABLE_VERSION = "2"  # 2: coarse-scale siblings take steps of their own
 
 
 def lq_settings(s: ErrorTableSettings) -> LQSettings:
@@ -47,7 +47,7 @@ def table_refs(model: ModelHandle, fisher: FisherHandle | None, s: ErrorTableSet
         if method.fisher and fisher is None:
             raise LQLoRAInputError(f"method {name!r} needs Fisher diagonals, but none were computed")
         recipe = lq_settings(s) if method.has_lowrank_init else None
-        fast = s.fast if uses_fast_path(method) else None  # LoftQ and QLoRA: one path only
+        fast = (s.fast, s.refine_steps) if uses_fast_path(method) else None  # LoftQ, QLoRA: one path
         key = stable_key(model.key, method.init, method.fisher, rank, recipe, fisher_key, fast, TABLE_VERSION)
         configs = [c.name for c in method.candidate_configs(s.configs)]
         refs.append(TableRef(name, key, rank, fisher_key, configs, len(configs) * model.n_targets))
@@ -111,7 +111,7 @@ def compute_table_rows(
 ) -> int:
     """Compute the missing rows for `matrices` (default: all targets); returns how many
     rows were written. Safe to run concurrently on disjoint matrix sets."""
-    from lqlora_dagster.fast_error_table import fast_errors
+    from lqlora_dagster.fast_error_table import FastSettings, fast_errors
 
     all_targets = recorded_targets(ctx, model.model)
     if any(get_method(m).has_lowrank_init for m in s.methods):
@@ -145,7 +145,7 @@ def compute_table_rows(
         F = fisher_tensors[target.name].to(ctx.device) if ref.fisher_key else None
         configs = tuple(QuantConfig.parse(c) for c in missing)
         if s.fast and uses_fast_path(method):
-            results = fast_errors(W, configs, method, settings, F)
+            results = fast_errors(W, configs, method, settings, F, FastSettings(refine_steps=s.refine_steps))
         else:
             results = exhaustive_errors(W, configs, method, settings, F)
         frame = QUANT_ERRORS.validate(_rows(ref, method, model, target, results))

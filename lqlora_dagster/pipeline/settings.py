@@ -39,6 +39,7 @@ class ErrorTableSettings:
     max_iters: int = 100
     rel_tol: float = 1e-3
     fast: bool = True  # the shared-decomposition fast path; False: one decomposition per config
+    refine_steps: int = 2  # fast path: own steps of coarse-scale (b0 <= 3) configs; 0 = fastest
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -50,6 +51,8 @@ class ErrorTableSettings:
             raise LQLoRAInputError(f"unknown config grid {self.grid!r}; use one of {sorted(GRIDS)}")
         if self.rank < 1:
             raise LQLoRAInputError(f"rank must be >= 1, got {self.rank}")
+        if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
+            raise LQLoRAInputError(f"refine_steps must be an integer >= 0, got {self.refine_steps!r}")
 
     @property
     def configs(self) -> tuple[QuantConfig, ...]:
