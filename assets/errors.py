@@ -41,7 +41,7 @@ class ErrorTableConfig(dg.Config):
     refine_steps: int = Field(
         default=2,
         description="fast path: alternating steps of their own for configs with 2- or 3-bit block-scale "
-        "codes (0: price them on the shared decomposition: 2.5x as fast, plans up to ~3% worse)",
+        "codes (0: price them on the shared decomposition: twice as fast, plans up to ~3% worse)",
     )
     threads_per_chunk: int = Field(
         default=1, description="torch CPU threads per chunk step (parallelism is across steps)"

@@ -17,7 +17,7 @@ reproducible only to ~1% per config (rerun with SVD seed 1: half the configs mov
 more than 1%), because the LQ iteration lands in different fixpoints. Judged by what
 matters, the ILP plan, scored under independent (seed-1) errors: priced-only plans cost
 up to 2.9% more error than the exhaustive plan; with 2 own steps for coarse-scale
-configs they are within -0.9% ... +0.9% of it, at 2.5x the priced-only time. One
+configs they are within -0.9% ... +0.9% of it, at 2.2x the priced-only time. One
 decomposition per (b, B0, b0) (48 anchors) was tried: slower, and no better plans (its
 siblings still differ in B1).
 """
