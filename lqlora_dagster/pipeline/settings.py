@@ -51,8 +51,7 @@ class ErrorTableSettings:
             raise LQLoRAInputError(f"unknown config grid {self.grid!r}; use one of {sorted(GRIDS)}")
         if self.rank < 1:
             raise LQLoRAInputError(f"rank must be >= 1, got {self.rank}")
-        if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
-            raise LQLoRAInputError(f"refine_steps must be an integer >= 0, got {self.refine_steps!r}")
+        _at_least(0, refine_steps=self.refine_steps)
 
     @property
     def configs(self) -> tuple[QuantConfig, ...]:
