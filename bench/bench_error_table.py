@@ -48,7 +48,12 @@ LQ = get_method("lqlora")
 VARIANTS = {
     "priced": ("one LQ per (b, B0); siblings priced on its factors", FastSettings(refine_steps=0)),
     "by-b0": ("one LQ per (b, B0, b0); siblings priced", FastSettings(("b", "B0", "b0"), refine_steps=0)),
-    "default": ("the pipeline's: priced, then 2 own steps for b0 <= 3", FastSettings()),
+    "steps-each": (
+        "priced, then 2 own steps for every b0 <= 3 config",
+        FastSettings(refine_max_b0=3, refine_by=("b0", "B1", "b1")),
+    ),
+    "default": ("the pipeline's: priced, then 2 steps per (b0 <= 3, B1), shared by b1", FastSettings()),
+    "b0le4": ("as the default, b0 <= 4 (launchpad: refine_max_b0: 4)", FastSettings(refine_max_b0=4)),
 }
 
 

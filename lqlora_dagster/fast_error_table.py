@@ -3,23 +3,24 @@
 1. Anchors: one full LQ decomposition (cold start, exactly the reference's) per group of
    configs sharing the fields in `anchor_fields` (default (b, B0): 12 of the 432).
 2. Siblings (same b and B0, other scale storage) start from their anchor's factors L:
-   - fine scale codes (b0 = 4 or 8): the error of q_c(W - L), the whole group priced in
-     one batched pass;
-   - coarse scale codes (b0 <= `refine_max_b0`): 2- and 3-bit absmax codes clip blocks
+   - fine scale codes (b0 > `refine_max_b0`): the error of q_c(W - L), the whole group
+     priced in one batched pass;
+   - coarse scale codes (default b0 = 2, 3): absmax codes that coarse clip blocks
      differently, so factors fitted under 8-bit scales overprice these configs (median
-     +17% and +7% on SmolLM2); each takes `refine_steps` alternating steps of its own
-     from there (then +7% and +2%).
+     +17% and +7% on SmolLM2; +1.6% for b0 = 4). Per (b0, B1), the most precisely
+     stored member takes `refine_steps` alternating steps of its own from there, and
+     its siblings that differ only in the group-scale format b1 (one float per B0*B1
+     weights) are priced on the factors it ends with: stepping each of them separately
+     cost twice the time and gave no better plans.
 3. All quantization in here is table-based (`quant/lut.py`): same error to ~1e-6.
 
-What it costs and how close it comes (bench/bench_error_table.py, SmolLM2, rank 16, the
-14 matrices of layers 0 and 15; table in the README): the exhaustive table is itself
-reproducible only to ~1% per config (rerun with SVD seed 1: half the configs move by
-more than 1%), because the LQ iteration lands in different fixpoints. Judged by what
-matters, the ILP plan, scored under independent (seed-1) errors: priced-only plans cost
-up to 2.9% more error than the exhaustive plan; with 2 own steps for coarse-scale
-configs they are within -0.9% ... +0.9% of it, at 2.2x the priced-only time. One
-decomposition per (b, B0, b0) (48 anchors) was tried: slower, and no better plans (its
-siblings still differ in B1).
+What it costs and how close it comes: bench/bench_error_table.py, table in the README.
+The exhaustive table is itself reproducible only to ~1% per config (rerun with SVD
+seed 1: half the configs move by more than 1%), because the LQ iteration lands in
+different fixpoints; judged by the ILP plans, scored under independent (seed-1)
+errors, priced-only plans cost up to 2.9% more error than the exhaustive plan, the
+stepped ones under 1%. One decomposition per (b, B0, b0) (48 anchors) was tried:
+slower, and no better plans (its siblings still differ in B1).
 """
 
 import dataclasses
@@ -45,6 +46,11 @@ class FastSettings:
     # siblings whose block-scale codes have at most this many bits refine: their coarse
     # scales clip blocks differently, and factors fitted under 8-bit scales overprice them
     refine_max_b0: int = 3
+    # stepped siblings that agree on these fields share one stepped decomposition (its
+    # most precisely stored member's); the rest of the subgroup is priced on its factors.
+    # The default lets the three group-scale formats (bf16/fp16/fp32: one float per
+    # B0*B1 weights) share; add "b1" to step every coarse-scale sibling on its own.
+    refine_by: tuple[str, ...] = ("b0", "B1")
 
 
 def anchor_of(group: list[QuantConfig]) -> QuantConfig:
@@ -77,14 +83,27 @@ def fast_errors(
         factors = LowRank(d.L1, d.L2)
         results[anchor] = ConfigError(anchor, d.error, len(d.trace), time.perf_counter() - t0)
         siblings = [c for c in group if c != anchor]
-        own = [c for c in siblings if fast.refine_steps and c.b0 <= fast.refine_max_b0]
-        priced = [c for c in siblings if c not in own]
-        t1 = time.perf_counter()
-        errors = quantization_errors(W - factors.product(), priced, F)
-        per = (time.perf_counter() - t1) / max(1, len(priced))
-        results.update({c: ConfigError(c, e, 0, per) for c, e in zip(priced, errors)})
-        for c in own:  # start at q_c(W - L_anchor), then alternate; keeps the best iterate
+        stepped = [c for c in siblings if fast.refine_steps and c.b0 <= fast.refine_max_b0]
+        results.update(_priced(W, factors, [c for c in siblings if c not in stepped], F))
+        subgroups: dict[tuple, list[QuantConfig]] = defaultdict(list)
+        for c in stepped:
+            subgroups[tuple(getattr(c, f) for f in fast.refine_by)].append(c)
+        for sub in subgroups.values():  # start at q_c(W - L_anchor), alternate, keep the best
             t2 = time.perf_counter()
-            r = lq_error_estimate(W, c, refine, F, start=factors)
-            results[c] = ConfigError(c, r.error, len(r.trace) - 1, time.perf_counter() - t2)
+            lead = anchor_of(sub)
+            r = lq_error_estimate(W, lead, refine, F, start=factors)
+            results[lead] = ConfigError(lead, r.error, len(r.trace) - 1, time.perf_counter() - t2)
+            results.update(_priced(W, LowRank(r.L1, r.L2), [c for c in sub if c != lead], F))
     return [results[c] for c in configs]
+
+
+def _priced(
+    W: torch.Tensor, factors: LowRank, configs: list[QuantConfig], F: torch.Tensor | None
+) -> dict[QuantConfig, ConfigError]:
+    """Error of q_c(W - L1 L2) + L1 L2 for each config (all sharing b and B0), in one pass."""
+    if not configs:
+        return {}
+    t0 = time.perf_counter()
+    errors = quantization_errors(W - factors.product(), configs, F)
+    per = (time.perf_counter() - t0) / len(configs)
+    return {c: ConfigError(c, e, 0, per) for c, e in zip(configs, errors)}

@@ -25,7 +25,7 @@ from lqlora_dagster.quant.config import QuantConfig, storage_bits
 from lqlora_dagster.store.keys import stable_key
 from lqlora_dagster.store.schemas import QUANT_ERRORS
 
-TABLE_VERSION = "2"  # 2: coarse-scale siblings take steps of their own
+TABLE_VERSION = "3"  # 2: coarse-scale siblings take steps of their own; 3: shared by b1, b0 <= 4
 
 
 def lq_settings(s: ErrorTableSettings) -> LQSettings:
@@ -47,7 +47,7 @@ def table_refs(model: ModelHandle, fisher: FisherHandle | None, s: ErrorTableSet
         if method.fisher and fisher is None:
             raise LQLoRAInputError(f"method {name!r} needs Fisher diagonals, but none were computed")
         recipe = lq_settings(s) if method.has_lowrank_init else None
-        fast = (s.fast, s.refine_steps) if uses_fast_path(method) else None  # LoftQ, QLoRA: one path
+        fast = (s.fast, s.refine_steps, s.refine_max_b0) if uses_fast_path(method) else None  # LoftQ, QLoRA: one path
         key = stable_key(model.key, method.init, method.fisher, rank, recipe, fisher_key, fast, TABLE_VERSION)
         configs = [c.name for c in method.candidate_configs(s.configs)]
         refs.append(TableRef(name, key, rank, fisher_key, configs, len(configs) * model.n_targets))
@@ -137,6 +137,7 @@ def compute_table_rows(
     weights = read_target_weights(model.folder, sorted({t for _, t, _ in todo}, key=lambda t: t.name))
     fisher_tensors = _fisher_for(ctx, fisher, {t.name for ref, t, _ in todo if ref.fisher_key})
     settings = lq_settings(s)
+    fast = FastSettings(refine_steps=s.refine_steps, refine_max_b0=s.refine_max_b0)
     written = 0
     start = time.perf_counter()
     for i, (ref, target, missing) in enumerate(todo):
@@ -145,7 +146,7 @@ def compute_table_rows(
         F = fisher_tensors[target.name].to(ctx.device) if ref.fisher_key else None
         configs = tuple(QuantConfig.parse(c) for c in missing)
         if s.fast and uses_fast_path(method):
-            results = fast_errors(W, configs, method, settings, F, FastSettings(refine_steps=s.refine_steps))
+            results = fast_errors(W, configs, method, settings, F, fast)
         else:
             results = exhaustive_errors(W, configs, method, settings, F)
         frame = QUANT_ERRORS.validate(_rows(ref, method, model, target, results))

@@ -39,7 +39,8 @@ class ErrorTableSettings:
     max_iters: int = 100
     rel_tol: float = 1e-3
     fast: bool = True  # the shared-decomposition fast path; False: one decomposition per config
-    refine_steps: int = 2  # fast path: own steps of coarse-scale (b0 <= 3) configs; 0 = fastest
+    refine_steps: int = 2  # fast path: own steps of coarse-scale configs; 0 = fastest
+    refine_max_b0: int = 3  # fast path: "coarse" = block-scale codes of at most this many bits
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -51,7 +52,7 @@ class ErrorTableSettings:
             raise LQLoRAInputError(f"unknown config grid {self.grid!r}; use one of {sorted(GRIDS)}")
         if self.rank < 1:
             raise LQLoRAInputError(f"rank must be >= 1, got {self.rank}")
-        _at_least(0, refine_steps=self.refine_steps)
+        _at_least(0, refine_steps=self.refine_steps, refine_max_b0=self.refine_max_b0)
 
     @property
     def configs(self) -> tuple[QuantConfig, ...]:
