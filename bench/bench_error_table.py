@@ -1,7 +1,8 @@
 """Error-table benchmark: the fast path against the exhaustive reference on real SmolLM2.
 
     python bench/bench_error_table.py [--rank 16] [--sample-layers 0 15] [--workers 2]
-                                      [--variants priced by-b0 default] [--full | --full-only]
+                                      [--variants priced by-b0 steps-each default b0le4]
+                                      [--full | --full-only] [--full-variants default ...]
 
 1. Sample (two whole layers, 14 matrices, all 432 configs): the exhaustive reference (one
    cold-start LQ decomposition per config, SVD seed 0), the same with SVD seed 1 (on

@@ -52,22 +52,22 @@ def wait_until_serving(url: str, server: subprocess.Popen, log: Path, timeout: f
 
 
 def stop_process_group(server: subprocess.Popen) -> None:
-    """SIGTERM the server's whole session (webserver, daemon, code servers), then SIGKILL."""
-    try:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+    """SIGTERM the server's whole session (webserver, daemon, code servers), then SIGKILL
+    what is left: the `tail -F` log followers Dagster starts for each run ignore SIGTERM.
+    Returns once the group is empty (killed processes take a moment to be reaped)."""
+    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 15)):
         try:
-            os.killpg(server.pid, 0)  # anyone left in the group?
+            os.killpg(server.pid, sig)
         except ProcessLookupError:
             return
-        time.sleep(0.5)
-    os.killpg(server.pid, signal.SIGKILL)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            server.poll()  # reap the leader, our child
+            try:
+                os.killpg(server.pid, 0)  # anyone left in the group?
+            except ProcessLookupError:
+                return
+            time.sleep(0.5)
 
 
 @pytest.fixture()
