@@ -41,13 +41,13 @@ class ErrorTableConfig(dg.Config):
     refine_steps: int = Field(
         default=2,
         description="fast path: alternating steps for configs with coarse block-scale codes, one run "
-        "per (b, B0, b0, B1) (0: price them on the shared decomposition: ~6 instead of ~7 min for "
+        "per (b, B0, b0, B1) (0: price them on the shared decomposition: 6 instead of 9 min for "
         "SmolLM2, plans up to ~3% worse)",
     )
     refine_max_b0: int = Field(
         default=3,
         description="fast path: block-scale codes of at most this many bits count as coarse (4: "
-        "better plans near 4 bits/param, ~10 instead of ~7 min for SmolLM2)",
+        "better plans near 4 bits/param, 9.8 instead of 9.2 min for SmolLM2)",
     )
     threads_per_chunk: int = Field(
         default=1, description="torch CPU threads per chunk step (parallelism is across steps)"

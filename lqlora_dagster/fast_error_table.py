@@ -11,7 +11,7 @@
      stored member takes `refine_steps` alternating steps of its own from there, and
      its siblings that differ only in the group-scale format b1 (one float per B0*B1
      weights) are priced on the factors it ends with: stepping each of them separately
-     cost twice the time and gave no better plans.
+     took 1.4x the time and gave no better plans.
 3. All quantization in here is table-based (`quant/lut.py`): same error to ~1e-6.
 
 What it costs and how close it comes: bench/bench_error_table.py, table in the README.
@@ -19,8 +19,9 @@ The exhaustive table is itself reproducible only to ~1% per config (rerun with S
 seed 1: half the configs move by more than 1%), because the LQ iteration lands in
 different fixpoints; judged by the ILP plans, scored under independent (seed-1)
 errors, priced-only plans cost up to 2.9% more error than the exhaustive plan, the
-stepped ones under 1%. One decomposition per (b, B0, b0) (48 anchors) was tried:
-slower, and no better plans (its siblings still differ in B1).
+stepped ones under 0.9%. Whole SmolLM2 table on 2 cores, rank 16: 552 s (priced only
+357 s, with b0 = 4 stepped too 587 s). One decomposition per (b, B0, b0) (48 anchors)
+was tried: slower, and no better plans (its siblings still differ in B1).
 """
 
 import dataclasses
