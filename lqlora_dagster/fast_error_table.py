@@ -5,7 +5,7 @@
 2. Siblings (same b and B0, other scale storage) start from their anchor's factors L:
    - fine scale codes (b0 > `refine_max_b0`): the error of q_c(W - L), the whole group
      priced in one batched pass;
-   - coarse scale codes (default b0 = 2, 3): absmax codes that coarse clip blocks
+   - coarse scale codes (default b0 = 2, 3): such coarse absmax codes clip blocks
      differently, so factors fitted under 8-bit scales overprice these configs (median
      +17% and +7% on SmolLM2; +1.6% for b0 = 4). Per (b0, B1), the most precisely
      stored member takes `refine_steps` alternating steps of its own from there, and

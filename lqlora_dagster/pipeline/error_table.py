@@ -25,7 +25,7 @@ from lqlora_dagster.quant.config import QuantConfig, storage_bits
 from lqlora_dagster.store.keys import stable_key
 from lqlora_dagster.store.schemas import QUANT_ERRORS
 
-TABLE_VERSION = "3"  # 2: coarse-scale siblings take steps of their own; 3: shared by b1, b0 <= 4
+TABLE_VERSION = "3"  # 2: coarse-scale siblings take own steps; 3: steps shared across b1
 
 
 def lq_settings(s: ErrorTableSettings) -> LQSettings:
