@@ -14,6 +14,7 @@ import torch
 from lqlora_dagster.decompose.lq import LQSettings
 from lqlora_dagster.error_table import ConfigError, exhaustive_errors
 from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.fast_error_table import FastSettings, fast_errors
 from lqlora_dagster.methods import Method, get_method
 from lqlora_dagster.models.targets import Target
 from lqlora_dagster.models.weights import read_target_weights
@@ -32,10 +33,14 @@ def lq_settings(s: ErrorTableSettings) -> LQSettings:
     return LQSettings(rank=s.rank, svd=s.svd, max_iters=s.max_iters, rel_tol=s.rel_tol)
 
 
-def uses_fast_path(method: Method) -> bool:
-    """The fast path shares one LQ decomposition among sibling configs; LoftQ (5 fixed
-    iterations over 3 configs) and the zero init (no iterations) gain nothing from it."""
-    return method.init == "lq"
+def fast_path(method: Method, s: ErrorTableSettings) -> FastSettings | None:
+    """The fast path's settings, or None for one decomposition per config. It shares one
+    LQ decomposition among sibling configs; LoftQ (5 fixed iterations over 3 configs) and
+    the zero init (no iterations) gain nothing from it. Settings that cannot change the
+    rows are normalised, so they do not change the table key either."""
+    if not (s.fast and method.init == "lq"):
+        return None
+    return FastSettings(refine_steps=s.refine_steps, refine_max_b0=s.refine_max_b0 if s.refine_steps else 0)
 
 
 def table_refs(model: ModelHandle, fisher: FisherHandle | None, s: ErrorTableSettings) -> list[TableRef]:
@@ -47,7 +52,7 @@ def table_refs(model: ModelHandle, fisher: FisherHandle | None, s: ErrorTableSet
         if method.fisher and fisher is None:
             raise LQLoRAInputError(f"method {name!r} needs Fisher diagonals, but none were computed")
         recipe = lq_settings(s) if method.has_lowrank_init else None
-        fast = (s.fast, s.refine_steps, s.refine_max_b0) if uses_fast_path(method) else None  # LoftQ, QLoRA: one path
+        fast = fast_path(method, s)
         key = stable_key(model.key, method.init, method.fisher, rank, recipe, fisher_key, fast, TABLE_VERSION)
         configs = [c.name for c in method.candidate_configs(s.configs)]
         refs.append(TableRef(name, key, rank, fisher_key, configs, len(configs) * model.n_targets))
@@ -111,8 +116,6 @@ def compute_table_rows(
 ) -> int:
     """Compute the missing rows for `matrices` (default: all targets); returns how many
     rows were written. Safe to run concurrently on disjoint matrix sets."""
-    from lqlora_dagster.fast_error_table import FastSettings, fast_errors
-
     all_targets = recorded_targets(ctx, model.model)
     if any(get_method(m).has_lowrank_init for m in s.methods):
         check_rank_fits(model, all_targets, s.rank)
@@ -137,7 +140,6 @@ def compute_table_rows(
     weights = read_target_weights(model.folder, sorted({t for _, t, _ in todo}, key=lambda t: t.name))
     fisher_tensors = _fisher_for(ctx, fisher, {t.name for ref, t, _ in todo if ref.fisher_key})
     settings = lq_settings(s)
-    fast = FastSettings(refine_steps=s.refine_steps, refine_max_b0=s.refine_max_b0)
     written = 0
     start = time.perf_counter()
     for i, (ref, target, missing) in enumerate(todo):
@@ -145,7 +147,8 @@ def compute_table_rows(
         W = weights[target.name].to(ctx.device)
         F = fisher_tensors[target.name].to(ctx.device) if ref.fisher_key else None
         configs = tuple(QuantConfig.parse(c) for c in missing)
-        if s.fast and uses_fast_path(method):
+        fast = fast_path(method, s)
+        if fast is not None:
             results = fast_errors(W, configs, method, settings, F, fast)
         else:
             results = exhaustive_errors(W, configs, method, settings, F)
