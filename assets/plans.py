@@ -4,7 +4,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.shared import BASE_MODELS, stage_context
-from lqlora_dagster.pipeline.handles import ErrorTableHandle, PlanHandle
+from lqlora_dagster.pipeline.handles import ErrorTableHandle, ModelHandle, PlanHandle
 from lqlora_dagster.pipeline.planning import PLAN_VERSION, run_planning
 from lqlora_dagster.pipeline.settings import PlanSettings
 from resources import ArtifactStoreResource, ComputeDevice, ModelSource, WarehouseResource
@@ -17,9 +17,20 @@ class PlanConfig(dg.Config):
         description="budgets for particular methods instead of `budgets` (e.g. qlora: [3.13, 4.13] for NF3, NF4)",
     )
 
+    confirm: bool = Field(
+        default=True,
+        description="on a fast error table, compute the exact error of every config a plan picks and "
+        "re-solve until all its picks are exact (the plan's objective is then the realized error)",
+    )
+    confirm_margin: float = Field(
+        default=0.05,
+        description="confirmation: estimates not yet exact count as this fraction lower (higher: "
+        "closer to the exhaustive plan, more exact rows to compute)",
+    )
+
     def settings(self) -> PlanSettings:
         by_method = tuple((m, tuple(b)) for m, b in sorted(self.budgets_by_method.items()))
-        return PlanSettings(tuple(self.budgets), by_method)
+        return PlanSettings(tuple(self.budgets), by_method, self.confirm_margin if self.confirm else None)
 
 
 @dg.asset(
@@ -33,13 +44,14 @@ def allocation_plan(
     context: dg.AssetExecutionContext,
     config: PlanConfig,
     error_table: ErrorTableHandle,
+    base_model: ModelHandle,
     warehouse: WarehouseResource,
     artifacts: ArtifactStoreResource,
     models: ModelSource,
     compute: ComputeDevice,
 ) -> dg.Output[PlanHandle]:
     ctx = stage_context(context, warehouse, artifacts, models, compute)
-    handle = run_planning(ctx, error_table, config.settings())
+    handle = run_planning(ctx, error_table, config.settings(), base_model)
     return dg.Output(
         handle,
         data_version=dg.DataVersion("-".join(p.plan_id for p in handle.plans)),

@@ -1,7 +1,8 @@
 """Rows of the error table for one matrix: e[i, c] for each candidate config c.
 
 `exhaustive_errors` is the reference: one full decomposition per config, exactly what
-the allocation plan will later run for the config it picks. The fast path lives in
+the decomposition stage will later run for the config a plan picks (the same iterates,
+so the same error; only the final encoding of Q is skipped). The fast path lives in
 `fast_error_table.py` and is checked against this one.
 """
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lqlora_dagster.decompose.lq import LQSettings
+from lqlora_dagster.decompose.lq import LQSettings, lq_error_estimate
 from lqlora_dagster.methods import Method
 from lqlora_dagster.quant.batched_error import quantization_errors
 from lqlora_dagster.quant.config import QuantConfig
@@ -37,7 +38,10 @@ def exhaustive_errors(
     out = []
     for config in configs:
         start = time.perf_counter()
-        d = method.decompose(W, config, settings, fisher)
+        if method.init == "lq":
+            d = lq_error_estimate(W, config, settings, fisher if method.fisher else None)
+        else:
+            d = method.decompose(W, config, settings, fisher)
         out.append(ConfigError(config, d.error, len(d.trace), time.perf_counter() - start))
     return out
 

@@ -5,7 +5,6 @@ the error stops falling), its Fisher-weighted variant (weighted SVD and error), 
 LoftQ (quantize first, a fixed number of iterations, keep the last).
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -23,24 +22,6 @@ from lqlora_dagster.quant.config import QuantConfig
 from lqlora_dagster.quant.lut import RepeatedQuantizer
 from lqlora_dagster.quant.matrix import QuantizedMatrix
 from lqlora_dagster.validation import check_matrix, check_rank
-
-# R -> (codes, dequantized R). Exact: codec.encode/decode; fast: table-based, no codes.
-Quantizer = Callable[[torch.Tensor], tuple[Codes | None, torch.Tensor]]
-
-
-def exact_quantizer(config: QuantConfig) -> Quantizer:
-    def quantize(R: torch.Tensor) -> tuple[Codes, torch.Tensor]:
-        codes = encode(R, config)
-        return codes, decode(codes)
-
-    return quantize
-
-
-def fast_quantizer(config: QuantConfig, shape: tuple[int, int], device: torch.device) -> Quantizer:
-    q = RepeatedQuantizer(shape, config, device)
-    return lambda R: (None, q(R))
-
-
 
 
 @dataclass(frozen=True)
@@ -68,12 +49,14 @@ class LQSettings:
 class Decomposition:
     """Best iterate of a decomposition: W ~ decode(codes) + L1 @ L2.
 
-    `codes` is None for error estimates made with the fast quantizer."""
+    `codes` is None for error estimates (`lq_error_estimate`)."""
 
     codes: Codes | None
     L1: torch.Tensor  # (m, r)
     L2: torch.Tensor  # (r, n)
-    error: float  # squared (Fisher-weighted if given) Frobenius norm of the residual
+    # squared (Fisher-weighted if given) Frobenius norm of the residual, as the loop
+    # measured it (table-based Q: within ~1e-6 of the packed Q's)
+    error: float
     trace: tuple[float, ...] = field(default=())  # error after each iteration
     best_iter: int = 0
 
@@ -115,17 +98,24 @@ class _LowRankStep:
 
 def _alternate(
     W: torch.Tensor,
-    quantize: Quantizer,
+    config: QuantConfig,
     settings: LQSettings,
     fisher: torch.Tensor | None,
     order: Literal["svd_first", "quantize_first"],
     fixed_iters: int | None,
     start: LowRank | None = None,
+    with_codes: bool = True,
 ) -> Decomposition:
+    """The loop, quantizing by table (`quant/lut.py`) at every step; the chosen iterate's
+    input is encoded once at the end. So the stored decomposition follows exactly the
+    trajectory the error table priced: same iterate, same error (to ~1e-6 of the
+    residual of the packed Q), whether asked for codes or only for the error."""
+    quantize = RepeatedQuantizer(tuple(W.shape), config, W.device)
     step = _LowRankStep(settings, fisher, W.device)
     trace: list[float] = []
     best: Decomposition | None = None
     last: Decomposition | None = None
+    best_input = last_input = None  # the residual quantized into the best / last iterate's Q
     Q = torch.zeros_like(W)
     LR = torch.zeros_like(W)
     R = torch.empty_like(W)  # scratch: residuals are formed here, not in fresh tensors
@@ -137,31 +127,36 @@ def _alternate(
 
     if start is not None:  # warm start: Q <- q(W - L1 L2) for the given factors, then alternate
         LR = start.product()
-        codes, Q = quantize(torch.sub(W, LR, out=R))
+        quantized = torch.sub(W, LR)
+        Q = quantize(quantized)
         err = error_of(Q, LR)
         trace.append(err)
-        best = last = Decomposition(codes, start.L1, start.L2, err, best_iter=0)
+        best = last = Decomposition(None, start.L1, start.L2, err, best_iter=0)
+        best_input = last_input = quantized
     n_iters = fixed_iters if fixed_iters is not None else settings.max_iters
     for _ in range(n_iters):
         if order == "svd_first":  # L <- SVD(W - Q); Q <- q(W - L)
             fit = step(torch.sub(W, Q, out=R))
             LR = fit.product()
-            codes, Q = quantize(torch.sub(W, LR, out=R))
+            quantized = torch.sub(W, LR)
+            Q = quantize(quantized)
         else:  # Q <- q(W - L); L <- SVD(W - Q)
-            codes, Q = quantize(torch.sub(W, LR, out=R))
+            quantized = torch.sub(W, LR)
+            Q = quantize(quantized)
             fit = step(torch.sub(W, Q, out=R))
             LR = fit.product()
         err = error_of(Q, LR)
         trace.append(err)
-        last = Decomposition(codes, fit.L1, fit.L2, err, best_iter=len(trace) - 1)
+        last, last_input = Decomposition(None, fit.L1, fit.L2, err, best_iter=len(trace) - 1), quantized
         improved = best is None or err < best.error * (1 - settings.rel_tol)
         if best is None or err < best.error:
-            best = last
+            best, best_input = last, quantized
         if fixed_iters is None and not improved:
             break
-    chosen = last if fixed_iters is not None else best
-    assert chosen is not None
-    return Decomposition(chosen.codes, chosen.L1, chosen.L2, chosen.error, tuple(trace), chosen.best_iter)
+    chosen, chosen_input = (last, last_input) if fixed_iters is not None else (best, best_input)
+    assert chosen is not None and chosen_input is not None
+    codes = encode(chosen_input, config) if with_codes else None
+    return Decomposition(codes, chosen.L1, chosen.L2, chosen.error, tuple(trace), chosen.best_iter)
 
 
 def _checked(W: torch.Tensor, settings: LQSettings, fisher: torch.Tensor | None) -> torch.Tensor:
@@ -187,7 +182,7 @@ def lq_decompose(
     """
     W = _checked(W, settings, fisher)
     f = fisher.to(W.device, torch.float32) if fisher is not None else None
-    return _alternate(W, exact_quantizer(config), settings, f, "svd_first", fixed_iters=None, start=start)
+    return _alternate(W, config, settings, f, "svd_first", fixed_iters=None, start=start)
 
 
 def lq_error_estimate(
@@ -197,12 +192,11 @@ def lq_error_estimate(
     fisher: torch.Tensor | None = None,
     start: LowRank | None = None,
 ) -> Decomposition:
-    """`lq_decompose` with the table-based quantizer: the same iteration and error to
-    ~1e-6, several times faster, but no codes (for error tables, not for storing)."""
+    """`lq_decompose` without the final encoding: the same iterates and the same error,
+    bit for bit, but no codes (for error tables, not for storing)."""
     W = _checked(W, settings, fisher)
     f = fisher.to(W.device, torch.float32) if fisher is not None else None
-    quantize = fast_quantizer(config, tuple(W.shape), W.device)
-    return _alternate(W, quantize, settings, f, "svd_first", fixed_iters=None, start=start)
+    return _alternate(W, config, settings, f, "svd_first", fixed_iters=None, start=start, with_codes=False)
 
 
 def loftq_decompose(
@@ -213,7 +207,7 @@ def loftq_decompose(
     if iters < 1:
         raise LQLoRAInputError(f"LoftQ needs at least 1 iteration, got {iters}")
     W = _checked(W, settings, None)
-    return _alternate(W, exact_quantizer(config), settings, None, "quantize_first", fixed_iters=iters)
+    return _alternate(W, config, settings, None, "quantize_first", fixed_iters=iters)
 
 
 def qlora_init(W: torch.Tensor, config: QuantConfig, rank: int, seed: int = 0) -> Decomposition:

@@ -23,7 +23,7 @@ from lqlora_dagster.store.keys import stable_key
 from lqlora_dagster.surgery.decompose_model import apply_decompositions, decompose_targets
 from lqlora_dagster.surgery.lq_model_io import load_lq_model, save_lq_model
 
-DECOMPOSITION_VERSION = "1"
+DECOMPOSITION_VERSION = "2"  # 2: table-based quantizer in the loop, Q encoded once
 ASSET = "decomposed_model"
 
 

@@ -26,7 +26,7 @@ from lqlora_dagster.quant.config import QuantConfig, storage_bits
 from lqlora_dagster.store.keys import stable_key
 from lqlora_dagster.store.schemas import QUANT_ERRORS
 
-TABLE_VERSION = "3"  # 2: coarse-scale siblings take own steps; 3: steps shared across b1
+TABLE_VERSION = "4"  # 3: steps shared across b1; 4: table-based quantizer on the exhaustive path (as the decomposition stage)
 
 
 def lq_settings(s: ErrorTableSettings) -> LQSettings:
@@ -53,9 +53,11 @@ def table_refs(model: ModelHandle, fisher: FisherHandle | None, s: ErrorTableSet
             raise LQLoRAInputError(f"method {name!r} needs Fisher diagonals, but none were computed")
         recipe = lq_settings(s) if method.has_lowrank_init else None
         fast = fast_path(method, s)
-        key = stable_key(model.key, method.init, method.fisher, rank, recipe, fisher_key, fast, TABLE_VERSION)
+        recipe_key = (model.key, method.init, method.fisher, rank, recipe, fisher_key)
+        key = stable_key(*recipe_key, fast, TABLE_VERSION)
+        exact_key = stable_key(*recipe_key, None, TABLE_VERSION) if fast is not None else None
         configs = [c.name for c in method.candidate_configs(s.configs)]
-        refs.append(TableRef(name, key, rank, fisher_key, configs, len(configs) * model.n_targets))
+        refs.append(TableRef(name, key, rank, fisher_key, configs, len(configs) * model.n_targets, exact_key))
     return refs
 
 
@@ -77,7 +79,7 @@ def _done(ctx: StageContext, table_key: str) -> set[tuple[str, str]]:
     return set(zip(rows["matrix"], rows["config"]))
 
 
-def _rows(
+def table_rows(
     ref: TableRef, method: Method, model: ModelHandle, target: Target, results: list[ConfigError]
 ) -> pd.DataFrame:
     return pd.DataFrame(
@@ -138,21 +140,23 @@ def compute_table_rows(
     if not todo:
         return 0
     weights = read_target_weights(model.folder, sorted({t for _, t, _ in todo}, key=lambda t: t.name))
-    fisher_tensors = _fisher_for(ctx, fisher, {t.name for ref, t, _ in todo if ref.fisher_key})
+    fishers = fisher_tensors(
+        ctx, model.model, fisher.key if fisher else None, {t.name for ref, t, _ in todo if ref.fisher_key}
+    )
     settings = lq_settings(s)
     written = 0
     start = time.perf_counter()
     for i, (ref, target, missing) in enumerate(todo):
         method = get_method(ref.method)
         W = weights[target.name].to(ctx.device)
-        F = fisher_tensors[target.name].to(ctx.device) if ref.fisher_key else None
+        F = fishers[target.name].to(ctx.device) if ref.fisher_key else None
         configs = tuple(QuantConfig.parse(c) for c in missing)
         fast = fast_path(method, s)
         if fast is not None:
             results = fast_errors(W, configs, method, settings, F, fast)
         else:
             results = exhaustive_errors(W, configs, method, settings, F)
-        frame = QUANT_ERRORS.validate(_rows(ref, method, model, target, results))
+        frame = QUANT_ERRORS.validate(table_rows(ref, method, model, target, results))
         written += ctx.warehouse.upsert("quant_errors", frame, ["table_key", "matrix", "config"])
         ctx.log(
             f"error_table {ref.method}: {i + 1}/{len(todo)} {target.name} ({len(missing)} configs) "
@@ -161,10 +165,11 @@ def compute_table_rows(
     return written
 
 
-def _fisher_for(ctx: StageContext, fisher: FisherHandle | None, names: set[str]) -> dict[str, torch.Tensor]:
-    if not names or fisher is None:
+def fisher_tensors(ctx: StageContext, model: str, fisher_key: str | None, names: set[str]) -> dict[str, torch.Tensor]:
+    """The stored Fisher diagonals of the named targets ({} without a Fisher key)."""
+    if not names or fisher_key is None:
         return {}
-    art = ctx.store.get("fisher_diagonals", fisher.model, fisher.key)
+    art = ctx.store.get("fisher_diagonals", model, fisher_key)
     return ctx.store.load_tensors(art, keys=sorted(names))[0]
 
 

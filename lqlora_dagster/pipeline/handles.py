@@ -44,6 +44,9 @@ class TableRef:
     fisher_key: str | None
     configs: list[str]  # the candidate configs evaluated for this method
     n_rows: int
+    # for an estimated (fast) table: the key of the exhaustive table whose rows it
+    # estimates (where plan confirmation stores the exact rows it computes); else None
+    exact_key: str | None = None
 
 
 @dataclass(frozen=True)

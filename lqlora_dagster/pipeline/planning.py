@@ -1,24 +1,39 @@
-"""Stage `allocation_plan`: one plan per (method, budget) from the method's error table."""
+"""Stage `allocation_plan`: one plan per (method, budget) from the method's error table.
+
+On a fast (estimated) table each plan is confirmed (`allocate/confirm.py`): the rows
+it picks are replaced by their exact values, computed here, until it picks exact rows
+only, so its objective is the error the decomposition stage will realize.
+"""
+
+import time
 
 import pandas as pd
 
+from lqlora_dagster.allocate.confirm import Solver, confirm_plan
 from lqlora_dagster.allocate.ilp import solve_ilp
 from lqlora_dagster.allocate.problem import Allocation
 from lqlora_dagster.allocate.uniform import solve_uniform
+from lqlora_dagster.decompose.lq import LQSettings
 from lqlora_dagster.methods import get_method
+from lqlora_dagster.pipeline.confirmation import exact_rows
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.error_table import load_table
-from lqlora_dagster.pipeline.handles import ErrorTableHandle, PlanHandle, PlanRef, TableRef
+from lqlora_dagster.pipeline.handles import ErrorTableHandle, ModelHandle, PlanHandle, PlanRef, TableRef
 from lqlora_dagster.pipeline.settings import PlanSettings
 from lqlora_dagster.quant.config import QuantConfig
 from lqlora_dagster.store.keys import stable_key
 from lqlora_dagster.store.schemas import PLAN_ASSIGNMENTS, PLANS
 
-PLAN_VERSION = "1"
+PLAN_VERSION = "2"  # 2: plans on fast tables are confirmed
 
 
-def plan_id(ref: TableRef, budget: float) -> str:
-    return stable_key(ref.table_key, ref.method, sorted(ref.configs), float(budget), PLAN_VERSION)
+def confirm_margin(ref: TableRef, s: PlanSettings) -> float | None:
+    """The margin this table's plans are confirmed with; None for exact tables."""
+    return s.confirm_margin if ref.exact_key is not None else None
+
+
+def plan_id(ref: TableRef, budget: float, margin: float | None = None) -> str:
+    return stable_key(ref.table_key, ref.method, sorted(ref.configs), float(budget), margin, PLAN_VERSION)
 
 
 def _existing(ctx: StageContext, pid: str) -> PlanRef | None:
@@ -77,21 +92,28 @@ def _frames(
     return PLANS.validate(head), PLAN_ASSIGNMENTS.validate(pd.DataFrame(rows))
 
 
-def run_planning(ctx: StageContext, tables: ErrorTableHandle, s: PlanSettings) -> PlanHandle:
+def run_planning(
+    ctx: StageContext, tables: ErrorTableHandle, s: PlanSettings, model: ModelHandle
+) -> PlanHandle:
     refs = []
     for ref in tables.tables:
         method = get_method(ref.method)
+        solve = solve_ilp if method.allocation == "ilp" else solve_uniform
+        margin = confirm_margin(ref, s)
         table = None
         for budget in s.budgets_for(ref.method):
-            pid = plan_id(ref, budget)
+            pid = plan_id(ref, budget, margin)
             cached = _existing(ctx, pid)
             if cached is not None:
                 refs.append(cached)
                 continue
             if table is None:
                 table = load_table(ctx, ref)
-            plan = solve_ilp(table, budget) if method.allocation == "ilp" else solve_uniform(table, budget)
-            head, assignments = _frames(pid, tables.model, ref, table, plan)
+            if margin is None:
+                plan, values = solve(table, budget), table
+            else:
+                plan, values = _confirmed(ctx, model, tables, ref, table, budget, solve, margin)
+            head, assignments = _frames(pid, tables.model, ref, values, plan)
             ctx.warehouse.replace_rows("plan_assignments", assignments, {"plan_id": pid})
             ctx.warehouse.upsert("plans", head, ["plan_id"])  # written last: marks the plan complete
             ctx.log(
@@ -102,6 +124,33 @@ def run_planning(ctx: StageContext, tables: ErrorTableHandle, s: PlanSettings) -
                 PlanRef(pid, ref.method, float(budget), plan.bits_per_param, plan.objective, ref.table_key)
             )
     return PlanHandle(tables.model, refs, tables.rank, tables.settings)
+
+
+def _confirmed(
+    ctx: StageContext,
+    model: ModelHandle,
+    tables: ErrorTableHandle,
+    ref: TableRef,
+    table: pd.DataFrame,
+    budget: float,
+    solve: Solver,
+    margin: float,
+) -> tuple[Allocation, pd.DataFrame]:
+    start = time.perf_counter()
+
+    def progress(round_: int, n_new: int, plan: Allocation) -> None:
+        ctx.log(
+            f"confirm {ref.method} @ {budget:g}: round {round_}, {n_new} picks not yet exact "
+            f"(optimistic objective {plan.objective:.4g}), {time.perf_counter() - start:.0f}s"
+        )
+
+    exact = exact_rows(ctx, model, ref, LQSettings(**tables.settings))
+    done = confirm_plan(table, budget, exact, solve, margin, progress)
+    ctx.log(
+        f"confirm {ref.method} @ {budget:g}: every pick exact after {done.rounds} rounds, "
+        f"{len(done.exact)} exact rows, {time.perf_counter() - start:.0f}s"
+    )
+    return done.plan, done.table
 
 
 def plan_configs(ctx: StageContext, pid: str) -> dict[str, QuantConfig]:

@@ -3,6 +3,7 @@ these). Defaults are sized for SmolLM2-135M on a 2-core CPU."""
 
 from dataclasses import dataclass, field
 
+from lqlora_dagster.allocate.confirm import check_margin
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.methods import METHODS
 from lqlora_dagster.quant.config import CONFIG_GRID, REDUCED_GRID, QuantConfig
@@ -65,8 +66,14 @@ class PlanSettings:
     # budgets for particular methods instead of `budgets`: QLoRA and LoftQ have only
     # NF2/NF3/NF4, so a comparison plans them at those rates (3.13, 4.13), not at 2.5 ... 4.0
     budgets_by_method: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    # plans on a fast (estimated) table are confirmed: solved on estimates lowered by
+    # this fraction, exact where known, until every pick's error is exact (the
+    # exhaustive row). None: plan on the estimates as they are.
+    confirm_margin: float | None = 0.05
 
     def __post_init__(self) -> None:
+        if self.confirm_margin is not None:
+            check_margin(self.confirm_margin)
         if not self.budgets:
             raise LQLoRAInputError("give at least one budget (bits per parameter)")
         for method, budgets in self.budgets_by_method:

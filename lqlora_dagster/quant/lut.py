@@ -6,7 +6,8 @@ bins whose entry is the NF level nearest the bin centre. Only values inside the
 2^b - 1 bins that straddle a midpoint between levels can land on the neighbouring
 level, and there both levels are (almost) equally far away, so the error moves by
 ~1e-6 relative (1e-4 for NF8). Scales and their double quantization are exact.
-Used only to *estimate* errors; stored Q always comes from `codec.encode`.
+The LQ loop quantizes with it at every step; stored Q always comes from `codec.encode`
+(of the chosen iterate's input, once).
 """
 
 from functools import cache

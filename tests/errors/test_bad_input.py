@@ -282,7 +282,7 @@ def test_rank_too_large_for_the_model(ctx, tiny_base):
 def test_budget_below_the_cheapest_plan(ctx, tiny_base):
     tables = run_error_table(ctx, tiny_base, None, ErrorTableSettings(methods=("qlora-ilp",), grid="reduced"))
     with pytest.raises(LQLoRAInputError) as err:
-        run_planning(ctx, tables, PlanSettings(budgets=(1.5,)))
+        run_planning(ctx, tables, PlanSettings(budgets=(1.5,)), tiny_base)
     assert "budget 1.5 bits/param is below the cheapest plan, 2.05" in str(err.value)
     assert "raise the budget to at least 2.05" in str(err.value)
 

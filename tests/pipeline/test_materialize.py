@@ -36,6 +36,11 @@ def counts(home: Path) -> dict[str, int]:
     return {t: int(w.query(f"SELECT count(*) AS n FROM {t}")["n"].iloc[0]) for t in TABLES}
 
 
+def rows_by_key(home: Path) -> dict[str, int]:
+    rows = Warehouse(home / "lqlora.duckdb").query("SELECT table_key, count(*) AS n FROM quant_errors GROUP BY 1")
+    return dict(zip(rows["table_key"], rows["n"].astype(int)))
+
+
 @pytest.fixture(scope="module")
 def populated(tmp_path_factory, tiny_llama_folder):
     """One full materialization in a fresh home; yields (home, instance, result)."""
@@ -63,6 +68,19 @@ def test_whole_graph_on_tiny_model(populated):
     assert assigned == n["matrices"]
 
 
+def test_plans_state_the_error_the_decomposition_realizes(populated):
+    """The plan was made on the fast table and confirmed: every pick's error is the
+    exact one (a cold-start decomposition), which is what the decomposition stage
+    then realizes for that matrix, to float rounding."""
+    home, _, _ = populated
+    both = Warehouse(home / "lqlora.duckdb").query(
+        "SELECT a.matrix, a.error AS planned, d.error AS realized "
+        "FROM plan_assignments a JOIN decompositions d USING (plan_id, matrix)"
+    )
+    assert len(both) == counts(home)["matrices"]
+    assert ((both["planned"] - both["realized"]).abs() <= 1e-6 * both["realized"]).all(), both
+
+
 def test_rematerializing_recomputes_nothing(populated):
     home, instance, _ = populated
     before_files, before_rows = artifact_mtimes(home), counts(home)
@@ -77,14 +95,17 @@ def test_rematerializing_recomputes_nothing(populated):
 
 def test_new_budget_recomputes_only_the_plan_and_after(populated):
     home, instance, _ = populated
-    before_files, before_rows = artifact_mtimes(home), counts(home)
+    before_files, before_rows, before_keys = artifact_mtimes(home), counts(home), rows_by_key(home)
     result = materialize(home, tiny_run_config(budgets=(2.75,)), instance)
     assert result.success
     after_files, after_rows = artifact_mtimes(home), counts(home)
     for stage in ("calibration_batches", "fisher_diagonals"):
         same = {k: v for k, v in after_files.items() if k.startswith(f"artifacts/{stage}/")}
         assert same == {k: v for k, v in before_files.items() if k.startswith(f"artifacts/{stage}/")}
-    assert after_rows["quant_errors"] == before_rows["quant_errors"]  # no new errors computed
+    # the fast table is reused as it is; only the new plan's confirmation adds exact rows
+    fast_keys = set(Warehouse(home / "lqlora.duckdb").query("SELECT DISTINCT table_key FROM plans")["table_key"])
+    assert {k: before_keys[k] for k in fast_keys} == {k: rows_by_key(home)[k] for k in fast_keys}
+    assert after_rows["quant_errors"] - before_rows["quant_errors"] <= after_rows["matrices"] * 24
     assert after_rows["plans"] == before_rows["plans"] + 1
     new = set(after_files) - set(before_files)
     assert any(k.startswith("artifacts/decomposed_model/") for k in new)

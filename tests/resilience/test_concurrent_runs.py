@@ -71,7 +71,10 @@ def test_two_partitions_at_once_on_one_duckdb_file(tmp_path, tiny_llama_folder):
     for model in ("tiny", "tiny-b"):
         n = w.query(
             "SELECT (SELECT count(*) FROM matrices WHERE model = $m) AS matrices, "
-            "(SELECT count(*) FROM quant_errors WHERE model = $m) AS errors, "
+            "(SELECT count(*) FROM quant_errors WHERE model = $m "
+            " AND table_key IN (SELECT table_key FROM plans WHERE model = $m)) AS errors, "
+            "(SELECT count(*) FROM quant_errors WHERE model = $m "
+            " AND table_key NOT IN (SELECT table_key FROM plans WHERE model = $m)) AS confirmed, "
             "(SELECT count(*) FROM plans WHERE model = $m) AS plans, "
             "(SELECT count(*) FROM calibration WHERE model = $m) AS calibration",
             {"m": model},
@@ -79,6 +82,8 @@ def test_two_partitions_at_once_on_one_duckdb_file(tmp_path, tiny_llama_folder):
         # 14 matrices; two tables (lqlora, qlora-ilp) of the 24 reduced configs; 2 methods x 2 budgets
         assert (n["matrices"], n["plans"], n["calibration"]) == (14, 4, 1), (model, n.to_dict())
         assert n["errors"] == 14 * 24 * 2, (model, n.to_dict())
+        # lqlora's plans (fast table) were confirmed: exact rows under the exhaustive key
+        assert 14 <= n["confirmed"] < 14 * 24, (model, n.to_dict())
     dupes = w.query(
         "SELECT count(*) - count(DISTINCT (table_key, matrix, config)) AS d FROM quant_errors"
     )["d"].iloc[0]

@@ -1,0 +1,73 @@
+"""Plans on an estimated error table, made exact where they choose.
+
+A fast error table estimates most rows, so a plan solved on it may pick a config whose
+estimate is off, and its stated error is then not what the decomposition stage will
+realize. Confirmation solves on optimistic values (the exact error where known, the
+estimate times 1 - margin elsewhere), computes the exact error of every pick not yet
+known (the exhaustive table's row), and solves again until every pick is exact.
+
+If the optimistic values are lower bounds, the result is the exhaustive table's plan:
+any other plan costs at least its optimistic total, which is at least this plan's
+exact one. The fast table mostly overestimates (factors fitted to a neighbouring
+config, few steps of their own), so a margin of a few percent makes its rows lower
+bounds nearly everywhere; how close the plans come is measured in
+bench/bench_error_table.py, not promised here.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+
+from lqlora_dagster.allocate.problem import Allocation
+from lqlora_dagster.errors import LQLoRAInputError
+
+Row = tuple[str, str]  # (matrix, config)
+ExactRows = Callable[[list[Row]], dict[Row, float]]
+Solver = Callable[[pd.DataFrame, float], Allocation]
+
+
+@dataclass(frozen=True)
+class ConfirmedPlan:
+    plan: Allocation  # every pick's error is exact, and so is the objective
+    table: pd.DataFrame  # the last round's values: exact where known, optimistic elsewhere
+    exact: dict[Row, float]  # the exact errors this plan asked for
+    rounds: int
+
+
+def check_margin(margin: float) -> None:
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+        raise LQLoRAInputError(f"confirm_margin must be a number in [0, 1), got {margin!r}")
+
+
+def confirm_plan(
+    table: pd.DataFrame,
+    budget: float,
+    exact_rows: ExactRows,
+    solve: Solver,
+    margin: float,
+    progress: Callable[[int, int, Allocation], None] | None = None,
+) -> ConfirmedPlan:
+    """Solve `table` (estimates in `error`) at `budget` until every pick is exact.
+
+    `exact_rows(rows)` returns the exact error of each requested (matrix, config);
+    `progress(round, n_new, plan)` is called before each batch is computed."""
+    check_margin(margin)
+    keys = list(zip(table["matrix"], table["config"]))
+    optimistic = (table["error"].astype(float) * (1 - margin)).tolist()
+    exact: dict[Row, float] = {}
+    rounds = 0
+    while True:
+        rounds += 1
+        values = table.assign(error=[exact.get(k, v) for k, v in zip(keys, optimistic)])
+        plan = solve(values, budget)
+        new = [row for row in plan.assignment.items() if row not in exact]
+        if not new:
+            return ConfirmedPlan(plan, values, exact, rounds)
+        if progress is not None:
+            progress(rounds, len(new), plan)
+        got = exact_rows(new)
+        missing = [row for row in new if row not in got]
+        if missing:
+            raise RuntimeError(f"no exact error was computed for {missing[:3]}")
+        exact.update(got)
