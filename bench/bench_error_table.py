@@ -3,6 +3,8 @@
     python bench/bench_error_table.py [--rank 16] [--sample-layers 0 15] [--workers 2]
                                       [--variants priced by-b0 steps-each default b0le4]
                                       [--full | --full-only] [--full-variants default ...]
+                                      [--confirm-margin 0.05] [--confirm-budget 3.25]
+                                      [--confirm-variants default ...] [--confirm-from-saved]
 
 1. Sample (two whole layers, 14 matrices, all 432 configs): the exhaustive reference (one
    cold-start LQ decomposition per config, SVD seed 0), the same with SVD seed 1 (on
@@ -16,8 +18,14 @@
      to land low (the seed-1 reference itself is 0.1-1.6% "worse" by this measure);
    - fair: objective under the seed-1 errors (independent of every table but seed 1),
      relative to the seed-0 exhaustive plan's objective under the same errors.
-3. With --full: the fast table for all 210 target matrices per variant in --full-variants,
-   fanned out over --workers processes of one torch thread each (as the pipeline's chunks).
+3. Confirmed plans (`allocate/confirm.py`, as the allocation_plan stage makes them): each
+   variant's plans at the six budgets, with every pick's exact row computed for real
+   (cold-start `lq_error_estimate`, which must equal the reference's row: checked), the
+   rows shared across budgets as the pipeline's DuckDB shares them. Their time is added
+   to the variant's.
+4. With --full: the fast table for all 210 target matrices per variant in --full-variants,
+   fanned out over --workers processes of one torch thread each (as the pipeline's chunks),
+   then the confirmation of one plan at --confirm-budget on it (--threads threads).
 
 The reference runs the table-based quantizer (`lq_error_estimate`), which matches the
 bit-packed one to ~1e-6, so the speed-up compares like with like. Prints one table.
@@ -32,6 +40,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from lqlora_dagster.allocate.confirm import confirm_plan
 from lqlora_dagster.allocate.ilp import solve_ilp
 from lqlora_dagster.decompose.lq import LQSettings, lq_error_estimate
 from lqlora_dagster.error_table import ConfigError
@@ -45,6 +54,8 @@ except ImportError:  # run as a module from the repo root
     from bench._real_matrices import all_target_matrices, layer_matrices
 
 BUDGETS = (2.5, 2.75, 3.0, 3.25, 3.5, 4.0)
+BY_NAME = {c.name: c for c in CONFIG_GRID}
+OUT = Path(__file__).parent / "out"
 LQ = get_method("lqlora")
 VARIANTS = {
     "priced": ("one LQ per (b, B0); siblings priced on its factors", FastSettings(refine_steps=0)),
@@ -127,6 +138,72 @@ def twin_spread(table: pd.DataFrame) -> pd.Series:
     return ((fp16 - fp32).abs() / fp32).dropna()
 
 
+class ExactRows:
+    """Cold-start rows computed on demand and kept (the pipeline keeps them in DuckDB)."""
+
+    def __init__(self, mats: dict[str, torch.Tensor], settings: LQSettings):
+        self.mats, self.settings, self.known, self.seconds = mats, settings, {}, 0.0
+        self.wall = 0.0  # of the confirmations, ILP rounds included
+
+    def __call__(self, rows: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        t0 = time.perf_counter()
+        for m, c in rows:
+            if (m, c) not in self.known:
+                self.known[(m, c)] = lq_error_estimate(self.mats[m], BY_NAME[c], self.settings).error
+        self.seconds += time.perf_counter() - t0
+        return {r: self.known[r] for r in rows}
+
+
+def confirmed_scores(
+    table: pd.DataFrame, ref: pd.DataFrame, exact: ExactRows, margin: float
+) -> tuple[list[dict], int]:
+    """Per budget: the confirmed plan from `table` against the seed-0 exhaustive plan
+    (under the seed-0 errors); and how many confirmed rows differ from the reference's."""
+    seed0 = ref.set_index(["matrix", "config"])["error"]
+    out = []
+    for budget in BUDGETS:
+        t0 = time.perf_counter()
+        done = confirm_plan(table, budget, exact, solve_ilp, margin)
+        exact.wall += time.perf_counter() - t0
+        exhaustive = solve_ilp(ref, budget)
+        out.append(
+            {
+                "budget": budget,
+                "same": done.plan.assignment == exhaustive.assignment,
+                "vs_seed0": sum(seed0[k] for k in done.plan.assignment.items()) / exhaustive.objective - 1,
+                "bits": done.plan.bits_per_param,
+                "vs_seed1": None,
+                "rounds": done.rounds,
+            }
+        )
+    mismatched = sum(abs(v - seed0[k]) > 1e-6 * seed0[k] for k, v in exact.known.items())
+    return out, mismatched
+
+
+def report_confirmations(args, tables: dict[str, pd.DataFrame], settings: LQSettings) -> dict:
+    """Confirm each of --confirm-variants' plans (exact rows computed for real) and print
+    them; returns {"<variant> + confirm": (variant, seconds, plan scores)}."""
+    print(f"\n# confirmed plans (margin {args.confirm_margin:g}) vs the exhaustive (seed 0) plan, seed-0 errors")
+    mats = layer_matrices(args.sample_layers)
+    walls = {}
+    for key in args.confirm_variants:
+        exact = ExactRows(mats, settings)
+        scores, mismatched = confirmed_scores(tables[key], tables["ref"], exact, args.confirm_margin)
+        walls[f"{key} + confirm"] = (key, exact.wall, scores)
+        print(
+            f"  {key} + confirm: {len(exact.known)} exact rows ({len(exact.known) / len(mats):.1f} per matrix, "
+            f"{mismatched} differ from the reference's), {exact.seconds:.1f} s computing them, "
+            f"{exact.wall:.1f} s with the ILP rounds"
+        )
+        for p in scores:
+            print(
+                f"    budget {p['budget']:.2f}: same {p['same']!s:5s} {p['vs_seed0']:+.3%}"
+                f"   ({p['bits']:.3f} bits/param, {p['rounds']} rounds)"
+            )
+    return walls
+
+
+
 def plan_scores(table: pd.DataFrame, ref: pd.DataFrame, ref1: pd.DataFrame) -> list[dict]:
     """Per budget: the plan from `table` against the seed-0 exhaustive plan, under the
     seed-0 errors (the issue's criterion) and under the independent seed-1 errors
@@ -159,24 +236,52 @@ def _fast_one(item):
     name, W, rank, fast = item
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    fast_errors(W, CONFIG_GRID, LQ, LQSettings(rank=rank), fast=fast)
-    return name, time.perf_counter() - t0
+    rows = as_rows(name, W, fast_errors(W, CONFIG_GRID, LQ, LQSettings(rank=rank), fast=fast))
+    return name, time.perf_counter() - t0, rows
 
 
-def full_run(args, key: str) -> tuple[float, list[float]]:
+def full_run(args, key: str) -> tuple[float, list[float], pd.DataFrame]:
     mats = all_target_matrices()
     items = [(n, W, args.rank, VARIANTS[key][1]) for n, W in mats.items()]
     t0 = time.perf_counter()
-    per = []
+    per, rows = [], []
     with mp.get_context("spawn").Pool(args.workers) as pool:
-        for i, (_name, s) in enumerate(pool.imap_unordered(_fast_one, items), 1):
+        for i, (_name, s, r) in enumerate(pool.imap_unordered(_fast_one, items), 1):
             per.append(s)
+            rows += r
             if i % 30 == 0 or i == len(items):
                 print(
                     f"  {key}, full table: {i}/{len(items)} matrices, {time.perf_counter() - t0:.0f}s",
                     flush=True,
                 )
-    return time.perf_counter() - t0, per
+    return time.perf_counter() - t0, per, pd.DataFrame(rows)
+
+
+def full_confirmation(args, table: pd.DataFrame) -> None:
+    """Confirm one plan on the whole table, computing its exact rows (as allocation_plan)."""
+    torch.set_num_threads(args.threads)
+    exact = ExactRows(all_target_matrices(), LQSettings(rank=args.rank))
+    t0 = time.perf_counter()
+    done = confirm_plan(table, args.confirm_budget, exact, solve_ilp, args.confirm_margin)
+    wall = time.perf_counter() - t0
+    unconfirmed = solve_ilp(table, args.confirm_budget)
+    print(
+        f"  confirmation @ {args.confirm_budget:g} bits, margin {args.confirm_margin:g}: {wall:.1f} s wall "
+        f"({exact.seconds:.1f} s computing {len(exact.known)} exact rows, {done.rounds} ILP rounds); "
+        f"objective {done.plan.objective:.5g} vs {unconfirmed.objective:.5g} estimated by the unconfirmed plan"
+    )
+
+
+def report_full(args) -> None:
+    for key in args.full_variants:
+        wall, per, table = full_run(args, key)
+        print(
+            f"{key + ', all 210, ' + str(args.workers) + ' procs':34s} {wall:8.1f} {sum(per) / len(per):8.2f}",
+            flush=True,
+        )
+        table.to_csv(OUT / f"error_table_rank{args.rank}_full_{key}.csv", index=False)
+        if key == "default":
+            full_confirmation(args, table)
 
 
 def main() -> None:
@@ -191,13 +296,23 @@ def main() -> None:
     ap.add_argument("--full-variants", nargs="+", choices=list(VARIANTS), default=["default"])
     ap.add_argument("--full-only", action="store_true", help="skip the sample; time the full table only")
     ap.add_argument("--smoke", action="store_true", help="a 32-config slice of the grid (checks the script)")
+    ap.add_argument("--confirm-margin", type=float, default=0.05, help="plan confirmation margin")
+    ap.add_argument("--confirm-variants", nargs="*", choices=list(VARIANTS), default=["default"])
+    ap.add_argument(
+        "--confirm-from-saved",
+        action="store_true",
+        help="only confirm plans, on the sample tables an earlier run saved in bench/out",
+    )
+    ap.add_argument("--confirm-budget", type=float, default=3.25, help="budget of the full-table confirmation")
     args = ap.parse_args()
+    OUT.mkdir(exist_ok=True)
     if args.full_only:
-        for key in args.full_variants:
-            wall, per = full_run(args, key)
-            print(
-                f"rank {args.rank}, {key}, all 210, {args.workers} procs: {wall:.1f} s wall, {sum(per) / len(per):.2f} s/matrix"
-            )
+        report_full(args)
+        return
+    if args.confirm_from_saved:  # the sample's tables as an earlier run saved them
+        tables = {k: pd.read_csv(OUT / f"error_table_rank{args.rank}_{k}.csv") for k in ["ref", *args.confirm_variants]}
+        torch.set_num_threads(args.threads)
+        report_confirmations(args, tables, LQSettings(rank=args.rank))
         return
     if args.noise_layers is None:
         args.noise_layers = args.sample_layers
@@ -213,10 +328,8 @@ def main() -> None:
 
     timing, tables = sample_run(args, settings)
     ref, ref1 = tables["ref"], tables["ref_seed1"]
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
     for key, frame in tables.items():  # kept for later analysis (bench/out is git-ignored)
-        frame.to_csv(out / f"error_table_rank{args.rank}_{key}.csv", index=False)
+        frame.to_csv(OUT / f"error_table_rank{args.rank}_{key}.csv", index=False)
 
     print("\n# per-config (e - e_exhaustive) / e_exhaustive, exhaustive = seed 0")
     rels = {key: relative_differences(tables[key], ref) for key in args.variants}
@@ -252,6 +365,10 @@ def main() -> None:
                 f"   ({p['bits']:.3f} bits/param)"
             )
 
+    confirm_wall = report_confirmations(args, tables, settings)
+    for key, (base, _, scores) in confirm_wall.items():
+        plans[key], rels[key] = scores, rels[base]
+
     n = len(timing)
     t_ref = sum(t["ref"] for t in timing)
     print(
@@ -260,7 +377,11 @@ def main() -> None:
     )
     print(f"{'exhaustive (seed 0)':34s} {t_ref:8.1f} {t_ref / n:8.2f} {1:8.1f}")
     for key, scores in plans.items():
-        wall = sum(t[key] for t in timing) if key in args.variants else None
+        if key in confirm_wall:
+            base, extra, _ = confirm_wall[key]
+            wall = sum(t[base] for t in timing) + extra
+        else:
+            wall = sum(t[key] for t in timing) if key in args.variants else None
         timed = f"{wall:8.1f} {wall / n:8.2f} {t_ref / wall:8.1f}" if wall else " " * 26
         ok = sum(p["same"] or p["vs_seed0"] <= 0.005 for p in scores)
         fair = [p["vs_seed1"] for p in scores if p["vs_seed1"] is not None]
@@ -271,11 +392,7 @@ def main() -> None:
             f"{(f'{max(fair):+10.2%}' if fair else '-'):>10s}"
         )
     if args.full:
-        for key in args.full_variants:
-            wall, per = full_run(args, key)
-            print(
-                f"{key + ', all 210, ' + str(args.workers) + ' procs':34s} {wall:8.1f} {sum(per) / len(per):8.2f}"
-            )
+        report_full(args)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def check_run_args(args: argparse.Namespace) -> None:
     """Every setting checked before a run starts: a typo fails in a second, not an hour in."""
     CalibrationSettings(n_sequences=args.calibration_sequences, seq_len=args.calibration_len)
     ErrorTableSettings(methods=tuple(args.methods), rank=args.rank, grid=args.grid, fast=not args.exhaustive)
-    PlanSettings(budgets=tuple(args.budget))
+    PlanSettings(budgets=tuple(args.budget), confirm_margin=None if args.no_confirm else args.confirm_margin)
     FinetuneSettings(steps=args.steps)
     EvalSettings(seq_len=args.eval_len, n_windows=args.eval_windows)
 
@@ -65,7 +65,13 @@ def _run_config(args: argparse.Namespace) -> dict:
                 "fast": not args.exhaustive,
             }
         },
-        "allocation_plan": {"config": {"budgets": args.budget}},
+        "allocation_plan": {
+            "config": {
+                "budgets": args.budget,
+                "confirm": not args.no_confirm,
+                "confirm_margin": args.confirm_margin,
+            }
+        },
         "finetuned_adapters": {"config": {"steps": args.steps}},
         "evaluation": {"config": {"n_windows": args.eval_windows, "seq_len": args.eval_len}},
     }
@@ -207,6 +213,13 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--exhaustive", action="store_true", help="one decomposition per config (slow reference)"
     )
+    run.add_argument(
+        "--confirm-margin",
+        type=float,
+        default=0.05,
+        help="plans on the fast table: estimates count this much lower until picked and computed exactly",
+    )
+    run.add_argument("--no-confirm", action="store_true", help="plan on the fast table's estimates as they are")
     run.add_argument("--calibration-sequences", type=int, default=32)
     run.add_argument("--calibration-len", type=int, default=256)
     run.add_argument("--steps", type=int, default=20, help="finetuning steps")

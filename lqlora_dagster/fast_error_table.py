@@ -22,6 +22,8 @@ errors, priced-only plans cost up to 2.9% more error than the exhaustive plan, t
 stepped ones under 0.9%. Whole SmolLM2 table on 2 cores, rank 16: 552 s (priced only
 357 s, with b0 = 4 stepped too 587 s). One decomposition per (b, B0, b0) (48 anchors)
 was tried: slower, and no better plans (its siblings still differ in B1).
+The plans are made exact where they choose by confirmation (`allocate/confirm.py`, run
+by the allocation_plan stage), which computes the exhaustive rows of the picks.
 """
 
 import dataclasses

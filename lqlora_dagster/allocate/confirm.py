@@ -55,8 +55,20 @@ def confirm_plan(
     check_margin(margin)
     keys = list(zip(table["matrix"], table["config"]))
     optimistic = (table["error"].astype(float) * (1 - margin)).tolist()
+    by_matrix: dict[str, list[tuple[Row, float, float]]] = {}
+    for key, storage, value in zip(keys, table["storage_bits"].astype(float), optimistic):
+        by_matrix.setdefault(key[0], []).append((key, storage, value))
+    storage_of = dict(zip(keys, table["storage_bits"].astype(float)))
     exact: dict[Row, float] = {}
     rounds = 0
+
+    def confirm(rows: list[Row]) -> None:
+        got = exact_rows(rows)
+        missing = [row for row in rows if row not in got]
+        if missing:
+            raise RuntimeError(f"no exact error was computed for {missing[:3]}")
+        exact.update(got)
+
     while True:
         rounds += 1
         values = table.assign(error=[exact.get(k, v) for k, v in zip(keys, optimistic)])
@@ -66,8 +78,15 @@ def confirm_plan(
             return ConfirmedPlan(plan, values, exact, rounds)
         if progress is not None:
             progress(rounds, len(new), plan)
-        got = exact_rows(new)
-        missing = [row for row in new if row not in got]
-        if missing:
-            raise RuntimeError(f"no exact error was computed for {missing[:3]}")
-        exact.update(got)
+        confirm(new)
+        # a pick whose exact error came out above the optimistic value of a config that
+        # stores its matrix in no more bits would lose to that one in the next round:
+        # confirm such configs now, saving the ILP rounds that would find them one by one
+        beaten = [
+            key
+            for m, c in new
+            for key, storage, value in by_matrix[m]
+            if key not in exact and storage <= storage_of[(m, c)] and value < exact[(m, c)]
+        ]
+        if beaten:
+            confirm(list(dict.fromkeys(beaten)))

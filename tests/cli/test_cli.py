@@ -80,6 +80,7 @@ def test_run_shows_progress_of_each_long_stage(ran):
     log = run.stderr
     assert "fisher: 4/4 sequences" in log
     assert "error_table lqlora-fisher: 7/7 model.layers.1.mlp.down_proj" in log
+    assert "confirm lqlora-fisher @ 3: every pick exact after" in log
     assert "decompose lqlora-fisher @ 3: 14/14 matrices" in log
     assert "finetune lqlora-fisher @ 3: step 2/2" in log
     assert "BetaWarning" not in log  # no library noise between the progress lines
@@ -107,6 +108,13 @@ def test_bad_input_exits_2_with_the_fix(ran):
     run = lqlora(home, "run", "--model", "not-registered")
     assert run.returncode == 2
     assert "lqlora register SOURCE --name not-registered" in run.stderr
+
+
+def test_a_bad_confirm_margin_exits_2_before_running(ran):
+    home, _ = ran
+    run = lqlora(home, "run", *TINY_RUN, "--confirm-margin", "1.5")
+    assert run.returncode == 2
+    assert "confirm_margin must be a number in [0, 1), got 1.5" in run.stderr
 
 
 def test_unregister_removes_the_partition(tmp_path, tiny_llama_folder):
