@@ -19,8 +19,8 @@ The exhaustive table is itself reproducible only to ~1% per config (rerun with S
 seed 1: half the configs move by more than 1%), because the LQ iteration lands in
 different fixpoints; judged by the ILP plans, scored under independent (seed-1)
 errors, priced-only plans cost up to 2.9% more error than the exhaustive plan, the
-stepped ones under 0.9%. Whole SmolLM2 table on 2 cores, rank 16: 552 s (priced only
-357 s, with b0 = 4 stepped too 587 s). One decomposition per (b, B0, b0) (48 anchors)
+stepped ones under 0.9%. Whole SmolLM2 table on 2 cores, rank 16: 552-570 s (priced
+only 357 s, with b0 = 4 stepped too 587 s). One decomposition per (b, B0, b0) (48 anchors)
 was tried: slower, and no better plans (its siblings still differ in B1).
 The plans are made exact where they choose by confirmation (`allocate/confirm.py`, run
 by the allocation_plan stage), which computes the exhaustive rows of the picks.
