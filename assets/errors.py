@@ -6,14 +6,13 @@ a cluster under dagster-dask/-celery/-k8s), committing rows to DuckDB as each ma
 finishes; `error_table_summary` fans in and returns the handle.
 """
 
-import os
 from typing import Literal
 
 import dagster as dg
-import torch
 from pydantic import Field
 
 from assets.shared import BASE_MODELS, stage_context
+from lqlora_dagster.per_matrix_threads import available_cores
 from lqlora_dagster.pipeline.error_table import TABLE_VERSION, compute_table_rows, table_chunks, table_handle
 from lqlora_dagster.pipeline.handles import ErrorTableHandle, FisherHandle, ModelHandle
 from lqlora_dagster.pipeline.settings import ErrorTableSettings
@@ -50,7 +49,9 @@ class ErrorTableConfig(dg.Config):
         "better plans near 4 bits/param, 9.8 instead of 9.2 min for SmolLM2)",
     )
     threads_per_chunk: int = Field(
-        default=1, description="torch CPU threads per chunk step (parallelism is across steps)"
+        default=1,
+        description="matrices a chunk step computes at a time, on one torch thread each "
+        "(parallelism is across steps; 0: the compute resource's threads)",
     )
 
     def settings(self) -> ErrorTableSettings:
@@ -91,10 +92,11 @@ def _chunk_op(index: int) -> dg.OpDefinition:
         ctx = _ctx(context)
         groups = table_chunks(ctx, base_model, N_CHUNKS)
         names = groups[index] if index < len(groups) else []
-        if config.threads_per_chunk > 0:
-            torch.set_num_threads(min(config.threads_per_chunk, os.cpu_count() or 1))
+        workers = min(config.threads_per_chunk, available_cores()) if config.threads_per_chunk > 0 else None
         written = (
-            compute_table_rows(ctx, base_model, fisher_diagonals, config.settings(), names) if names else 0
+            compute_table_rows(ctx, base_model, fisher_diagonals, config.settings(), names, workers)
+            if names
+            else 0
         )
         context.log.info(f"chunk {index}: {len(names)} matrices, {written} new rows")
         return {"written": written}

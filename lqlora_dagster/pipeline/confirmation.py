@@ -2,9 +2,10 @@
 
 The exact rows are the exhaustive table's (`TableRef.exact_key`): one cold-start
 decomposition per config, the very iterates the decomposition stage runs. They are
-looked up in `quant_errors` first, computed when missing and committed matrix by
-matrix, so a crash loses at most one matrix's rows, and later plans (or an
-exhaustive run of the table) reuse them.
+looked up in `quant_errors` first, computed when missing (several matrices at a time,
+one torch thread each, as every stage does) and committed matrix by matrix, so a
+crash loses at most the matrices in flight, and later plans (or an exhaustive run of
+the table) reuse them.
 """
 
 import dataclasses
@@ -13,9 +14,10 @@ from collections import defaultdict
 
 from lqlora_dagster.allocate.confirm import ExactRows, Row
 from lqlora_dagster.decompose.lq import LQSettings
-from lqlora_dagster.error_table import exhaustive_errors
+from lqlora_dagster.error_table import ConfigError, exhaustive_errors
 from lqlora_dagster.methods import get_method
 from lqlora_dagster.models.weights import read_target_weights
+from lqlora_dagster.per_matrix_threads import one_thread_per_matrix
 from lqlora_dagster.pipeline.base_model import recorded_targets
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.error_table import fisher_tensors, table_rows
@@ -52,10 +54,14 @@ def exact_rows(ctx: StageContext, model: ModelHandle, ref: TableRef, settings: L
         start = time.perf_counter()
         weights = read_target_weights(model.folder, [targets[m] for m in sorted(todo)])
         fishers = fisher_tensors(ctx, model.model, ref.fisher_key, set(todo) if method.fisher else set())
-        for i, (name, configs) in enumerate(sorted(todo.items()), 1):
+
+        def errors_of(name: str) -> list[ConfigError]:
             W = weights.pop(name).to(ctx.device)
-            F = fishers[name].to(ctx.device) if method.fisher else None
-            results = exhaustive_errors(W, tuple(QuantConfig.parse(c) for c in configs), method, settings, F)
+            F = fishers.pop(name).to(ctx.device) if method.fisher else None
+            return exhaustive_errors(W, tuple(QuantConfig.parse(c) for c in todo[name]), method, settings, F)
+
+        finished = one_thread_per_matrix(errors_of, sorted(todo), ctx.matrix_workers)
+        for i, (name, results) in enumerate(finished, 1):
             frame = QUANT_ERRORS.validate(table_rows(exact_ref, method, model, targets[name], results))
             ctx.warehouse.upsert("quant_errors", frame, ["table_key", "matrix", "config"])
             out.update({(name, r.config.name): float(r.error) for r in results})

@@ -23,7 +23,7 @@ from lqlora_dagster.store.keys import stable_key
 from lqlora_dagster.surgery.decompose_model import apply_decompositions, decompose_targets
 from lqlora_dagster.surgery.lq_model_io import load_lq_model, save_lq_model
 
-DECOMPOSITION_VERSION = "2"  # 2: table-based quantizer in the loop, Q encoded once
+DECOMPOSITION_VERSION = "3"  # 2: table-based quantizer in the loop, Q encoded once; 3: one torch thread per matrix
 ASSET = "decomposed_model"
 
 
@@ -64,17 +64,17 @@ def _decompose(ctx, model, plan, method, settings, fisher_tensors, key):
     start = time.perf_counter()
     every = max(1, len(targets) // 10)
     seconds: dict[str, float] = {}
-    last = [start]
 
-    def progress(i: int, n: int, name: str) -> None:
-        now = time.perf_counter()
-        seconds[name], last[0] = now - last[0], now
+    def progress(i: int, n: int, name: str, spent: float) -> None:
+        seconds[name] = spent
         if i % every == 0 or i == n:
             ctx.log(
                 f"decompose {plan.method} @ {plan.budget:g}: {i}/{n} matrices, {time.perf_counter() - start:.0f}s"
             )
 
-    decs = decompose_targets(base, targets, configs, method, settings, fisher_tensors, progress)
+    decs = decompose_targets(
+        base, targets, configs, method, settings, fisher_tensors, progress, ctx.matrix_workers
+    )
     apply_decompositions(base, decs)
     tokenizer = load_tokenizer(model.folder)
     art = ctx.store.save_folder(

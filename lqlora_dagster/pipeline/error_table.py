@@ -1,8 +1,9 @@
 """Stage `error_table`: e[i, c] and storage s[i, c] for every target x candidate config.
 
 Rows live in DuckDB `quant_errors` under a table key (model, init, rank, Fisher,
-settings). Missing rows are computed matrix by matrix and committed as each matrix
-finishes, so an interrupted run redoes at most the matrix it was on. Methods that
+settings). Missing rows are computed several matrices at a time, one torch thread each
+(`per_matrix_threads.py`), and committed as each matrix finishes, so an interrupted run
+redoes at most the matrices in flight. Methods that
 share an init (lqlora and lqlora-uniform) share one table.
 """
 
@@ -18,6 +19,7 @@ from lqlora_dagster.fast_error_table import FastSettings, fast_errors
 from lqlora_dagster.methods import Method, get_method
 from lqlora_dagster.models.targets import Target
 from lqlora_dagster.models.weights import read_target_weights
+from lqlora_dagster.per_matrix_threads import one_thread_per_matrix
 from lqlora_dagster.pipeline.base_model import recorded_targets
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.handles import ErrorTableHandle, FisherHandle, ModelHandle, TableRef
@@ -26,7 +28,7 @@ from lqlora_dagster.quant.config import QuantConfig, storage_bits
 from lqlora_dagster.store.keys import stable_key
 from lqlora_dagster.store.schemas import QUANT_ERRORS
 
-TABLE_VERSION = "4"  # 3: steps shared across b1; 4: table-based quantizer on the exhaustive path (as the decomposition stage)
+TABLE_VERSION = "5"  # 3: steps shared across b1; 4: table-based quantizer on the exhaustive path (as the decomposition stage); 5: one torch thread per matrix everywhere
 
 
 def lq_settings(s: ErrorTableSettings) -> LQSettings:
@@ -115,9 +117,11 @@ def compute_table_rows(
     fisher: FisherHandle | None,
     s: ErrorTableSettings,
     matrices: list[str] | None = None,
+    workers: int | None = None,
 ) -> int:
-    """Compute the missing rows for `matrices` (default: all targets); returns how many
-    rows were written. Safe to run concurrently on disjoint matrix sets."""
+    """Compute the missing rows for `matrices` (default: all targets), `workers` matrices
+    at a time on one torch thread each (default: the context's); returns how many rows
+    were written. Safe to run concurrently on disjoint matrix sets."""
     all_targets = recorded_targets(ctx, model.model)
     if any(get_method(m).has_lowrank_init for m in s.methods):
         check_rank_fits(model, all_targets, s.rank)
@@ -144,22 +148,26 @@ def compute_table_rows(
         ctx, model.model, fisher.key if fisher else None, {t.name for ref, t, _ in todo if ref.fisher_key}
     )
     settings = lq_settings(s)
-    written = 0
-    start = time.perf_counter()
-    for i, (ref, target, missing) in enumerate(todo):
+
+    def errors_of(item: tuple[TableRef, Target, list[str]]) -> list[ConfigError]:
+        ref, target, missing = item
         method = get_method(ref.method)
         W = weights[target.name].to(ctx.device)
         F = fishers[target.name].to(ctx.device) if ref.fisher_key else None
         configs = tuple(QuantConfig.parse(c) for c in missing)
         fast = fast_path(method, s)
         if fast is not None:
-            results = fast_errors(W, configs, method, settings, F, fast)
-        else:
-            results = exhaustive_errors(W, configs, method, settings, F)
-        frame = QUANT_ERRORS.validate(table_rows(ref, method, model, target, results))
+            return fast_errors(W, configs, method, settings, F, fast)
+        return exhaustive_errors(W, configs, method, settings, F)
+
+    workers = ctx.matrix_workers if workers is None else workers
+    written = 0
+    start = time.perf_counter()
+    for i, ((ref, target, missing), results) in enumerate(one_thread_per_matrix(errors_of, todo, workers), 1):
+        frame = QUANT_ERRORS.validate(table_rows(ref, get_method(ref.method), model, target, results))
         written += ctx.warehouse.upsert("quant_errors", frame, ["table_key", "matrix", "config"])
         ctx.log(
-            f"error_table {ref.method}: {i + 1}/{len(todo)} {target.name} ({len(missing)} configs) "
+            f"error_table {ref.method}: {i}/{len(todo)} {target.name} ({len(missing)} configs) "
             f"{time.perf_counter() - start:.0f}s"
         )
     return written
