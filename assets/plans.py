@@ -6,7 +6,7 @@ from pydantic import Field
 from assets.shared import BASE_MODELS, stage_context
 from lqlora_dagster.pipeline.handles import ErrorTableHandle, ModelHandle, PlanHandle
 from lqlora_dagster.pipeline.planning import PLAN_VERSION, run_planning
-from lqlora_dagster.pipeline.settings import PlanSettings
+from lqlora_dagster.pipeline.settings import DEFAULT_CONFIRM_MARGIN, PlanSettings
 from resources import ArtifactStoreResource, ComputeDevice, ModelSource, WarehouseResource
 
 
@@ -23,7 +23,7 @@ class PlanConfig(dg.Config):
         "re-solve until all its picks are exact (the plan's objective is then the realized error)",
     )
     confirm_margin: float = Field(
-        default=0.05,
+        default=DEFAULT_CONFIRM_MARGIN,
         description="confirmation: estimates not yet exact count as this fraction lower (higher: "
         "closer to the exhaustive plan, more exact rows to compute)",
     )

@@ -3,8 +3,9 @@
     python bench/bench_error_table.py [--rank 16] [--sample-layers 0 15] [--workers 2]
                                       [--variants priced by-b0 steps-each default b0le4]
                                       [--full | --full-only] [--full-variants default ...]
-                                      [--confirm-margin 0.05] [--confirm-budget 3.25]
+                                      [--confirm-margin 0.08] [--confirm-budget 3.25]
                                       [--confirm-variants default ...] [--confirm-from-saved]
+                                      [--full-confirm-from-saved]
 
 1. Sample (two whole layers, 14 matrices, all 432 configs): the exhaustive reference (one
    cold-start LQ decomposition per config, SVD seed 0), the same with SVD seed 1 (on
@@ -12,6 +13,8 @@
    differ), and each fast-path variant, timed on the same matrices; per-config relative
    differences; the reference's resolution (configs that differ only in an fp16 vs fp32
    scale per B0*B1 weights have all but equal true errors: how far apart does it put them?).
+   Each is one timed pass over the sample, --threads matrices at a time on one torch
+   thread each, as every pipeline stage computes them (`per_matrix_threads.py`).
 2. ILP plans over the sample at six budgets, from each table, scored two ways:
    - as the issue states it: objective under the seed-0 errors, relative to the seed-0
      plan's. Biased towards the seed-0 plan, which picked configs where seed 0 happened
@@ -25,7 +28,7 @@
    to the variant's.
 4. With --full: the fast table for all 210 target matrices per variant in --full-variants,
    fanned out over --workers processes of one torch thread each (as the pipeline's chunks),
-   then the confirmation of one plan at --confirm-budget on it (--threads threads).
+   then the confirmation of one plan at --confirm-budget on it (--threads matrices at a time).
 
 The reference runs the table-based quantizer (`lq_error_estimate`), which matches the
 bit-packed one to ~1e-6, so the speed-up compares like with like. Prints one table.
@@ -46,6 +49,8 @@ from lqlora_dagster.decompose.lq import LQSettings, lq_error_estimate
 from lqlora_dagster.error_table import ConfigError
 from lqlora_dagster.fast_error_table import FastSettings, fast_errors
 from lqlora_dagster.methods import get_method
+from lqlora_dagster.per_matrix_threads import one_thread_per_matrix
+from lqlora_dagster.pipeline.settings import DEFAULT_CONFIRM_MARGIN
 from lqlora_dagster.quant.config import CONFIG_GRID, storage_bits
 
 try:
@@ -91,27 +96,24 @@ def as_rows(name: str, W: torch.Tensor, results: list[ConfigError]) -> list[dict
     ]
 
 
-def sample_run(args, settings: LQSettings) -> tuple[list[dict], dict[str, pd.DataFrame]]:
-    """Every variant's table and the reference's (seed 0, and seed 1 on the noise layers)."""
-    torch.set_num_threads(args.threads)
+def sample_run(args, settings: LQSettings) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
+    """Every variant's table and the reference's (seed 0, and seed 1 on the noise layers),
+    each a pass over the sample, --threads matrices at a time on one torch thread each
+    (the pipeline's arithmetic); returns each pass's wall seconds and tables."""
     mats = layer_matrices(args.sample_layers)
-    rows: dict[str, list[dict]] = {k: [] for k in [*args.variants, "ref", "ref_seed1"]}
-    timing = []
-    for name, W in mats.items():
-        t = {"matrix": name}
-        for key in args.variants:
-            t0 = time.perf_counter()
-            rows[key] += as_rows(name, W, fast_errors(W, args.grid, LQ, settings, fast=VARIANTS[key][1]))
-            t[key] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        rows["ref"] += as_rows(name, W, reference_errors(W, settings, args.grid))
-        t["ref"] = time.perf_counter() - t0
-        if int(name.split(".")[2]) in args.noise_layers:
-            rows["ref_seed1"] += as_rows(name, W, reference_errors(W, replace(settings, seed=1), args.grid))
-        timing.append(t)
-        spent = "  ".join(f"{k} {t[k]:6.2f}s" for k in [*args.variants, "ref"])
-        print(f"{name:40s} {spent}", flush=True)
-    return timing, {k: pd.DataFrame(v) for k, v in rows.items()}
+    noisy = {n: W for n, W in mats.items() if int(n.split(".")[2]) in args.noise_layers}
+    passes = {key: (mats, lambda W, key=key: fast_errors(W, args.grid, LQ, settings, fast=VARIANTS[key][1]))
+              for key in args.variants}
+    passes["ref"] = (mats, lambda W: reference_errors(W, settings, args.grid))
+    passes["ref_seed1"] = (noisy, lambda W: reference_errors(W, replace(settings, seed=1), args.grid))
+    walls, tables = {}, {}
+    for key, (on, errors) in passes.items():
+        t0, rows = time.perf_counter(), []
+        for name, results in one_thread_per_matrix(lambda name, on=on, f=errors: f(on[name]), list(on), args.threads):
+            rows += as_rows(name, on[name], results)
+        walls[key], tables[key] = time.perf_counter() - t0, pd.DataFrame(rows)
+        print(f"  {key:12s} {len(on)} matrices in {walls[key]:7.1f} s", flush=True)
+    return walls, tables
 
 
 def relative_differences(table: pd.DataFrame, ref: pd.DataFrame) -> pd.Series:
@@ -141,15 +143,22 @@ def twin_spread(table: pd.DataFrame) -> pd.Series:
 class ExactRows:
     """Cold-start rows computed on demand and kept (the pipeline keeps them in DuckDB)."""
 
-    def __init__(self, mats: dict[str, torch.Tensor], settings: LQSettings):
-        self.mats, self.settings, self.known, self.seconds = mats, settings, {}, 0.0
+    def __init__(self, mats: dict[str, torch.Tensor], settings: LQSettings, workers: int):
+        self.mats, self.settings, self.workers, self.known, self.seconds = mats, settings, workers, {}, 0.0
         self.wall = 0.0  # of the confirmations, ILP rounds included
 
     def __call__(self, rows: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
         t0 = time.perf_counter()
+        todo: dict[str, list[str]] = {}
         for m, c in rows:
             if (m, c) not in self.known:
-                self.known[(m, c)] = lq_error_estimate(self.mats[m], BY_NAME[c], self.settings).error
+                todo.setdefault(m, []).append(c)
+
+        def exact(m: str) -> list[float]:
+            return [lq_error_estimate(self.mats[m], BY_NAME[c], self.settings).error for c in todo[m]]
+
+        for m, errors in one_thread_per_matrix(exact, list(todo), self.workers):
+            self.known.update({(m, c): e for c, e in zip(todo[m], errors)})
         self.seconds += time.perf_counter() - t0
         return {r: self.known[r] for r in rows}
 
@@ -187,7 +196,7 @@ def report_confirmations(args, tables: dict[str, pd.DataFrame], settings: LQSett
     mats = layer_matrices(args.sample_layers)
     walls = {}
     for key in args.confirm_variants:
-        exact = ExactRows(mats, settings)
+        exact = ExactRows(mats, settings, args.threads)
         scores, mismatched = confirmed_scores(tables[key], tables["ref"], exact, args.confirm_margin)
         walls[f"{key} + confirm"] = (key, exact.wall, scores)
         print(
@@ -259,8 +268,7 @@ def full_run(args, key: str) -> tuple[float, list[float], pd.DataFrame]:
 
 def full_confirmation(args, table: pd.DataFrame) -> None:
     """Confirm one plan on the whole table, computing its exact rows (as allocation_plan)."""
-    torch.set_num_threads(args.threads)
-    exact = ExactRows(all_target_matrices(), LQSettings(rank=args.rank))
+    exact = ExactRows(all_target_matrices(), LQSettings(rank=args.rank), args.threads)
     t0 = time.perf_counter()
     done = confirm_plan(table, args.confirm_budget, exact, solve_ilp, args.confirm_margin)
     wall = time.perf_counter() - t0
@@ -290,13 +298,15 @@ def main() -> None:
     ap.add_argument("--sample-layers", type=int, nargs="+", default=[0, 15])
     ap.add_argument("--noise-layers", type=int, nargs="*", help="reference with seed 1 (default: the sample)")
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    ap.add_argument("--threads", type=int, default=2, help="torch threads for the sample comparison")
+    ap.add_argument(
+        "--threads", type=int, default=2, help="matrices at a time (one torch thread each), as the pipeline"
+    )
     ap.add_argument("--workers", type=int, default=2, help="processes for the full table")
     ap.add_argument("--full", action="store_true", help="also time the full 210-matrix table")
     ap.add_argument("--full-variants", nargs="+", choices=list(VARIANTS), default=["default"])
     ap.add_argument("--full-only", action="store_true", help="skip the sample; time the full table only")
     ap.add_argument("--smoke", action="store_true", help="a 32-config slice of the grid (checks the script)")
-    ap.add_argument("--confirm-margin", type=float, default=0.05, help="plan confirmation margin")
+    ap.add_argument("--confirm-margin", type=float, default=DEFAULT_CONFIRM_MARGIN, help="plan confirmation margin")
     ap.add_argument("--confirm-variants", nargs="*", choices=list(VARIANTS), default=["default"])
     ap.add_argument(
         "--confirm-from-saved",
@@ -304,14 +314,21 @@ def main() -> None:
         help="only confirm plans, on the sample tables an earlier run saved in bench/out",
     )
     ap.add_argument("--confirm-budget", type=float, default=3.25, help="budget of the full-table confirmation")
+    ap.add_argument(
+        "--full-confirm-from-saved",
+        action="store_true",
+        help="only confirm one plan on the full default table an earlier --full run saved in bench/out",
+    )
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
+    if args.full_confirm_from_saved:
+        full_confirmation(args, pd.read_csv(OUT / f"error_table_rank{args.rank}_full_default.csv"))
+        return
     if args.full_only:
         report_full(args)
         return
     if args.confirm_from_saved:  # the sample's tables as an earlier run saved them
         tables = {k: pd.read_csv(OUT / f"error_table_rank{args.rank}_{k}.csv") for k in ["ref", *args.confirm_variants]}
-        torch.set_num_threads(args.threads)
         report_confirmations(args, tables, LQSettings(rank=args.rank))
         return
     if args.noise_layers is None:
@@ -326,7 +343,7 @@ def main() -> None:
     for key in args.variants:
         print(f"#   {key}: {VARIANTS[key][0]}")
 
-    timing, tables = sample_run(args, settings)
+    walls, tables = sample_run(args, settings)
     ref, ref1 = tables["ref"], tables["ref_seed1"]
     for key, frame in tables.items():  # kept for later analysis (bench/out is git-ignored)
         frame.to_csv(OUT / f"error_table_rank{args.rank}_{key}.csv", index=False)
@@ -369,8 +386,8 @@ def main() -> None:
     for key, (base, _, scores) in confirm_wall.items():
         plans[key], rels[key] = scores, rels[base]
 
-    n = len(timing)
-    t_ref = sum(t["ref"] for t in timing)
+    n = tables["ref"]["matrix"].nunique()
+    t_ref = walls["ref"]
     print(
         f"\n{'method':34s} {'wall s':>8s} {'s/matrix':>8s} {'speed-up':>8s} {'max rel':>9s} {'median':>7s} "
         f"{'worst plan':>10s} {'plans ok':>8s} {'fair worst':>10s}"
@@ -379,9 +396,9 @@ def main() -> None:
     for key, scores in plans.items():
         if key in confirm_wall:
             base, extra, _ = confirm_wall[key]
-            wall = sum(t[base] for t in timing) + extra
+            wall = walls[base] + extra
         else:
-            wall = sum(t[key] for t in timing) if key in args.variants else None
+            wall = walls[key] if key in args.variants else None
         timed = f"{wall:8.1f} {wall / n:8.2f} {t_ref / wall:8.1f}" if wall else " " * 26
         ok = sum(p["same"] or p["vs_seed0"] <= 0.005 for p in scores)
         fair = [p["vs_seed1"] for p in scores if p["vs_seed1"] is not None]

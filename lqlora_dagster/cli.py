@@ -27,6 +27,7 @@ from lqlora_dagster.pipeline.registry import (
     unregister_model,
 )
 from lqlora_dagster.pipeline.settings import (
+    DEFAULT_CONFIRM_MARGIN,
     CalibrationSettings,
     ErrorTableSettings,
     EvalSettings,
@@ -216,7 +217,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--confirm-margin",
         type=float,
-        default=0.05,
+        default=DEFAULT_CONFIRM_MARGIN,
         help="plans on the fast table: estimates count this much lower until picked and computed exactly",
     )
     run.add_argument("--no-confirm", action="store_true", help="plan on the fast table's estimates as they are")

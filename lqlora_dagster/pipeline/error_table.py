@@ -3,8 +3,8 @@
 Rows live in DuckDB `quant_errors` under a table key (model, init, rank, Fisher,
 settings). Missing rows are computed several matrices at a time, one torch thread each
 (`per_matrix_threads.py`), and committed as each matrix finishes, so an interrupted run
-redoes at most the matrices in flight. Methods that
-share an init (lqlora and lqlora-uniform) share one table.
+redoes at most the matrices in flight. Methods that share an init (lqlora and
+lqlora-uniform) share one table.
 """
 
 import time
