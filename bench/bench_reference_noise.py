@@ -1,13 +1,14 @@
 """How reproducible is the exhaustive error table itself? Reruns it on the sample with
 changes that leave the algorithm alone (torch thread count; SVD seed) and compares
-with the seed-0, 2-thread reference `bench_error_table.py` saved in bench/out.
+with the seed-0 reference `bench_error_table.py` saved in bench/out (computed one torch
+thread per matrix, as the pipeline does; before 2026-11-25 late evening, on 2 threads).
 
 Why: issue 5 asks every fast config to be within 1 % of the exhaustive value. The LQ
 loop keeps the best of a few iterates and stops on a 0.1 % improvement test, so which
 iterate it ends on depends on rounding. This bench measures how far the reference moves
 when only the BLAS reduction order changes, i.e. the noise floor of that criterion.
 
-    python bench/bench_reference_noise.py            # reads bench/out/error_table_rank16_ref.csv
+    python bench/bench_reference_noise.py --threads 2   # reads bench/out/error_table_rank16_ref.csv
 """
 
 import argparse
@@ -61,7 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--sample-layers", type=int, nargs="+", default=[0, 15])
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of the rerun (the reference used 2)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the rerun (the reference used 1)")
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     saved = OUT / f"error_table_rank{args.rank}_ref.csv"
@@ -78,9 +79,9 @@ def main() -> None:
     )
     seed1 = OUT / f"error_table_rank{args.rank}_ref_seed1.csv"
     if seed1.exists():
-        reruns["seed 1, 2 threads (saved)"] = pd.read_csv(seed1)
+        reruns["seed 1 (saved)"] = pd.read_csv(seed1)
 
-    print(f"\n# exhaustive reruns vs the saved exhaustive table (seed 0, 2 threads), rank {args.rank}")
+    print(f"\n# exhaustive reruns vs the saved exhaustive table (seed 0), rank {args.rank}")
     print(f"{'rerun':28s} {'configs':>7s} {'identical':>9s} {'>1% off':>8s} {'median':>7s} {'max':>8s} {'worst plan':>10s} {'plans within 0.5%':>17s}")
     for label, table in reruns.items():
         rel = relative_differences(table, ref).abs()
