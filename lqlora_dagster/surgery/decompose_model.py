@@ -10,7 +10,7 @@ from lqlora_dagster.decompose.lq import Decomposition, LQSettings
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.methods import Method
 from lqlora_dagster.models.targets import Target, target_weight
-from lqlora_dagster.per_matrix_threads import one_thread_per_matrix
+from lqlora_dagster.per_matrix_threads import available_cores, one_thread_per_matrix
 from lqlora_dagster.quant.config import QuantConfig
 from lqlora_dagster.surgery.injector import LayerInit, replace_with_lq
 
@@ -23,12 +23,12 @@ def decompose_targets(
     settings: LQSettings,
     fisher: dict[str, torch.Tensor] | None = None,
     progress: Callable[[int, int, str, float], None] | None = None,
-    workers: int = 1,
+    workers: int | None = None,
 ) -> dict[str, Decomposition]:
     """{target name: Decomposition} for every target, in order; `workers` matrices at a
-    time, each on one torch thread (`per_matrix_threads.py`), so every matrix gets the
-    iterates its error-table row priced. `progress(i, n, name, seconds)` sees them as
-    they finish."""
+    time (default: one per core, one on a GPU), each on one torch thread
+    (`per_matrix_threads.py`), so every matrix gets the iterates its exact error-table
+    row priced. `progress(i, n, name, seconds)` sees them as they finish."""
     unplanned = [t.name for t in targets if t.name not in plan]
     if unplanned:
         raise LQLoRAInputError(
@@ -36,6 +36,9 @@ def decompose_targets(
         )
     if method.fisher and fisher is None:
         raise LQLoRAInputError(f"method {method.name!r} needs Fisher diagonals; compute them first")
+    if workers is None:
+        on_gpu = any(p.is_cuda for p in model.parameters())
+        workers = 1 if on_gpu else available_cores()
 
     def decompose(t: Target) -> tuple[Decomposition, float]:
         start = time.perf_counter()
