@@ -12,7 +12,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.shared import BASE_MODELS, stage_context
-from lqlora_dagster.per_matrix_threads import available_cores
+from lqlora_dagster.per_matrix_threads import matrix_workers
 from lqlora_dagster.pipeline.error_table import TABLE_VERSION, compute_table_rows, table_chunks, table_handle
 from lqlora_dagster.pipeline.handles import ErrorTableHandle, FisherHandle, ModelHandle
 from lqlora_dagster.pipeline.settings import ErrorTableSettings
@@ -51,7 +51,7 @@ class ErrorTableConfig(dg.Config):
     threads_per_chunk: int = Field(
         default=1,
         description="matrices a chunk step computes at a time, on one torch thread each "
-        "(parallelism is across steps; 0: the compute resource's threads)",
+        "(parallelism is across steps; 0: one per core)",
     )
 
     def settings(self) -> ErrorTableSettings:
@@ -92,7 +92,7 @@ def _chunk_op(index: int) -> dg.OpDefinition:
         ctx = _ctx(context)
         groups = table_chunks(ctx, base_model, N_CHUNKS)
         names = groups[index] if index < len(groups) else []
-        workers = min(config.threads_per_chunk, available_cores()) if config.threads_per_chunk > 0 else None
+        workers = matrix_workers(ctx.device, config.threads_per_chunk)
         written = (
             compute_table_rows(ctx, base_model, fisher_diagonals, config.settings(), names, workers)
             if names

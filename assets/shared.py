@@ -4,7 +4,6 @@ import warnings
 
 import dagster as dg
 
-from lqlora_dagster.per_matrix_threads import available_cores
 from lqlora_dagster.pipeline.context import StageContext
 from resources import ArtifactStoreResource, ComputeDevice, ModelSource, WarehouseResource
 
@@ -32,5 +31,5 @@ def stage_context(
         checkpoints=store.root.parent / "checkpoints",
         device=compute.torch_device(),
         log=context.log.info,
-        cpu_workers=compute.threads if compute.threads > 0 else available_cores(),
+        cpu_workers=compute.threads,
     )

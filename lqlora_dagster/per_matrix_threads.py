@@ -31,6 +31,14 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
+def matrix_workers(device: torch.device, cpu_workers: int = 0) -> int:
+    """Matrices to decompose at a time: `cpu_workers` on CPU (0: one per core), one on a
+    GPU (its kernels are parallel already, and its arithmetic ignores CPU threads)."""
+    if device.type == "cuda":
+        return 1
+    return cpu_workers if cpu_workers > 0 else available_cores()
+
+
 def one_thread_per_matrix(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[tuple[T, R]]:
     """Yield (item, fn(item)) as each finishes, `workers` at a time, torch on one thread.
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from lqlora_dagster.errors import LQLoRAInputError
-from lqlora_dagster.per_matrix_threads import available_cores
+from lqlora_dagster.per_matrix_threads import matrix_workers
 from lqlora_dagster.store.artifacts import ArtifactStore
 from lqlora_dagster.store.ledger import ArtifactLedger
 from lqlora_dagster.store.warehouse import Warehouse
@@ -52,13 +52,11 @@ class StageContext:
     checkpoints: Path
     device: torch.device = field(default_factory=lambda: resolve_device("auto"))
     log: Callable[[str], None] = _log.info
-    cpu_workers: int = field(default_factory=available_cores)  # matrices decomposed at a time on CPU
+    cpu_workers: int = 0  # matrices decomposed at a time on CPU (0: one per core)
 
     @property
     def matrix_workers(self) -> int:
-        """Matrices to decompose at a time: one per CPU worker (`per_matrix_threads.py`),
-        one on a GPU (its kernels are parallel already)."""
-        return 1 if self.device.type == "cuda" else max(1, self.cpu_workers)
+        return matrix_workers(self.device, self.cpu_workers)
 
     def __post_init__(self) -> None:
         if self.store.on_damaged is None:

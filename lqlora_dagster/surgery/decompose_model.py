@@ -10,7 +10,7 @@ from lqlora_dagster.decompose.lq import Decomposition, LQSettings
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.methods import Method
 from lqlora_dagster.models.targets import Target, target_weight
-from lqlora_dagster.per_matrix_threads import available_cores, one_thread_per_matrix
+from lqlora_dagster.per_matrix_threads import matrix_workers, one_thread_per_matrix
 from lqlora_dagster.quant.config import QuantConfig
 from lqlora_dagster.surgery.injector import LayerInit, replace_with_lq
 
@@ -37,8 +37,7 @@ def decompose_targets(
     if method.fisher and fisher is None:
         raise LQLoRAInputError(f"method {method.name!r} needs Fisher diagonals; compute them first")
     if workers is None:
-        on_gpu = any(p.is_cuda for p in model.parameters())
-        workers = 1 if on_gpu else available_cores()
+        workers = matrix_workers(next(model.parameters()).device)
 
     def decompose(t: Target) -> tuple[Decomposition, float]:
         start = time.perf_counter()
