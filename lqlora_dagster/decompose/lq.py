@@ -199,6 +199,23 @@ def lq_error_estimate(
     return _alternate(W, config, settings, f, "svd_first", fixed_iters=None, start=start, with_codes=False)
 
 
+def lq_error_trace(
+    W: torch.Tensor,
+    config: QuantConfig,
+    iters: int,
+    settings: LQSettings = LQSettings(),
+    fisher: torch.Tensor | None = None,
+) -> tuple[float, ...]:
+    """The error after each of `iters` LQ-LoRA iterations from a cold start, with no
+    early stop: how the loop converges, and what its stopping rule gives away
+    (bench/bench_lq_convergence.py). The first entries equal `lq_error_estimate`'s trace."""
+    if iters < 1:
+        raise LQLoRAInputError(f"iters must be >= 1, got {iters}")
+    W = _checked(W, settings, fisher)
+    f = fisher.to(W.device, torch.float32) if fisher is not None else None
+    return _alternate(W, config, settings, f, "svd_first", fixed_iters=iters, with_codes=False).trace
+
+
 def loftq_decompose(
     W: torch.Tensor, config: QuantConfig, settings: LQSettings = LQSettings(), iters: int = 5
 ) -> Decomposition:

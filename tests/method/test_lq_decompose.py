@@ -5,7 +5,14 @@ import torch
 
 from lqlora_dagster.decompose.fisher_weights import residual_error
 from lqlora_dagster.decompose.lowrank import full_low_rank, low_rank
-from lqlora_dagster.decompose.lq import LQSettings, loftq_decompose, lq_decompose, qlora_init
+from lqlora_dagster.decompose.lq import (
+    LQSettings,
+    loftq_decompose,
+    lq_decompose,
+    lq_error_estimate,
+    lq_error_trace,
+    qlora_init,
+)
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.quant import QLORA_NF3, simulate
 
@@ -48,6 +55,16 @@ def test_keeps_best_iterate_and_stops_when_error_stops_falling(low_rank_plus_noi
     assert d.error == min(d.trace) == d.trace[d.best_iter]
     assert len(d.trace) < 100  # stopped on its own
     assert d.trace[-1] >= min(d.trace[:-1])  # the last iteration did not improve
+
+
+def test_error_trace_runs_on_past_the_stopping_rule(low_rank_plus_noise):
+    s = LQSettings(rank=8, rel_tol=0.0)
+    stopped = lq_error_estimate(low_rank_plus_noise, QLORA_NF3, s)
+    trace = lq_error_trace(low_rank_plus_noise, QLORA_NF3, len(stopped.trace) + 5, s)
+    assert len(trace) == len(stopped.trace) + 5
+    assert trace[: len(stopped.trace)] == stopped.trace  # the same iterates, bit for bit
+    with pytest.raises(LQLoRAInputError, match="iters must be >= 1"):
+        lq_error_trace(low_rank_plus_noise, QLORA_NF3, 0, s)
 
 
 def test_iteration_cap(low_rank_plus_noise):
