@@ -14,14 +14,14 @@
      took 1.4x the time and gave no better plans.
 3. All quantization in here is table-based (`quant/lut.py`): same error to ~1e-6.
 
-What it costs and how close it comes: bench/bench_error_table.py, table in the README.
-The exhaustive table is itself reproducible only to ~1% per config (rerun with SVD
-seed 1: half the configs move by more than 1%), because the LQ iteration lands in
-different fixpoints; judged by the ILP plans, scored under independent (seed-1)
-errors, priced-only plans cost up to 2.9% more error than the exhaustive plan, the
-stepped ones under 0.9%. Whole SmolLM2 table on 2 cores, rank 16: 552-570 s (priced
-only 357 s, with b0 = 4 stepped too 587 s). One decomposition per (b, B0, b0) (48 anchors)
-was tried: slower, and no better plans (its siblings still differ in B1).
+What it costs and how close it comes: bench/bench_error_table.py, table in the README
+(whole SmolLM2 table, rank 16, 2 cores: 456 s, against about 2 hours exhaustive).
+The exhaustive table is itself reproducible only to ~1% per config: the LQ iteration
+lands in different fixpoints when only the SVD seed or the BLAS thread count changes
+(bench/bench_reference_noise.py, bench/bench_lq_convergence.py). So these rows are
+estimates, mostly a little high, and plans made on them alone miss the exhaustive plan
+by up to ~2%. One decomposition per (b, B0, b0) (48 anchors) was tried: slower, and no
+better plans (its siblings still differ in B1).
 The plans are made exact where they choose by confirmation (`allocate/confirm.py`, run
 by the allocation_plan stage), which computes the exhaustive rows of the picks.
 """
