@@ -2,7 +2,7 @@
 
 A graph-backed asset so the work fans out: `error_table_chunk_<i>` computes the i-th
 of N_CHUNKS groups of whole layers (in parallel under the multiprocess executor, or on
-a cluster under dagster-dask/-celery/-k8s), committing rows to DuckDB as each matrix
+a cluster under dagster-dask), committing rows to DuckDB as each matrix
 finishes; `error_table_summary` fans in and returns the handle.
 """
 
@@ -40,13 +40,13 @@ class ErrorTableConfig(dg.Config):
     refine_steps: int = Field(
         default=2,
         description="fast path: alternating steps for configs with coarse block-scale codes, one run "
-        "per (b, B0, b0, B1) (0: price them on the shared decomposition: 6 instead of 9 min for "
-        "SmolLM2, plans up to ~3% worse)",
+        "per (b, B0, b0, B1) (0: price them on the shared decomposition: a table about 25% "
+        "faster, unconfirmed plans up to ~3% worse)",
     )
     refine_max_b0: int = Field(
         default=3,
         description="fast path: block-scale codes of at most this many bits count as coarse (4: "
-        "better plans near 4 bits/param, 9.8 instead of 9.2 min for SmolLM2)",
+        "better unconfirmed plans, a table about 15% slower)",
     )
     threads_per_chunk: int = Field(
         default=1,

@@ -17,7 +17,7 @@ BUDGETS = (2.5, 2.75, 3.0, 3.25, 3.5, 4.0)
 ILP_METHODS = ("qlora-ilp", "lqlora-uniform", "lqlora", "lqlora-fisher")
 # QLoRA and LoftQ have one config for every matrix: NF3 costs 3.127 and NF4 4.127
 # bits/param (8-bit block scales per 64, fp32 scale per 256), a little more where a
-# matrix pads its last group (SmolLM2: 3.129, 4.129); a budget just above each selects
+# matrix pads its last group (SmolLM2: 3.128, 4.128); a budget just above each selects
 # it, and the row records the bits actually spent
 UNIFORM_METHODS = ("qlora", "loftq")
 UNIFORM_BUDGETS = (3.15, 4.15)
