@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _real_matrices import layer_matrices  # noqa: E402
 
-from lqlora_dagster.decompose.lq import LQSettings, lq_error_trace  # noqa: E402
+from lqlora_dagster.decompose.lq import LQSettings, lq_error_estimate, lq_error_trace  # noqa: E402
 from lqlora_dagster.per_matrix_threads import available_cores, one_thread_per_matrix  # noqa: E402
 from lqlora_dagster.quant.config import CONFIG_GRID  # noqa: E402
 
@@ -55,8 +55,9 @@ def traces(mats, configs, args, seed: int, threads: int) -> Traces:
     return out
 
 
-def stop_rule(trace: tuple[float, ...], rel_tol: float) -> tuple[float, int]:
+def stop_rule(trace: tuple[float, ...], rel_tol: float, max_iters: int = LQSettings().max_iters) -> tuple[float, int]:
     """(error, iterations) of `lq_error_estimate`'s rule applied to a longer trace."""
+    trace = trace[:max_iters]
     best = trace[0]
     for i, err in enumerate(trace[1:], 2):
         improved = err < best * (1 - rel_tol)
@@ -84,6 +85,11 @@ def main() -> None:
     print(f"{len(mats)} matrices x {len(configs)} configs, {args.iters} iterations, rank {args.rank}")
     ref, seed1, threads2 = (traces(mats, configs, args, s, t) for s, t in ((0, 1), (1, 1), (0, 2)))
 
+    for name, config in list(ref)[:3]:  # the replayed rule is the loop's own (checked, not assumed)
+        torch.set_num_threads(1)
+        loop = lq_error_estimate(mats[name], next(c for c in configs if str(c) == config), LQSettings(rank=args.rank))
+        if stop_rule(ref[(name, config)], 1e-3) != (loop.error, len(loop.trace)):
+            raise SystemExit(f"stop_rule disagrees with lq_error_estimate on {name} {config}")
     rules = {"stop at 0.1% (reference)": lambda tr: stop_rule(tr, 1e-3)}
     rules["stop at no improvement"] = lambda tr: stop_rule(tr, 0.0)
     for n in sorted({20, 50, 100, args.iters}):

@@ -159,12 +159,16 @@ def _alternate(
     return Decomposition(codes, chosen.L1, chosen.L2, chosen.error, tuple(trace), chosen.best_iter)
 
 
-def _checked(W: torch.Tensor, settings: LQSettings, fisher: torch.Tensor | None) -> torch.Tensor:
+def _checked(
+    W: torch.Tensor, settings: LQSettings, fisher: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """W and F validated, as fp32 on W's device."""
     check_matrix(W)
     check_rank(settings.rank, tuple(W.shape))
     if fisher is not None:
         check_fisher(fisher, tuple(W.shape))
-    return W.detach().to(torch.float32)
+    W = W.detach().to(torch.float32)
+    return W, fisher.to(W.device, torch.float32) if fisher is not None else None
 
 
 def lq_decompose(
@@ -180,8 +184,7 @@ def lq_decompose(
     the error is sum F * (W - Q - L1 L2)^2. With `start` (factors from a neighbouring
     config) the loop begins at Q <- quantize(W - start) instead of Q <- 0.
     """
-    W = _checked(W, settings, fisher)
-    f = fisher.to(W.device, torch.float32) if fisher is not None else None
+    W, f = _checked(W, settings, fisher)
     return _alternate(W, config, settings, f, "svd_first", fixed_iters=None, start=start)
 
 
@@ -194,8 +197,7 @@ def lq_error_estimate(
 ) -> Decomposition:
     """`lq_decompose` without the final encoding: the same iterates and the same error,
     bit for bit, but no codes (for error tables, not for storing)."""
-    W = _checked(W, settings, fisher)
-    f = fisher.to(W.device, torch.float32) if fisher is not None else None
+    W, f = _checked(W, settings, fisher)
     return _alternate(W, config, settings, f, "svd_first", fixed_iters=None, start=start, with_codes=False)
 
 
@@ -211,8 +213,7 @@ def lq_error_trace(
     (bench/bench_lq_convergence.py). The first entries equal `lq_error_estimate`'s trace."""
     if iters < 1:
         raise LQLoRAInputError(f"iters must be >= 1, got {iters}")
-    W = _checked(W, settings, fisher)
-    f = fisher.to(W.device, torch.float32) if fisher is not None else None
+    W, f = _checked(W, settings, fisher)
     return _alternate(W, config, settings, f, "svd_first", fixed_iters=iters, with_codes=False).trace
 
 
@@ -223,14 +224,14 @@ def loftq_decompose(
     keeping the last iterate (no early stop), as in Li et al. 2023, Algorithm 1."""
     if iters < 1:
         raise LQLoRAInputError(f"LoftQ needs at least 1 iteration, got {iters}")
-    W = _checked(W, settings, None)
+    W, _ = _checked(W, settings, None)
     return _alternate(W, config, settings, None, "quantize_first", fixed_iters=iters)
 
 
 def qlora_init(W: torch.Tensor, config: QuantConfig, rank: int, seed: int = 0) -> Decomposition:
     """QLoRA: Q <- quantize(W) and LoRA's default init, L1 = 0 and L2 ~ U(+-1/sqrt(n))
     (PEFT's kaiming-uniform lora_A), so Q + L1 L2 = Q at step 0."""
-    W = _checked(W, LQSettings(rank=rank), None)
+    W, _ = _checked(W, LQSettings(rank=rank), None)
     m, n = W.shape
     codes = encode(W, config)
     g = torch.Generator().manual_seed(seed)
