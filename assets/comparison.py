@@ -5,8 +5,8 @@ import base64
 
 import dagster as dg
 
-from assets.shared import BASE_MODELS, stage_context
-from lqlora_dagster.comparison import ComparisonSettings
+from assets.shared import BASE_MODELS, stage_context, summary
+from lqlora_dagster.comparison import LM_COMPARISON, Comparison
 from lqlora_dagster.pipeline.handles import EvaluationHandle, PlanHandle, ReportHandle
 from lqlora_dagster.pipeline.reporting import (
     HEATMAP,
@@ -21,10 +21,9 @@ from resources import ArtifactStoreResource, ComputeDevice, ModelSource, Warehou
 COMPARISON_JOB = "comparison_job"
 
 
-def comparison_run_config(settings: ComparisonSettings | None = None) -> dict:
-    """The comparison's settings as a run config (the job's default; the launchpad shows it)."""
-    stages = (settings or ComparisonSettings()).stage_settings()
-    return {"ops": {asset: {"config": config} for asset, config in stages.items()}}
+def comparison_run_config(comparison: Comparison = LM_COMPARISON) -> dict:
+    """The comparison as a run config (the job's default; the launchpad shows it)."""
+    return comparison.run_config()
 
 
 def _inline_png(path) -> str:
@@ -56,6 +55,7 @@ def comparison_report(
         "table": dg.MetadataValue.md((folder / TABLE).read_text()),
         "pareto": dg.MetadataValue.md(_inline_png(folder / PARETO)),
         "folder": dg.MetadataValue.path(str(folder)),
+        "summary": summary([f"{', '.join(handle.files)} in {folder}"]),
     }
     if HEATMAP in handle.files:
         metadata["allocation"] = dg.MetadataValue.md(_inline_png(folder / HEATMAP))

@@ -3,7 +3,7 @@
 import dagster as dg
 import torch
 
-from assets.shared import BASE_MODELS, stage_context
+from assets.shared import BASE_MODELS, stage_context, summary
 from lqlora_dagster.pipeline.decomposition import ASSET, DECOMPOSITION_VERSION, run_decomposition
 from lqlora_dagster.pipeline.handles import DecomposedHandle, FisherHandle, ModelHandle, PlanHandle
 from lqlora_dagster.quant.bitpack import pack_bits, unpack_bits
@@ -14,7 +14,7 @@ from resources import ArtifactStoreResource, ComputeDevice, ModelSource, Warehou
 
 @dg.asset(
     partitions_def=BASE_MODELS,
-    group_name="model",
+    group_name="compression",
     code_version=DECOMPOSITION_VERSION,
     description="The LQ model per plan: packed Q and L1, L2 (safetensors folder; DuckDB `decompositions`).",
     kinds={"pytorch", "safetensors"},
@@ -45,6 +45,13 @@ def decomposed_model(
             ),
             "bits_incl_lowrank": dg.MetadataValue.json(
                 {f"{d.method}@{d.budget:g}": round(d.bits_incl_lowrank, 4) for d in handle.items}
+            ),
+            "summary": summary(
+                [
+                    f"{d.method} @ {d.budget:g}: {d.bits_per_param:.3f} bits/param "
+                    f"({d.bits_incl_lowrank:.3f} with the low-rank part)"
+                    for d in handle.items
+                ]
             ),
         },
     )

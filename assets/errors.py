@@ -6,67 +6,19 @@ a cluster under dagster-dask), committing rows to DuckDB as each matrix
 finishes; `error_table_summary` fans in and returns the handle.
 """
 
-from typing import Literal
-
 import dagster as dg
-from pydantic import Field
 
-from assets.shared import BASE_MODELS, stage_context
+from assets.config import config_class
+from assets.shared import BASE_MODELS, stage_context, summary
+from lqlora_dagster.error_table.stage import compute_table_rows, table_handle
+from lqlora_dagster.error_table.tables import TABLE_VERSION, table_chunks
 from lqlora_dagster.per_matrix_threads import matrix_workers
-from lqlora_dagster.pipeline.error_table import TABLE_VERSION, compute_table_rows, table_chunks, table_handle
+from lqlora_dagster.pipeline.base_model import recorded_targets
 from lqlora_dagster.pipeline.handles import ErrorTableHandle, FisherHandle, ModelHandle
 from lqlora_dagster.pipeline.settings import ErrorTableSettings
 from resources import WarehouseResource
 
-
-class ErrorTableConfig(dg.Config):
-    """`grid` and `svd` are checked by Dagster before a run starts; `methods` (a list,
-    which Dagster cannot enumerate) by the settings when the step starts."""
-
-    methods: list[str] = Field(
-        default=["lqlora-fisher"],
-        description="qlora, loftq, qlora-ilp, lqlora-uniform, lqlora, lqlora-fisher (one table per init)",
-    )
-    rank: int = Field(
-        default=16, description="rank of L1 L2 (16 suits 576-wide matrices; the paper used 64 at 7B)"
-    )
-    grid: Literal["full", "reduced"] = Field(default="full", description='"full" (the paper\'s 432 configs) or "reduced" (24)')
-    svd: Literal["randomized", "full"] = Field(default="randomized", description='"randomized" or "full"')
-    max_iters: int = 100
-    rel_tol: float = 1e-3
-    fast: bool = Field(
-        default=True, description="shared-decomposition fast path; false: one decomposition per config"
-    )
-    refine_steps: int = Field(
-        default=2,
-        description="fast path: alternating steps for configs with coarse block-scale codes, one run "
-        "per (b, B0, b0, B1) (0: price them on the shared decomposition: a table about 25% "
-        "faster, unconfirmed plans up to ~3% worse)",
-    )
-    refine_max_b0: int = Field(
-        default=3,
-        description="fast path: block-scale codes of at most this many bits count as coarse (4: "
-        "better unconfirmed plans, a table about 15% slower)",
-    )
-    threads_per_chunk: int = Field(
-        default=1,
-        description="matrices a chunk step computes at a time, on one torch thread each "
-        "(parallelism is across steps; 0: one per core)",
-    )
-
-    def settings(self) -> ErrorTableSettings:
-        return ErrorTableSettings(
-            tuple(self.methods),
-            self.rank,
-            self.grid,
-            self.svd,
-            self.max_iters,
-            self.rel_tol,
-            self.fast,
-            self.refine_steps,
-            self.refine_max_b0,
-        )
-
+ErrorTableConfig = config_class(ErrorTableSettings)
 
 RESOURCES = {"warehouse", "artifacts", "models", "compute"}
 # Static fan-out: a fixed number of chunk steps (a step with no layers left does nothing).
@@ -89,15 +41,11 @@ def _chunk_op(index: int) -> dg.OpDefinition:
         fisher_diagonals: FisherHandle,
     ) -> dict:
         """Compute (or find cached) rows for one group of layers."""
-        ctx = _ctx(context)
-        groups = table_chunks(ctx, base_model, N_CHUNKS)
+        ctx, settings = _ctx(context), config.settings()
+        groups = table_chunks(recorded_targets(ctx, base_model.model), N_CHUNKS)
         names = groups[index] if index < len(groups) else []
-        workers = matrix_workers(ctx.device, config.threads_per_chunk)
-        written = (
-            compute_table_rows(ctx, base_model, fisher_diagonals, config.settings(), names, workers)
-            if names
-            else 0
-        )
+        workers = matrix_workers(ctx.device, settings.threads_per_chunk)
+        written = compute_table_rows(ctx, base_model, fisher_diagonals, settings, names, workers) if names else 0
         context.log.info(f"chunk {index}: {len(names)} matrices, {written} new rows")
         return {"written": written}
 
@@ -123,7 +71,11 @@ def error_table_summary(
             "rows": sum(t.n_rows for t in handle.tables),
             "new_rows": sum(c["written"] for c in chunks),
             "tables": dg.MetadataValue.json({t.method: t.table_key for t in handle.tables}),
-            "rank": handle.rank,
+            "rank": handle.lq.rank,
+            "summary": summary(
+                [f"{sum(t.n_rows for t in handle.tables):,} rows for {len(handle.tables)} method(s), "
+                 f"{sum(c['written'] for c in chunks):,} computed now"]
+            ),
         },
     )
 

@@ -3,22 +3,15 @@
 import math
 
 import dagster as dg
-from pydantic import Field
 
-from assets.shared import BASE_MODELS, stage_context
+from assets.config import config_class
+from assets.shared import BASE_MODELS, stage_context, summary
 from lqlora_dagster.pipeline.evaluating import EVAL_VERSION, evaluation_table, run_evaluation
 from lqlora_dagster.pipeline.handles import DecomposedHandle, EvaluationHandle, FinetunedHandle, ModelHandle
 from lqlora_dagster.pipeline.settings import EvalSettings
 from resources import ArtifactStoreResource, ComputeDevice, ModelSource, WarehouseResource
 
-
-class EvalConfig(dg.Config):
-    seq_len: int = Field(default=512, description="tokens per perplexity window (classifier: per sentence)")
-    n_windows: int = Field(default=16, description="windows spread evenly over the 2016+ speeches")
-    batch_size: int = 4
-
-    def settings(self) -> EvalSettings:
-        return EvalSettings(self.seq_len, self.n_windows, self.batch_size)
+EvalConfig = config_class(EvalSettings)
 
 
 @dg.asset(
@@ -48,6 +41,14 @@ def evaluation(
         metadata={
             "rows": len(table),
             "table": dg.MetadataValue.md(table.to_markdown(index=False, floatfmt=".4g")),
+            "summary": summary(
+                [
+                    f"{r.method}{'' if r.stage == 'reference' else f' @ {r.budget:g} ' + r.stage.split('_')[0]} "
+                    f"{r.metric} {r.value:.4g}"
+                    for r in table.itertuples()
+                ],
+                limit=4,
+            ),
         },
     )
 

@@ -3,36 +3,15 @@
 import math
 
 import dagster as dg
-from pydantic import Field
 
-from assets.shared import BASE_MODELS, stage_context
+from assets.config import config_class
+from assets.shared import BASE_MODELS, stage_context, summary
 from lqlora_dagster.pipeline.finetuning import ASSET, FINETUNE_VERSION, run_finetuning
 from lqlora_dagster.pipeline.handles import DecomposedHandle, FinetunedHandle, ModelHandle
 from lqlora_dagster.pipeline.settings import FinetuneSettings
 from resources import ArtifactStoreResource, ComputeDevice, ModelSource, WarehouseResource
 
-
-class FinetuneConfig(dg.Config):
-    steps: int = Field(default=20, description="optimizer steps on the 2000-2015 speeches")
-    batch_size: int = 4
-    seq_len: int = 256
-    lr: float = 2e-4
-    warmup_steps: int = 2
-    seed: int = 0
-    methods: list[str] = Field(default=[], description="finetune only these methods (empty: all)")
-    budgets: list[float] = Field(default=[], description="finetune only these budgets (empty: all)")
-
-    def settings(self) -> FinetuneSettings:
-        return FinetuneSettings(
-            self.steps,
-            self.batch_size,
-            self.seq_len,
-            self.lr,
-            self.warmup_steps,
-            self.seed,
-            tuple(self.methods),
-            tuple(self.budgets),
-        )
+FinetuneConfig = config_class(FinetuneSettings)
 
 
 @dg.asset(
@@ -61,6 +40,8 @@ def finetuned_adapters(
             "final_loss": dg.MetadataValue.json(
                 {f"{a.method}@{a.budget:g}": round(a.final_loss, 4) for a in handle.items}
             ),
+            "summary": summary([f"{a.method} @ {a.budget:g}: final loss {a.final_loss:.3f}" for a in handle.items])
+            or "nothing selected to finetune",
             "paths": dg.MetadataValue.json(
                 {
                     f"{a.method}@{a.budget:g}": str(

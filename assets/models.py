@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from assets.shared import BASE_MODELS, stage_context
+from assets.shared import BASE_MODELS, stage_context, summary
 from lqlora_dagster.pipeline.base_model import CODE_VERSION, run_base_model
 from lqlora_dagster.pipeline.handles import ModelHandle
 from resources import ArtifactStoreResource, ComputeDevice, ModelSource, WarehouseResource
@@ -10,7 +10,7 @@ from resources import ArtifactStoreResource, ComputeDevice, ModelSource, Warehou
 
 @dg.asset(
     partitions_def=BASE_MODELS,
-    group_name="model",
+    group_name="source",
     code_version=CODE_VERSION,
     description="The registered base model: loadable folder, target matrices (DuckDB `matrices`).",
     kinds={"pytorch", "duckdb"},
@@ -33,6 +33,7 @@ def base_model(
             "target_matrices": handle.n_targets,
             "target_params": handle.target_params,
             "key": handle.key,
+            "summary": summary([f"{handle.n_targets} target matrices, {handle.target_params / 1e6:.1f}M parameters"]),
         },
     )
 

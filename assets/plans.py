@@ -1,36 +1,15 @@
 """Asset `allocation_plan`: a config per matrix for each method and budget."""
 
 import dagster as dg
-from pydantic import Field
 
-from assets.shared import BASE_MODELS, stage_context
+from assets.config import config_class
+from assets.shared import BASE_MODELS, stage_context, summary
 from lqlora_dagster.pipeline.handles import ErrorTableHandle, ModelHandle, PlanHandle
 from lqlora_dagster.pipeline.planning import PLAN_VERSION, run_planning
-from lqlora_dagster.pipeline.settings import DEFAULT_CONFIRM_MARGIN, PlanSettings
+from lqlora_dagster.pipeline.settings import PlanSettings
 from resources import ArtifactStoreResource, ComputeDevice, ModelSource, WarehouseResource
 
-
-class PlanConfig(dg.Config):
-    budgets: list[float] = Field(default=[3.25], description="target bits per parameter; one plan per budget")
-    budgets_by_method: dict[str, list[float]] = Field(
-        default={},
-        description="budgets for particular methods instead of `budgets` (e.g. qlora: [3.13, 4.13] for NF3, NF4)",
-    )
-
-    confirm: bool = Field(
-        default=True,
-        description="on a fast error table, compute the exact error of every config a plan picks and "
-        "re-solve until all its picks are exact (the plan's objective is then the realized error)",
-    )
-    confirm_margin: float = Field(
-        default=DEFAULT_CONFIRM_MARGIN,
-        description="confirmation: estimates not yet exact count as this fraction lower (higher: "
-        "closer to the exhaustive plan, more exact rows to compute)",
-    )
-
-    def settings(self) -> PlanSettings:
-        by_method = tuple((m, tuple(b)) for m, b in sorted(self.budgets_by_method.items()))
-        return PlanSettings(tuple(self.budgets), by_method, self.confirm_margin if self.confirm else None)
+PlanConfig = config_class(PlanSettings)
 
 
 @dg.asset(
@@ -62,6 +41,9 @@ def allocation_plan(
                     f"| {p.method} | {p.budget:g} | {p.bits_per_param:.4f} | {p.objective:.4g} |"
                     for p in handle.plans
                 )
+            ),
+            "summary": summary(
+                [f"{p.method} @ {p.budget:g}: {p.bits_per_param:.3f} bits/param, error {p.objective:.4g}" for p in handle.plans]
             ),
         },
     )

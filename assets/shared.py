@@ -33,3 +33,9 @@ def stage_context(
         log=context.log.info,
         cpu_workers=compute.threads,
     )
+
+
+def summary(parts: list[str], limit: int = 3) -> str:
+    """What an asset produced, in one line for the CLI ("a; b; c; and 4 more")."""
+    shown = "; ".join(parts[:limit])
+    return shown + (f"; and {len(parts) - limit} more" if len(parts) > limit else "")

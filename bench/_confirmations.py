@@ -9,21 +9,22 @@ import torch
 
 from lqlora_dagster.allocate.confirm import confirm_plan
 from lqlora_dagster.allocate.ilp import solve_ilp
-from lqlora_dagster.decompose.lq import LQSettings, lq_error_estimate
-from lqlora_dagster.per_matrix_threads import one_thread_per_matrix
-from lqlora_dagster.quant.config import CONFIG_GRID
+from lqlora_dagster.decompose.lq import LQSettings
+from lqlora_dagster.error_table.compute import compute_rows
 
 try:
     from _real_matrices import all_target_matrices, layer_matrices
+    from _rows import requests_for
 except ImportError:  # run as a module from the repo root
     from bench._real_matrices import all_target_matrices, layer_matrices
+    from bench._rows import requests_for
 
 BUDGETS = (2.5, 2.75, 3.0, 3.25, 3.5, 4.0)
-BY_NAME = {c.name: c for c in CONFIG_GRID}
 
 
 class ExactRows:
-    """Cold-start rows computed on demand and kept (the pipeline keeps them in DuckDB)."""
+    """Cold-start rows computed on demand through the pipeline's loop and kept (the
+    pipeline keeps them in DuckDB)."""
 
     def __init__(self, mats: dict[str, torch.Tensor], settings: LQSettings, workers: int):
         self.mats, self.settings, self.workers, self.known, self.seconds = mats, settings, workers, {}, 0.0
@@ -36,11 +37,11 @@ class ExactRows:
             if (m, c) not in self.known:
                 todo.setdefault(m, []).append(c)
 
-        def exact(m: str) -> list[float]:
-            return [lq_error_estimate(self.mats[m], BY_NAME[c], self.settings).error for c in todo[m]]
+        def commit(request, results) -> None:
+            self.known.update({(request.target.name, r.config.name): r.error for r in results})
 
-        for m, errors in one_thread_per_matrix(exact, list(todo), self.workers):
-            self.known.update({(m, c): e for c, e in zip(todo[m], errors)})
+        requests = requests_for(self.mats, todo, self.settings)
+        compute_rows(requests, self.settings, lambda t: self.mats[t.name], lambda r: None, commit, self.workers)
         self.seconds += time.perf_counter() - t0
         return {r: self.known[r] for r in rows}
 

@@ -44,23 +44,24 @@ import pandas as pd
 import torch
 
 from lqlora_dagster.allocate.ilp import solve_ilp
-from lqlora_dagster.decompose.lq import LQSettings, lq_error_estimate
-from lqlora_dagster.error_table import ConfigError
-from lqlora_dagster.fast_error_table import FastSettings, fast_errors
-from lqlora_dagster.methods import get_method
-from lqlora_dagster.per_matrix_threads import one_thread_per_matrix
-from lqlora_dagster.pipeline.settings import DEFAULT_CONFIRM_MARGIN
-from lqlora_dagster.quant.config import CONFIG_GRID, storage_bits
+from lqlora_dagster.decompose.lq import LQSettings
+from lqlora_dagster.error_table.compute import request_rows
+from lqlora_dagster.error_table.estimates import FastSettings
+from lqlora_dagster.pipeline.settings import PlanSettings
+from lqlora_dagster.quant.config import CONFIG_GRID
 
 try:
     from _confirmations import BUDGETS, full_confirmation, report_confirmations
     from _real_matrices import all_target_matrices, layer_matrices
+    from _rows import as_rows, requests_for, table_rows
+    from _stamp import stamp
 except ImportError:  # run as a module from the repo root
     from bench._confirmations import BUDGETS, full_confirmation, report_confirmations
     from bench._real_matrices import all_target_matrices, layer_matrices
+    from bench._rows import as_rows, requests_for, table_rows
+    from bench._stamp import stamp
 
 OUT = Path(__file__).parent / "out"
-LQ = get_method("lqlora")
 VARIANTS = {
     "priced": ("one LQ per (b, B0); siblings priced on its factors", FastSettings(refine_steps=0)),
     "by-b0": ("one LQ per (b, B0, b0); siblings priced", FastSettings(("b", "B0", "b0"), refine_steps=0)),
@@ -73,44 +74,20 @@ VARIANTS = {
 }
 
 
-def reference_errors(W: torch.Tensor, settings: LQSettings, grid=CONFIG_GRID) -> list[ConfigError]:
-    out = []
-    for c in grid:
-        t0 = time.perf_counter()
-        d = lq_error_estimate(W, c, settings)
-        out.append(ConfigError(c, d.error, len(d.trace), time.perf_counter() - t0))
-    return out
-
-
-def as_rows(name: str, W: torch.Tensor, results: list[ConfigError]) -> list[dict]:
-    return [
-        {
-            "matrix": name,
-            "config": r.config.name,
-            "numel": W.numel(),
-            "storage_bits": storage_bits(W.numel(), r.config),
-            "error": r.error,
-        }
-        for r in results
-    ]
-
-
 def sample_run(args, settings: LQSettings) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
     """Every variant's table and the reference's (seed 0, and seed 1 on the noise layers),
-    each a pass over the sample, --threads matrices at a time on one torch thread each
-    (the pipeline's arithmetic); returns each pass's wall seconds and tables."""
+    each a pass over the sample through the pipeline's row loop, --threads matrices at a
+    time on one torch thread each; returns each pass's wall seconds and tables."""
     mats = layer_matrices(args.sample_layers)
     noisy = {n: W for n, W in mats.items() if int(n.split(".")[2]) in args.noise_layers}
-    passes = {key: (mats, lambda W, key=key: fast_errors(W, args.grid, LQ, settings, fast=VARIANTS[key][1]))
-              for key in args.variants}
-    passes["ref"] = (mats, lambda W: reference_errors(W, settings, args.grid))
-    passes["ref_seed1"] = (noisy, lambda W: reference_errors(W, replace(settings, seed=1), args.grid))
+    passes = {key: (mats, settings, VARIANTS[key][1]) for key in args.variants}
+    passes["ref"] = (mats, settings, None)
+    passes["ref_seed1"] = (noisy, replace(settings, seed=1), None)
     walls, tables = {}, {}
-    for key, (on, errors) in passes.items():
-        t0, rows = time.perf_counter(), []
-        for name, results in one_thread_per_matrix(lambda name, on=on, f=errors: f(on[name]), list(on), args.threads):
-            rows += as_rows(name, on[name], results)
-        walls[key], tables[key] = time.perf_counter() - t0, pd.DataFrame(rows)
+    for key, (on, lq, fast) in passes.items():
+        t0 = time.perf_counter()
+        tables[key] = table_rows(on, args.grid, lq, fast, args.threads)
+        walls[key] = time.perf_counter() - t0
         print(f"  {key:12s} {len(on)} matrices in {walls[key]:7.1f} s", flush=True)
     return walls, tables
 
@@ -168,10 +145,13 @@ def plan_scores(table: pd.DataFrame, ref: pd.DataFrame, ref1: pd.DataFrame) -> l
 
 
 def _fast_one(item):
+    """One matrix in a worker process (as a chunk step), through the pipeline's row function."""
     name, W, rank, fast = item
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    rows = as_rows(name, W, fast_errors(W, CONFIG_GRID, LQ, LQSettings(rank=rank), fast=fast))
+    lq = LQSettings(rank=rank)
+    (request,) = requests_for({name: W}, {name: [c.name for c in CONFIG_GRID]}, lq, fast)
+    rows = as_rows(name, W, request_rows(request, W, lq, None))
     return name, time.perf_counter() - t0, rows
 
 
@@ -218,7 +198,7 @@ def main() -> None:
     ap.add_argument("--full-variants", nargs="+", choices=list(VARIANTS), default=["default"])
     ap.add_argument("--full-only", action="store_true", help="skip the sample; time the full table only")
     ap.add_argument("--smoke", action="store_true", help="a 32-config slice of the grid (checks the script)")
-    ap.add_argument("--confirm-margin", type=float, default=DEFAULT_CONFIRM_MARGIN, help="plan confirmation margin")
+    ap.add_argument("--confirm-margin", type=float, default=PlanSettings().confirm_margin, help="plan confirmation margin")
     ap.add_argument("--confirm-variants", nargs="*", choices=list(VARIANTS), default=["default"])
     ap.add_argument(
         "--confirm-from-saved",
@@ -232,6 +212,7 @@ def main() -> None:
         help="only confirm one plan on the full default table an earlier --full run saved in bench/out",
     )
     args = ap.parse_args()
+    print(stamp(), flush=True)
     OUT.mkdir(exist_ok=True)
     if args.full_confirm_from_saved:
         full_confirmation(args, pd.read_csv(OUT / f"error_table_rank{args.rank}_full_default.csv"))

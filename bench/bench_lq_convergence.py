@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
 from _real_matrices import layer_matrices  # noqa: E402
+from _stamp import stamp  # noqa: E402
 
 from lqlora_dagster.decompose.lq import LQSettings, lq_error_estimate, lq_error_trace  # noqa: E402
 from lqlora_dagster.per_matrix_threads import available_cores, one_thread_per_matrix  # noqa: E402
@@ -80,6 +82,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--rank", type=int, default=16)
     args = ap.parse_args()
+    print(stamp(), flush=True)
     mats = {n: W for n, W in layer_matrices([args.layer]).items() if n.split(".")[-1] in args.kinds}
     configs = random.Random(0).sample(list(CONFIG_GRID), args.configs)
     print(f"{len(mats)} matrices x {len(configs)} configs, {args.iters} iterations, rank {args.rank}")

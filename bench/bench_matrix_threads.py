@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
 from _real_matrices import layer_matrices  # noqa: E402
+from _stamp import stamp  # noqa: E402
 
 from lqlora_dagster.decompose.lq import LQSettings, lq_error_estimate  # noqa: E402
 from lqlora_dagster.per_matrix_threads import available_cores, one_thread_per_matrix  # noqa: E402
@@ -31,6 +33,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=available_cores())
     args = ap.parse_args()
+    print(stamp(), flush=True)
     mats = layer_matrices([args.layer])
     configs = CONFIG_GRID[:: args.stride]
     settings = LQSettings(rank=args.rank)

@@ -16,8 +16,10 @@ from lqlora_dagster.quant import QLORA_NF3, QLORA_NF4, QuantizedMatrix
 
 try:
     from _real_matrices import layer_matrices
+    from _stamp import stamp
 except ImportError:  # run as a module from the repo root
     from bench._real_matrices import layer_matrices
+    from bench._stamp import stamp
 
 
 def timed(fn, repeat: int = 3) -> float:
@@ -43,6 +45,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    print(stamp(), flush=True)
     torch.set_num_threads(args.threads)
     mats = layer_matrices([10])
     to_nf4 = torchao_nf4()

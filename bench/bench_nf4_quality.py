@@ -24,8 +24,10 @@ from lqlora_dagster.surgery.decompose_model import apply_decompositions, decompo
 
 try:
     from _real_matrices import smollm2_weights_file
+    from _stamp import stamp
 except ImportError:  # run as a module from the repo root
     from bench._real_matrices import smollm2_weights_file
+    from bench._stamp import stamp
 
 
 def main() -> None:
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     args = ap.parse_args()
+    print(stamp(), flush=True)
     folder = smollm2_weights_file().parent
     model, tokenizer = load_model(folder), load_tokenizer(folder)
     windows = token_windows(tokenize(tokenizer, sotu_text("eval")), args.seq_len, args.windows)

@@ -21,23 +21,22 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
 from _real_matrices import layer_matrices  # noqa: E402
-from bench_error_table import (  # noqa: E402  (bench scripts run from the repo root)
-    BUDGETS,
-    OUT,
-    as_rows,
-    reference_errors,
-    relative_differences,
-)
+from _rows import as_rows  # noqa: E402  (bench scripts run from the repo root)
+from _stamp import stamp  # noqa: E402
+from bench_error_table import BUDGETS, OUT, relative_differences  # noqa: E402
 
 from lqlora_dagster.allocate.ilp import solve_ilp  # noqa: E402
+from lqlora_dagster.decompose.inits import INITS  # noqa: E402
 from lqlora_dagster.decompose.lq import LQSettings  # noqa: E402
+from lqlora_dagster.quant.config import CONFIG_GRID  # noqa: E402
 
 
 def _rerun(item: tuple[str, torch.Tensor, int, int, int]) -> list[dict]:
     name, W, rank, seed, threads = item
     torch.set_num_threads(threads)
-    return as_rows(name, W, reference_errors(W, LQSettings(rank=rank, seed=seed)))
+    return as_rows(name, W, INITS["lq"].exact_errors(W, CONFIG_GRID, LQSettings(rank=rank, seed=seed)))
 
 
 def rerun(mats: dict[str, torch.Tensor], rank: int, seed: int, threads: int, workers: int) -> pd.DataFrame:
@@ -65,6 +64,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the rerun (the reference used 1)")
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
+    print(stamp(), flush=True)
     saved = OUT / f"error_table_rank{args.rank}_ref.csv"
     if not saved.exists():
         sys.exit(f"{saved} is missing: run bench/bench_error_table.py --rank {args.rank} first")

@@ -12,11 +12,14 @@ Exit codes: 0 success, 1 a run failed, 2 bad input (the message says what to do)
 """
 
 import argparse
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
+from lqlora_dagster.cli_args import add_knob_flags, stage_overrides
 from lqlora_dagster.errors import LQLoRAInputError
-from lqlora_dagster.methods import METHODS
 from lqlora_dagster.pipeline.context import default_home, ensure_writable_home
 from lqlora_dagster.pipeline.registry import (
     DEFAULT_MODEL,
@@ -26,15 +29,8 @@ from lqlora_dagster.pipeline.registry import (
     registered_models,
     unregister_model,
 )
-from lqlora_dagster.pipeline.settings import (
-    DEFAULT_CONFIRM_MARGIN,
-    CalibrationSettings,
-    ErrorTableSettings,
-    EvalSettings,
-    FinetuneSettings,
-    PlanSettings,
-)
-from lqlora_dagster.store.artifacts import ArtifactStore
+from lqlora_dagster.pipeline.settings import PipelineSettings
+from lqlora_dagster.run_log import run_with_log
 from lqlora_dagster.store.warehouse import SQL_DIR, Warehouse
 
 
@@ -44,43 +40,12 @@ def _warehouse(home: Path) -> Warehouse:
     return w
 
 
-def check_run_args(args: argparse.Namespace) -> None:
-    """Every setting checked before a run starts: a typo fails in a second, not an hour in."""
-    CalibrationSettings(n_sequences=args.calibration_sequences, seq_len=args.calibration_len)
-    ErrorTableSettings(methods=tuple(args.methods), rank=args.rank, grid=args.grid, fast=not args.exhaustive)
-    PlanSettings(budgets=tuple(args.budget), confirm_margin=None if args.no_confirm else args.confirm_margin)
-    FinetuneSettings(steps=args.steps)
-    EvalSettings(seq_len=args.eval_len, n_windows=args.eval_windows)
-
-
-def _run_config(args: argparse.Namespace) -> dict:
-    ops = {
-        "calibration_batches": {
-            "config": {"n_sequences": args.calibration_sequences, "seq_len": args.calibration_len}
-        },
-        "error_table": {
-            "config": {
-                "methods": args.methods,
-                "rank": args.rank,
-                "grid": args.grid,
-                "fast": not args.exhaustive,
-            }
-        },
-        "allocation_plan": {
-            "config": {
-                "budgets": args.budget,
-                "confirm": not args.no_confirm,
-                "confirm_margin": args.confirm_margin,
-            }
-        },
-        "finetuned_adapters": {"config": {"steps": args.steps}},
-        "evaluation": {"config": {"n_windows": args.eval_windows, "seq_len": args.eval_len}},
-    }
-    return {"ops": ops}
+def _table(frame) -> str:
+    return frame.to_string(index=False, float_format=lambda v: f"{v:.4g}") if not frame.empty else "(no rows)"
 
 
 def cmd_register(args: argparse.Namespace, home: Path) -> int:
-    from lqlora_dagster.definitions import add_partition, prepare_dagster_home
+    from assets.runs import add_partition, prepare_dagster_home
 
     name = args.name or (args.source if "/" not in args.source else Path(args.source).name.lower())
     added = register_model(_warehouse(home), name, args.source, args.pattern)
@@ -98,43 +63,43 @@ def _ensure_model(warehouse: Warehouse, model: str) -> None:
         raise LQLoRAInputError(f"model {model!r} is not registered; run `lqlora register SOURCE --name {model}`")
 
 
-def _run_job(args: argparse.Namespace, home: Path, run_config: dict, job: str | None = None) -> bool:
-    from lqlora_dagster.definitions import MAIN_JOB, add_partition, prepare_dagster_home, run_main_job
+def _run(args: argparse.Namespace, home: Path, run_config: dict, job: str, stages: list[str]) -> bool:
+    """Run a job with one summary line per stage on the terminal, the full log in a file."""
+    from assets.runs import add_partition, prepare_dagster_home, run_job
 
     prepare_dagster_home(home)
     add_partition(args.model)
-    print(f"running {job or MAIN_JOB} for {args.model!r} (LQLORA_HOME={home})", flush=True)
-    ok = run_main_job(args.model, run_config, multiprocess=not args.in_process, job=job or MAIN_JOB)
-    if not ok:
-        print("the run failed; see the log above or the Dagster UI (lqlora ui)", file=sys.stderr)
-    return ok
+    return run_with_log(
+        home,
+        f"{args.command}-{args.model}",
+        lambda show: run_job(args.model, run_config, job, stages, show, multiprocess=not args.in_process),
+        header=f"lqlora {args.command}: {job} for {args.model!r} (LQLORA_HOME={home})",
+        verbose=args.verbose,
+    )
 
 
 def cmd_run(args: argparse.Namespace, home: Path) -> int:
-    check_run_args(args)
+    from lqlora_dagster.definitions import MAIN_ASSETS, MAIN_JOB
+
+    settings = PipelineSettings().override(**stage_overrides(args))  # every knob checked before any work
     _ensure_model(_warehouse(home), args.model)
-    if not _run_job(args, home, _run_config(args)):
+    if not _run(args, home, settings.run_config(), MAIN_JOB, MAIN_ASSETS):
         return 1
-    table = _warehouse(home).run_named_query("ppl_by_method_and_budget", {"model": args.model})
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(_table(_warehouse(home).run_named_query("ppl_by_method_and_budget", {"model": args.model})))
     return 0
 
 
 def cmd_compare(args: argparse.Namespace, home: Path) -> int:
     """The comparison job: every method at the paper's budgets, then the report."""
-    from lqlora_dagster.comparison import ComparisonSettings
-    from lqlora_dagster.definitions import COMPARISON_JOB, comparison_run_config, stored_handle
+    from assets.runs import stored_handle
+    from lqlora_dagster.comparison import COMPARISONS
+    from lqlora_dagster.definitions import COMPARISON_JOB, MAIN_ASSETS
+    from lqlora_dagster.store.artifacts import ArtifactStore
 
     warehouse = _warehouse(home)
     _ensure_model(warehouse, args.model)
-    given = {"rank": args.rank, "finetune_steps": args.steps, "eval_windows": args.eval_windows,
-             "eval_len": args.eval_len}
-    overrides = {k: v for k, v in given.items() if v is not None}
-    if lookup_model(warehouse, args.model)["task"] == "seq-cls":
-        settings = ComparisonSettings.encoder(**overrides)
-    else:
-        settings = ComparisonSettings(**overrides)
-    if not _run_job(args, home, comparison_run_config(settings), COMPARISON_JOB):
+    comparison = COMPARISONS[lookup_model(warehouse, args.model)["task"]].with_stages(**stage_overrides(args))
+    if not _run(args, home, comparison.run_config(), COMPARISON_JOB, MAIN_ASSETS + ["comparison_report"]):
         return 1
     report = stored_handle(home, "comparison_report", args.model)
     folder = ArtifactStore(home / "artifacts").get("comparison_report", args.model, report.key).path
@@ -145,7 +110,7 @@ def cmd_compare(args: argparse.Namespace, home: Path) -> int:
 
 def cmd_unregister(args: argparse.Namespace, home: Path) -> int:
     """Forget a model (its partition and registry row); stored results stay in DuckDB."""
-    from lqlora_dagster.definitions import prepare_dagster_home, remove_partition
+    from assets.runs import prepare_dagster_home, remove_partition
 
     check_model_name(args.name)
     warehouse = _warehouse(home)
@@ -165,7 +130,7 @@ def cmd_sql(args: argparse.Namespace, home: Path) -> int:
         frame = Warehouse(path).run_named_query(args.query, {"model": args.model}, read_only=True)
     else:
         frame = _warehouse(home).run_named_query(args.query, {"model": args.model})
-    print(frame.to_string(index=False, float_format=lambda v: f"{v:.4g}") if not frame.empty else "(no rows)")
+    print(_table(frame))
     return 0
 
 
@@ -174,12 +139,31 @@ def cmd_models(args: argparse.Namespace, home: Path) -> int:
     return 0
 
 
+def stop_session(proc, grace_s: float = 20.0) -> None:
+    """SIGTERM a process started in its own session and everything in it, then SIGKILL
+    what is left (Dagster's `tail -F` log followers ignore SIGTERM); returns once the
+    session's process group is empty."""
+    for sig, grace in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader, our child
+            try:
+                os.killpg(proc.pid, 0)  # anyone left in the group?
+            except ProcessLookupError:
+                return
+            time.sleep(0.3)
+
+
 def cmd_ui(args: argparse.Namespace, home: Path) -> int:
-    """`dagster dev` on this project, with DAGSTER_HOME under LQLORA_HOME."""
-    import os
+    """`dagster dev` on this project, with DAGSTER_HOME under LQLORA_HOME. It runs in its
+    own session (so its children can be stopped together); Ctrl-C and SIGTERM stop it all."""
     import subprocess
 
-    from lqlora_dagster.definitions import prepare_dagster_home
+    from assets.runs import prepare_dagster_home
 
     prepare_dagster_home(home)
     repo = Path(__file__).resolve().parents[1]
@@ -187,11 +171,24 @@ def cmd_ui(args: argparse.Namespace, home: Path) -> int:
            "-h", args.host, "-p", str(args.port)]
     print(f"Dagster UI on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     proc = subprocess.Popen(cmd, cwd=repo, env=os.environ.copy(), start_new_session=True)
+
+    def interrupt(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        os.killpg(proc.pid, 15)
-        return proc.wait()
+        stop_session(proc)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_flags(p: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL) -> None:
+    p.add_argument("--model", default=default_model, help=f"a registered model (default: {default_model})")
+    p.add_argument("--in-process", action="store_true", help="run steps in this process (no multiprocess executor)")
+    p.add_argument("--verbose", action="store_true", help="show Dagster's full event log live (it always goes to a file)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -206,42 +203,17 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_register)
 
     run = sub.add_parser("run", help="materialize the whole asset graph for one model")
-    run.add_argument("--model", default=DEFAULT_MODEL)
-    run.add_argument("--budget", type=float, nargs="+", default=[3.25], help="bits/param; one plan each")
-    run.add_argument("--methods", nargs="+", default=["lqlora-fisher"], choices=list(METHODS))
-    run.add_argument("--rank", type=int, default=16)
-    run.add_argument("--grid", choices=["full", "reduced"], default="full")
-    run.add_argument(
-        "--exhaustive", action="store_true", help="one decomposition per config (slow reference)"
-    )
-    run.add_argument(
-        "--confirm-margin",
-        type=float,
-        default=DEFAULT_CONFIRM_MARGIN,
-        help="plans on the fast table: estimates count this much lower until picked and computed exactly",
-    )
-    run.add_argument("--no-confirm", action="store_true", help="plan on the fast table's estimates as they are")
-    run.add_argument("--calibration-sequences", type=int, default=32)
-    run.add_argument("--calibration-len", type=int, default=256)
-    run.add_argument("--steps", type=int, default=20, help="finetuning steps")
-    run.add_argument("--eval-windows", type=int, default=16)
-    run.add_argument("--eval-len", type=int, default=512)
-    run.add_argument(
-        "--in-process", action="store_true", help="run steps in this process (no multiprocess executor)"
-    )
+    _run_flags(run)
+    add_knob_flags(run)
     run.set_defaults(func=cmd_run)
 
     c = sub.add_parser(
         "compare",
-        help="compare every method at the paper's budgets (table and plots); SmolLM2 about 1.5 h on 2 cores, "
-        "MiniLM (register minilm-l6) on sentence polarity in minutes",
+        help="compare every method at the paper's budgets (table and plots); the stage flags change "
+        "what all methods share",
     )
-    c.add_argument("--model", default=DEFAULT_MODEL)
-    c.add_argument("--rank", type=int, help="default 16")
-    c.add_argument("--steps", type=int, help="finetuning steps, the same for every method (LM 10, encoder 200)")
-    c.add_argument("--eval-windows", type=int, help="perplexity windows (LM, default 8)")
-    c.add_argument("--eval-len", type=int, help="tokens per window or sentence (LM 512, encoder 64)")
-    c.add_argument("--in-process", action="store_true", help="run steps in this process")
+    _run_flags(c)
+    add_knob_flags(c, ["calibration_batches", "error_table", "finetuned_adapters", "evaluation"])
     c.set_defaults(func=cmd_compare)
 
     u = sub.add_parser("unregister", help="forget a registered model (its results stay in DuckDB)")
@@ -265,8 +237,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     args = parser().parse_args(argv)
     home = (args.home or default_home()).resolve()
     os.environ["LQLORA_HOME"] = str(home)  # the Dagster code (and its subprocesses) read it

@@ -2,15 +2,12 @@
 
 An LQ decomposition's result depends on torch's CPU thread count: the thread count
 changes the order of BLAS sums, and the alternating iteration amplifies last-bit
-differences to about 1% of the error (bench/bench_reference_noise.py: 32% of the
-configs move by more than 1% between 1 and 2 threads). Running every decomposition on
-one thread, with the parallelism across matrices, makes a matrix's result the same in
-every stage that computes it (table chunks, plan confirmation, the decomposition
-stage) and on every machine, whatever its core count. It is also faster: these
-matrices are too small for intra-op threads to pay off (bench/bench_matrix_threads.py,
-7 SmolLM2 matrices x 36 configs: 29.6 s one at a time on 2 torch threads, 20.8 s two
-at a time on one thread each). Python threads are enough, because torch releases the
-GIL inside its kernels.
+differences to about 1% of the error. Running every decomposition on one thread, with
+the parallelism across matrices, makes a matrix's result the same in every stage that
+computes it (table chunks, plan confirmation, the decomposition stage) and on every
+machine, whatever its core count. It is also faster: these matrices are too small for
+intra-op threads to pay off (bench/bench_matrix_threads.py, bench/results/). Python
+threads are enough, because torch releases the GIL inside its kernels.
 """
 
 import os

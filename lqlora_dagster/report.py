@@ -14,8 +14,8 @@ import pandas as pd
 from matplotlib import rcParams
 from matplotlib.figure import Figure  # no pyplot: files only, no display, no global state
 
-from lqlora_dagster.comparison import LABELS, method_label
 from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.methods import METHODS, method_label
 
 
 def comparison_frame(evals: pd.DataFrame) -> pd.DataFrame:
@@ -36,9 +36,9 @@ def comparison_frame(evals: pd.DataFrame) -> pd.DataFrame:
     bits = rest.groupby(["method", "budget"])[["bits_per_param", "bits_incl_lowrank"]].last()
     frame = wide.join(bits).reset_index()
     frame["label"] = [
-        method_label(m, b, q) for m, b, q in zip(frame["method"], frame["budget"], frame["bits_per_param"])
+        method_label(m, q) for m, q in zip(frame["method"], frame["bits_per_param"])
     ]
-    order = {m: i for i, m in enumerate(LABELS)}
+    order = {m: i for i, m in enumerate(METHODS)}
     frame["_order"] = frame["method"].map(order).fillna(len(order))
     frame = frame.sort_values(["budget", "_order"]).drop(columns="_order").reset_index(drop=True)
     if not ref.empty:
@@ -51,7 +51,7 @@ def comparison_frame(evals: pd.DataFrame) -> pd.DataFrame:
                     "after_finetune": np.nan,
                     "bits_per_param": 32.0,
                     "bits_incl_lowrank": 32.0,
-                    "label": LABELS["reference"],
+                    "label": method_label("reference"),
                 }
             ]
         )
@@ -95,7 +95,7 @@ def pareto_figure(frame: pd.DataFrame, title: str = "") -> Figure:
     for i, (method, g) in enumerate(rows.groupby("method", sort=False)):
         g = g.sort_values("bits_incl_lowrank")
         c = colors[i % len(colors)]
-        label = LABELS.get(method, method)
+        label = method_label(method)
         ax.plot(
             g["bits_incl_lowrank"], g["before_finetune"], "o--", color=c, mfc="none", label=f"{label}, before"
         )

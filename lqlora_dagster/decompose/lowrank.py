@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 SVDMethod = Literal["randomized", "full"]
+SVD_METHODS: tuple[str, ...] = ("randomized", "full")
 
 
 @dataclass(frozen=True)

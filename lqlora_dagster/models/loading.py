@@ -1,32 +1,17 @@
-"""Load a resolved HF folder as a float32 model and tokenizer, offline."""
+"""Load a resolved HF folder as a float32 model of its task, and its tokenizer, offline."""
 
 from pathlib import Path
 
-import torch
-
 from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.tasks import get_task
 
-HEAD_SEED = 0
 
-
-def load_model(folder: Path, task: str = "causal-lm", num_labels: int = 2):
-    """A float32 model in eval mode. Transformers is imported here, not at module
-    import, so the Dagster code server loads fast."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
+def load_model(folder: Path, task: str = "causal-lm"):
+    """A float32 model in eval mode. Transformers is imported by the task, not at
+    module import, so the Dagster code server loads fast."""
+    spec = get_task(task)
     try:
-        if task == "causal-lm":
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        elif task == "seq-cls":
-            # the new classification head is drawn from a fixed seed, so every stage
-            # (Fisher, decomposition, reference) starts from the same head
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(HEAD_SEED)
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    folder, dtype=torch.float32, num_labels=num_labels
-                )
-        else:
-            raise LQLoRAInputError(f"unknown task {task!r}; use 'causal-lm' or 'seq-cls'")
+        model = spec.load(folder)
     except (OSError, ValueError, KeyError) as err:
         if isinstance(err, LQLoRAInputError):
             raise

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.models.layer_types import LAYER_TYPES, layer_type_of
+from lqlora_dagster.surgery.lq_linear import LQLinear
 
 DEFAULT_TARGETS: dict[str, str] = {
     "llama": r"\.(q|k|v|o|gate|up|down)_proj$",
@@ -49,10 +51,6 @@ def default_pattern(model: torch.nn.Module) -> str:
     return DEFAULT_TARGETS[model_type]
 
 
-def _is_conv1d(module: torch.nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 def find_targets(model: torch.nn.Module, pattern: str | None = None) -> list[Target]:
     """Every module whose name matches `pattern` (default: by architecture)."""
     regex_text = pattern if pattern is not None else default_pattern(model)
@@ -64,17 +62,14 @@ def find_targets(model: torch.nn.Module, pattern: str | None = None) -> list[Tar
     for name, module in model.named_modules():
         if not name or not regex.search(name):
             continue
-        if isinstance(module, torch.nn.Linear):
-            rows, cols, transposed = module.out_features, module.in_features, False
-        elif _is_conv1d(module):
-            cols, rows = module.weight.shape
-            transposed = True
-        elif type(module).__name__ == "LQLinear":
-            rows, cols, transposed = module.out_features, module.in_features, False
+        if isinstance(module, LQLinear):  # already decomposed: its original layout
+            rows, cols, transposed = module.out_features, module.in_features, module.transposed
+        elif (kind := layer_type_of(module)) is not None:
+            (rows, cols), transposed = kind.shape(module), kind.transposed
         else:
             raise LQLoRAInputError(
-                f"module {name!r} matches the target pattern but is a {type(module).__name__}, "
-                "which cannot be wrapped; only nn.Linear and GPT-2 Conv1D can. Narrow the pattern"
+                f"module {name!r} matches the target pattern but is a {type(module).__name__}, which cannot "
+                f"be wrapped; only {', '.join(t.name for t in LAYER_TYPES)} can. Narrow the pattern"
             )
         found = _LAYER_INDEX.search(name)
         targets.append(

@@ -1,14 +1,11 @@
-"""Stages `calibration_batches` and `fisher_diagonals`."""
+"""Stages `calibration_batches` and `fisher_diagonals`: the task's calibration
+examples, tokenized once; then the empirical Fisher diagonal of every target."""
 
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from lqlora_dagster.data.corpora import read_text, sotu_text
-from lqlora_dagster.data.polarity import encode_sentences, polarity_split
-from lqlora_dagster.data.windows import token_windows, tokenize
-from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.fisher import estimate_fisher
 from lqlora_dagster.models.loading import load_tokenizer
 from lqlora_dagster.pipeline.base_model import load_with_targets
@@ -16,37 +13,18 @@ from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.handles import CalibrationHandle, FisherHandle, ModelHandle
 from lqlora_dagster.pipeline.settings import CalibrationSettings
 from lqlora_dagster.store.keys import stable_key
+from lqlora_dagster.tasks import get_task
 
 CALIBRATION_VERSION = "1"
 FISHER_VERSION = "1"
 
 
-def calibration_text(source: str) -> str:
-    return sotu_text("calibration") if source == "sotu" else read_text(Path(source))
-
-
-def calibration_examples(model: ModelHandle, s: CalibrationSettings) -> dict[str, torch.Tensor]:
-    """Token windows of the calibration speeches (causal LM), or the first labelled
-    sentences of the polarity train split (classifier; never its test split)."""
-    tokenizer = load_tokenizer(Path(model.folder))
-    if model.task == "seq-cls":
-        if s.text != "sotu":
-            raise LQLoRAInputError(
-                "a classifier calibrates on the polarity train sentences; leave `text` unset"
-            )
-        rows = polarity_split("train")
-        if s.n_sequences > len(rows):
-            raise LQLoRAInputError(
-                f"{s.n_sequences} calibration sentences asked, the train split has {len(rows)}"
-            )
-        return encode_sentences(tokenizer, rows[: s.n_sequences], s.seq_len)
-    ids = tokenize(tokenizer, calibration_text(s.text))
-    return {"input_ids": token_windows(ids, s.seq_len, s.n_sequences, seed=s.seed)}
+def calibration_examples(model: ModelHandle, s: CalibrationSettings) -> torch.Tensor | dict[str, torch.Tensor]:
+    return get_task(model.task).calibration_examples(load_tokenizer(Path(model.folder)), s)
 
 
 def run_calibration(ctx: StageContext, model: ModelHandle, s: CalibrationSettings) -> CalibrationHandle:
-    source = "polarity" if model.task == "seq-cls" else s.text
-    text_id = source if source in ("sotu", "polarity") else stable_key(read_text(Path(s.text)))
+    source, text_id = get_task(model.task).calibration_source(s)
     key = stable_key(model.key, s, text_id, CALIBRATION_VERSION)
     handle = CalibrationHandle(model.model, key, s.n_sequences, s.seq_len)
     if ctx.store.find("calibration_batches", model.model, key) is not None:
@@ -83,7 +61,7 @@ def run_fisher(ctx: StageContext, model: ModelHandle, calibration: CalibrationHa
 
     def progress(i: int, n: int) -> None:
         if i % max(1, n // 8) == 0 or i == n:
-            ctx.log(f"fisher: {i}/{n} sequences")
+            ctx.progress("fisher", i, n, "sequences")
 
     fisher = estimate_fisher(base, batches, targets, progress=progress)
     ctx.store.save_tensors("fisher_diagonals", model.model, key, fisher)

@@ -54,6 +54,11 @@ class StageContext:
     log: Callable[[str], None] = _log.info
     cpu_workers: int = 0  # matrices decomposed at a time on CPU (0: one per core)
 
+    def progress(self, what: str, done: int, total: int, unit: str, note: str = "") -> None:
+        """A progress line in one format ("what: done/total unit (note)"), which the CLI
+        turns into a progress bar."""
+        self.log(f"{what}: {done}/{total} {unit}" + (f" ({note})" if note else ""))
+
     @property
     def matrix_workers(self) -> int:
         return matrix_workers(self.device, self.cpu_workers)

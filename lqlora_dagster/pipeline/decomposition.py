@@ -23,29 +23,28 @@ from lqlora_dagster.store.keys import stable_key
 from lqlora_dagster.surgery.decompose_model import apply_decompositions, decompose_targets
 from lqlora_dagster.surgery.lq_model_io import load_lq_model, save_lq_model
 
-DECOMPOSITION_VERSION = "3"  # 2: table-based quantizer in the loop, Q encoded once; 3: one torch thread per matrix
+DECOMPOSITION_VERSION = "3"
 ASSET = "decomposed_model"
 
 
-def decomposition_key(model: ModelHandle, plan_id: str, settings: dict, fisher_key: str | None) -> str:
-    return stable_key(model.key, plan_id, settings, fisher_key, DECOMPOSITION_VERSION)
+def decomposition_key(model: ModelHandle, plan_id: str, lq: LQSettings, fisher_key: str | None) -> str:
+    return stable_key(model.key, plan_id, lq, fisher_key, DECOMPOSITION_VERSION)
 
 
 def run_decomposition(
     ctx: StageContext, model: ModelHandle, plans: PlanHandle, fisher: FisherHandle | None
 ) -> DecomposedHandle:
-    settings = LQSettings(**plans.settings)
     items = []
     fisher_tensors = None
     for plan in plans.plans:
         method = get_method(plan.method)
         fisher_key = fisher.key if (method.fisher and fisher is not None) else None
-        key = decomposition_key(model, plan.plan_id, plans.settings, fisher_key)
+        key = decomposition_key(model, plan.plan_id, plans.lq, fisher_key)
         art = ctx.store.find(ASSET, model.model, key)
         if art is None:
             if method.fisher and fisher_tensors is None and fisher is not None:
                 fisher_tensors = load_fisher(ctx, fisher)
-            art = _decompose(ctx, model, plan, method, settings, fisher_tensors, key)
+            art = _decompose(ctx, model, plan, method, plans.lq, fisher_tensors, key)
         else:
             ctx.log(f"decomposition {plan.method} @ {plan.budget:g}: cached")
         lq = load_lq_model(art.path)
@@ -68,9 +67,7 @@ def _decompose(ctx, model, plan, method, settings, fisher_tensors, key):
     def progress(i: int, n: int, name: str, spent: float) -> None:
         seconds[name] = spent
         if i % every == 0 or i == n:
-            ctx.log(
-                f"decompose {plan.method} @ {plan.budget:g}: {i}/{n} matrices, {time.perf_counter() - start:.0f}s"
-            )
+            ctx.progress(f"decompose {plan.method} @ {plan.budget:g}", i, n, "matrices", f"{time.perf_counter() - start:.0f}s")
 
     decs = decompose_targets(
         base, targets, configs, method, settings, fisher_tensors, progress, ctx.matrix_workers

@@ -1,17 +1,14 @@
-"""Stage `evaluation`: perplexity on held-out speeches (2016+) of the reference model,
+"""Stage `evaluation`: the task's metric on its held-out examples (perplexity on the
+2016+ speeches, or accuracy on the polarity test sentences) for the reference model,
 each decomposed model (before finetuning) and each finetuned one (after), with
-storage in bits/param; for a classifier, accuracy on the polarity test sentences.
-Rows already in DuckDB for the same inputs are reused."""
+storage in bits/param. Rows already in DuckDB for the same inputs are reused."""
 
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from lqlora_dagster.data.corpora import sotu_text
-from lqlora_dagster.data.polarity import encode_sentences, polarity_split
-from lqlora_dagster.data.windows import token_windows, tokenize
-from lqlora_dagster.evaluation import accuracy, peak_memory_mb, perplexity, storage
+from lqlora_dagster.evaluation import peak_memory_mb, storage
 from lqlora_dagster.models.loading import load_tokenizer
 from lqlora_dagster.pipeline.base_model import load_base
 from lqlora_dagster.pipeline.context import StageContext
@@ -22,6 +19,7 @@ from lqlora_dagster.pipeline.settings import EvalSettings
 from lqlora_dagster.store.keys import stable_key
 from lqlora_dagster.store.schemas import EVALUATIONS
 from lqlora_dagster.surgery.lq_model_io import load_lq_model
+from lqlora_dagster.tasks import get_task
 
 EVAL_VERSION = "1"
 
@@ -37,8 +35,9 @@ def run_evaluation(
     finetuned: FinetunedHandle,
     s: EvalSettings,
 ) -> EvaluationHandle:
+    task = get_task(model.task)
     jobs = []
-    if model.task != "seq-cls":  # a classifier's fresh head makes the untrained model a coin toss
+    if task.scores_reference:
         jobs.append(
             (stable_key(model.key, s, EVAL_VERSION), "reference", None, None, lambda: load_base(model, ctx.device))
         )
@@ -63,18 +62,18 @@ def run_evaluation(
                 lambda r=ref: load_finetuned(ctx, model, r, ctx.device),
             )
         )
-    windows = None
+    examples = None
     keys = []
     for key, stage, ref, plan_id, load in jobs:
         keys.append(key)
         if _done(ctx, key):
             continue
-        if windows is None:
-            windows = eval_examples(model, s)
+        if examples is None:
+            examples = task.eval_examples(load_tokenizer(Path(model.folder)), s)
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
         net = load()
-        metric, value = score(net, windows, s)
+        metric, value = task.metric, task.score(net, examples, s)
         ppl = value if metric == "perplexity" else None
         st = storage(net) if stage != "reference" else None
         row = {
@@ -89,7 +88,7 @@ def run_evaluation(
             "bits_per_param": st.bits_per_param if st else None,
             "bits_incl_lowrank": st.bits_incl_lowrank if st else None,
             "peak_mb": peak_memory_mb(ctx.device),
-            "n_tokens": int(windows["attention_mask"].sum() if metric == "accuracy" else windows.numel()),
+            "n_tokens": task.n_tokens(examples),
             "seq_len": s.seq_len,
             "plan_id": plan_id,
         }
@@ -98,21 +97,6 @@ def run_evaluation(
         ctx.log(f"evaluation {label}: {metric} {value:.4f}")
         del net
     return EvaluationHandle(model.model, keys)
-
-
-def eval_examples(model: ModelHandle, s: EvalSettings):
-    """Windows of the 2016+ speeches (causal LM), or the 800 polarity test sentences."""
-    tokenizer = load_tokenizer(Path(model.folder))
-    if model.task == "seq-cls":
-        return encode_sentences(tokenizer, polarity_split("test"), s.seq_len)
-    return token_windows(tokenize(tokenizer, sotu_text("eval")), s.seq_len, s.n_windows)
-
-
-def score(net: torch.nn.Module, examples, s: EvalSettings) -> tuple[str, float]:
-    if isinstance(examples, dict):
-        acc = accuracy(net, examples["input_ids"], examples["attention_mask"], examples["labels"], 64)
-        return "accuracy", acc
-    return "perplexity", perplexity(net, examples, s.batch_size)
 
 
 def evaluation_table(ctx: StageContext, keys: list[str]) -> pd.DataFrame:

@@ -1,6 +1,6 @@
-"""Stage `finetuned_adapters`: train L1, L2 of each decomposed model on the
-2000-2015 speeches (a classifier: L1, L2 and its head on the polarity train
-sentences); export PEFT adapters; log every step to DuckDB `train_steps`.
+"""Stage `finetuned_adapters`: train L1, L2 of each decomposed model (and a
+classifier's fresh head) on the task's training examples; export PEFT adapters; log
+every step to DuckDB `train_steps`.
 
 Training checkpoints go to LQLORA_HOME/checkpoints/<run key>, so a killed run
 resumes from its last checkpoint instead of from step 0.
@@ -14,9 +14,6 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from lqlora_dagster.data.corpora import sotu_text
-from lqlora_dagster.data.polarity import encode_sentences, polarity_split
-from lqlora_dagster.data.windows import token_windows, tokenize
 from lqlora_dagster.models.loading import load_tokenizer
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.decomposition import ASSET as DECOMPOSED
@@ -27,44 +24,28 @@ from lqlora_dagster.store.schemas import TRAIN_STEPS
 from lqlora_dagster.surgery.export import export_peft_adapter
 from lqlora_dagster.surgery.injector import lq_layers, mark_trainable
 from lqlora_dagster.surgery.lq_model_io import load_lq_model
-from lqlora_dagster.training.finetune import (
-    TrainSettings,
-    causal_lm_batches,
-    classification_batches,
-    finetune,
-)
+from lqlora_dagster.tasks import get_task
+from lqlora_dagster.training.finetune import finetune
 from lqlora_dagster.training.state import checkpoint_step
 
 FINETUNE_VERSION = "1"
 ASSET = "finetuned_adapters"
 
 
-def train_settings(s: FinetuneSettings) -> TrainSettings:
-    return TrainSettings(
-        steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps, seed=s.seed
-    )
-
-
-def selected(s: FinetuneSettings, method: str, budget: float) -> bool:
-    return (not s.methods or method in s.methods) and (
-        not s.budgets or any(abs(budget - b) < 1e-9 for b in s.budgets)
-    )
-
-
 def run_finetuning(
     ctx: StageContext, model: ModelHandle, decomposed: DecomposedHandle, s: FinetuneSettings
 ) -> FinetunedHandle:
     items = []
-    windows = None
+    examples = None
     for ref in decomposed.items:
-        if not selected(s, ref.method, ref.budget):
+        if not s.selects(ref.method, ref.budget):
             continue
         run_key = stable_key(ref.decomp_key, asdict(s) | {"methods": None, "budgets": None}, FINETUNE_VERSION)
         art = ctx.store.find(ASSET, model.model, run_key)
         if art is None:
-            if windows is None:
-                windows = training_examples(model, s)
-            art = _train(ctx, model, ref, s, run_key, windows)
+            if examples is None:
+                examples = get_task(model.task).training_examples(load_tokenizer(Path(model.folder)), s)
+            art = _train(ctx, model, ref, s, run_key, examples)
         else:
             ctx.log(f"finetune {ref.method} @ {ref.budget:g}: cached")
         losses = ctx.warehouse.query(
@@ -75,35 +56,11 @@ def run_finetuning(
     return FinetunedHandle(model.model, items)
 
 
-def training_examples(model: ModelHandle, s: FinetuneSettings) -> torch.Tensor | dict[str, torch.Tensor]:
-    """Token windows of the 2000-2015 speeches (causal LM), or the polarity train
-    sentences (classifier)."""
-    tokenizer = load_tokenizer(Path(model.folder))
-    if model.task == "seq-cls":
-        return encode_sentences(tokenizer, polarity_split("train"), s.seq_len)
-    return token_windows(tokenize(tokenizer, sotu_text("train")), s.seq_len)
-
-
-def task_head(model: ModelHandle, net: torch.nn.Module | None = None) -> str | None:
-    """The freshly initialised head a classifier trains with its factors (None for a causal LM)."""
-    if model.task != "seq-cls":
-        return None
-    return "score" if net is not None and hasattr(net, "score") else "classifier"
-
-
-def batches_for(examples, settings: TrainSettings):
-    if isinstance(examples, dict):
-        return classification_batches(
-            examples["input_ids"], examples["attention_mask"], examples["labels"], settings
-        )
-    return causal_lm_batches(examples, settings)
-
-
-def _train(ctx, model, ref, s, run_key, windows):
+def _train(ctx, model, ref, s: FinetuneSettings, run_key, examples):
+    task = get_task(model.task)
     lq = load_lq_model(ctx.store.get(DECOMPOSED, model.model, ref.decomp_key).path, ctx.device)
-    head = task_head(model, lq)
+    head = task.head(lq)
     mark_trainable(lq, head=head)
-    settings = train_settings(s)
     checkpoint = ctx.checkpoints / run_key
 
     resumed = checkpoint_step(checkpoint)
@@ -111,9 +68,9 @@ def _train(ctx, model, ref, s, run_key, windows):
         ctx.log(f"finetune {ref.method} @ {ref.budget:g}: resuming from the checkpoint at step {resumed}")
 
     def on_step(step) -> None:
-        ctx.log(f"finetune {ref.method} @ {ref.budget:g}: step {step.step}/{settings.steps} loss {step.loss:.4f}")
+        ctx.progress(f"finetune {ref.method} @ {ref.budget:g}", step.step, s.steps, "steps", f"loss {step.loss:.4f}")
 
-    history = finetune(lq, batches_for(windows, settings), settings, checkpoint_dir=checkpoint, on_step=on_step)
+    history = finetune(lq, task.batches(examples, s), s, checkpoint_dir=checkpoint, on_step=on_step)
     frame = pd.DataFrame(
         [
             {
@@ -146,7 +103,7 @@ def load_finetuned(
         for name, layer in lq_layers(lq).items():
             layer.L2.copy_(tensors[f"base_model.model.{name}.lora_A.weight"])
             layer.L1.copy_(tensors[f"base_model.model.{name}.lora_B.weight"])
-        head = task_head(model, lq)
+        head = get_task(model.task).head(lq)
         if head is not None:  # the trained head travels with the adapter (PEFT modules_to_save)
             for pname, p in lq.get_submodule(head).named_parameters():
                 p.copy_(tensors[f"base_model.model.{head}.{pname}"])

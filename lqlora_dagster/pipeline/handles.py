@@ -9,6 +9,9 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from lqlora_dagster.decompose.lq import LQSettings
+from lqlora_dagster.knobs import from_values
+
 
 @dataclass(frozen=True)
 class ModelHandle:
@@ -53,8 +56,7 @@ class TableRef:
 class ErrorTableHandle:
     model: str
     model_key: str
-    rank: int
-    settings: dict  # LQSettings fields
+    lq: LQSettings  # the decomposition the rows price (and the decomposition stage runs)
     tables: list[TableRef] = field(default_factory=list)
 
 
@@ -72,8 +74,7 @@ class PlanRef:
 class PlanHandle:
     model: str
     plans: list[PlanRef]
-    rank: int
-    settings: dict
+    lq: LQSettings
 
 
 @dataclass(frozen=True)
@@ -144,14 +145,4 @@ def to_json(handle) -> str:
 
 def from_json(text: str):
     data = json.loads(text)
-    cls = HANDLE_TYPES[data["type"]]
-    value = data["value"]
-    hints = {f.name: f for f in dataclasses.fields(cls)}
-    if "tables" in hints:
-        value["tables"] = [TableRef(**t) for t in value["tables"]]
-    if "plans" in hints:
-        value["plans"] = [PlanRef(**p) for p in value["plans"]]
-    if "items" in hints:
-        item_cls = DecompositionRef if cls is DecomposedHandle else AdapterRef
-        value["items"] = [item_cls(**i) for i in value["items"]]
-    return cls(**value)
+    return from_values(HANDLE_TYPES[data["type"]], data["value"])

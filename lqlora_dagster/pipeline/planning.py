@@ -10,26 +10,22 @@ import time
 import pandas as pd
 
 from lqlora_dagster.allocate.confirm import Solver, confirm_plan
-from lqlora_dagster.allocate.ilp import solve_ilp
 from lqlora_dagster.allocate.problem import Allocation
-from lqlora_dagster.allocate.uniform import solve_uniform
-from lqlora_dagster.decompose.lq import LQSettings
+from lqlora_dagster.error_table.stage import exact_rows, load_table
 from lqlora_dagster.methods import get_method
-from lqlora_dagster.pipeline.confirmation import exact_rows
 from lqlora_dagster.pipeline.context import StageContext
-from lqlora_dagster.pipeline.error_table import load_table
 from lqlora_dagster.pipeline.handles import ErrorTableHandle, ModelHandle, PlanHandle, PlanRef, TableRef
 from lqlora_dagster.pipeline.settings import PlanSettings
 from lqlora_dagster.quant.config import QuantConfig
 from lqlora_dagster.store.keys import stable_key
 from lqlora_dagster.store.schemas import PLAN_ASSIGNMENTS, PLANS
 
-PLAN_VERSION = "2"  # 2: plans on fast tables are confirmed
+PLAN_VERSION = "2"
 
 
 def confirm_margin(ref: TableRef, s: PlanSettings) -> float | None:
     """The margin this table's plans are confirmed with; None for exact tables."""
-    return s.confirm_margin if ref.exact_key is not None else None
+    return s.margin if ref.exact_key is not None else None
 
 
 def plan_id(ref: TableRef, budget: float, margin: float | None = None) -> str:
@@ -97,8 +93,7 @@ def run_planning(
 ) -> PlanHandle:
     refs = []
     for ref in tables.tables:
-        method = get_method(ref.method)
-        solve = solve_ilp if method.allocation == "ilp" else solve_uniform
+        solve = get_method(ref.method).allocation.solve
         margin = confirm_margin(ref, s)
         table = None
         for budget in s.budgets_for(ref.method):
@@ -123,7 +118,7 @@ def run_planning(
             refs.append(
                 PlanRef(pid, ref.method, float(budget), plan.bits_per_param, plan.objective, ref.table_key)
             )
-    return PlanHandle(tables.model, refs, tables.rank, tables.settings)
+    return PlanHandle(tables.model, refs, tables.lq)
 
 
 def _confirmed(
@@ -144,7 +139,7 @@ def _confirmed(
             f"(optimistic objective {plan.objective:.4g}), {time.perf_counter() - start:.0f}s"
         )
 
-    exact = exact_rows(ctx, model, ref, LQSettings(**tables.settings))
+    exact = exact_rows(ctx, model, ref, tables.lq)
     done = confirm_plan(table, budget, exact, solve, margin, progress)
     ctx.log(
         f"confirm {ref.method} @ {budget:g}: every pick exact after {done.rounds} rounds, "

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from lqlora_dagster.comparison import HEATMAP_PLAN
 from lqlora_dagster.methods import get_method
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.evaluating import evaluation_table
@@ -21,13 +20,14 @@ from lqlora_dagster.report import (
 from lqlora_dagster.store.keys import stable_key
 
 REPORT_VERSION = "2"
+HEATMAP_PLAN = ("lqlora-fisher", 3.0)  # the plan whose bits per matrix the heatmap shows
 ASSET = "comparison_report"
 TABLE, PARETO, HEATMAP = "comparison.md", "pareto.png", "allocation.png"
 
 
 def heatmap_plan(plans: PlanHandle, wanted: tuple[str, float] = HEATMAP_PLAN) -> PlanRef | None:
     """The wanted (method, budget) plan if the run made it, else its first ILP plan."""
-    ilp = [p for p in plans.plans if get_method(p.method).allocation == "ilp"]
+    ilp = [p for p in plans.plans if get_method(p.method).ilp]
     exact = [p for p in ilp if p.method == wanted[0] and abs(p.budget - wanted[1]) < 1e-9]
     return (exact or ilp or [None])[0]
 

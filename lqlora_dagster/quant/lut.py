@@ -14,7 +14,7 @@ from functools import cache
 
 import torch
 
-from lqlora_dagster.quant.codec import block_scales, quantize_scales, to_blocks
+from lqlora_dagster.quant.codec import block_scales, quantize_scales
 from lqlora_dagster.quant.config import QuantConfig
 from lqlora_dagster.quant.normal_float import nf_codebook
 
@@ -69,15 +69,10 @@ class BlockQuantizer:
         return self._deq.mul_(scales)
 
 
-def simulate_fast(W: torch.Tensor, config: QuantConfig) -> torch.Tensor:
-    """Approximately `simulate(W, config)`: same scales, table-based level choice."""
-    deq = BlockQuantizer(to_blocks(W, config.B0)).dequantized(config)
-    return deq.reshape(-1)[: W.numel()].reshape(W.shape).clone()
-
-
 class RepeatedQuantizer:
-    """`simulate_fast` for many matrices of one shape under one config (the LQ loop):
-    buffers are allocated once. The returned tensor is reused by the next call."""
+    """Table-based simulated quantization of many matrices of one shape under one
+    config (the LQ loop): buffers are allocated once. The returned tensor is reused by
+    the next call."""
 
     def __init__(self, shape: tuple[int, int], config: QuantConfig, device: torch.device):
         self.config, self.shape, self.n = config, shape, shape[0] * shape[1]

@@ -10,13 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.quant.bitpack import pack_bits, packed_nbytes, unpack_bits
 from lqlora_dagster.quant.codec import Codes, decode, encode, padded_sizes
 from lqlora_dagster.quant.config import QuantConfig
 from lqlora_dagster.validation import check_matrix
-
-_FIELDS = ("codes", "scale_codes", "group_scales", "scale_offset")
 
 
 @dataclass(frozen=True)
@@ -89,30 +86,3 @@ class QuantizedMatrix:
     def to(self, device: torch.device | str) -> "QuantizedMatrix":
         moved = [t.to(device) for t in self._buffers()]
         return QuantizedMatrix(*moved, self.shape, self.config)
-
-    # --- safetensors: tensors under "<prefix>.<field>", shape/config in metadata ---
-
-    def state(self, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        tensors = {f"{prefix}.{name}": t.contiguous() for name, t in zip(_FIELDS, self._buffers())}
-        meta = {f"{prefix}.shape": f"{self.shape[0]}x{self.shape[1]}", f"{prefix}.config": self.config.name}
-        return tensors, meta
-
-    @classmethod
-    def from_state(
-        cls, tensors: dict[str, torch.Tensor], meta: dict[str, str], prefix: str
-    ) -> "QuantizedMatrix":
-        try:
-            rows, cols = (int(v) for v in meta[f"{prefix}.shape"].split("x"))
-            config = QuantConfig.parse(meta[f"{prefix}.config"])
-            parts = [tensors[f"{prefix}.{name}"] for name in _FIELDS]
-        except KeyError as err:
-            raise LQLoRAInputError(
-                f"quantized matrix {prefix!r} is incomplete in the file: missing {err}"
-            ) from err
-        qm = cls(*parts, (rows, cols), config)
-        if qm.nbytes != qm.expected_nbytes():
-            raise LQLoRAInputError(
-                f"quantized matrix {prefix!r} holds {qm.nbytes} bytes, expected "
-                f"{qm.expected_nbytes()} for {rows}x{cols} at {config.name}; the file is damaged"
-            )
-        return qm

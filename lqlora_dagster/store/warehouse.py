@@ -17,7 +17,9 @@ import pandas as pd
 
 from lqlora_dagster.errors import LQLoRAInputError
 
-SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+# the schema and canned queries: top-level sql/, reached through the package link
+# lqlora_dagster/sql -> ../sql (a wheel carries them as package data)
+SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
 _LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked", "lock on file")
 
 

@@ -14,8 +14,7 @@ from safetensors.torch import save_file
 
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.surgery.injector import lq_layers, to_dense
-
-PEFT_TASK = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}
+from lqlora_dagster.tasks import get_task
 
 
 def export_peft_adapter(
@@ -38,7 +37,7 @@ def export_peft_adapter(
     transposed = {m.transposed for m in layers.values()}
     config = {
         "peft_type": "LORA",
-        "task_type": PEFT_TASK[task],
+        "task_type": get_task(task).peft_type,
         "r": rank,
         "lora_alpha": scaling * rank,
         "lora_dropout": 0.0,

@@ -1,8 +1,8 @@
 """Put `LQLinear` layers into any HF model by module name, and take them out again.
 
-`replace_with_lq` swaps each target (nn.Linear or GPT-2 Conv1D) for an LQLinear built
-from its decomposition. `to_dense` builds plain layers back (dequantized Q, or Q + L1 L2
-merged) so PEFT and plain transformers can load the result.
+`replace_with_lq` swaps each target (any layer type of `models/layer_types.py`) for an
+LQLinear built from its decomposition. `to_dense` builds layers of the original type
+back (dequantized Q, or Q + L1 L2 merged) so PEFT and plain transformers load the result.
 """
 
 from dataclasses import dataclass
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.models.layer_types import LAYER_TYPES, layer_type_named, layer_type_of
 from lqlora_dagster.quant.matrix import QuantizedMatrix
 from lqlora_dagster.surgery.lq_linear import LQLinear
 
@@ -35,15 +36,16 @@ def replace_with_lq(model: nn.Module, inits: dict[str, LayerInit], scaling: floa
             old = model.get_submodule(name)
         except AttributeError as err:
             raise LQLoRAInputError(f"the model has no module {name!r} to replace") from err
-        if not (isinstance(old, nn.Linear) or type(old).__name__ == "Conv1D"):
+        kind = layer_type_of(old)
+        if kind is None:
             raise LQLoRAInputError(
-                f"module {name!r} is a {type(old).__name__}; only Linear/Conv1D can be replaced"
+                f"module {name!r} is a {type(old).__name__}; only {', '.join(t.name for t in LAYER_TYPES)} "
+                "can be replaced"
             )
         bias = getattr(old, "bias", None)
         device = old.weight.device
-        transposed = not isinstance(old, nn.Linear)
         layer = LQLinear(
-            init.quantized.to(device), init.L1.to(device), init.L2.to(device), bias, scaling, transposed
+            init.quantized.to(device), init.L1.to(device), init.L2.to(device), bias, scaling, kind.name
         )
         _set_submodule(model, name, layer)
     return model
@@ -69,28 +71,12 @@ def mark_trainable(model: nn.Module, head: str | None = None) -> list[str]:
     return trainable
 
 
-def _dense_layer(layer: LQLinear, weight: torch.Tensor) -> nn.Module:
-    """A layer of the type that was replaced (Linear, or Conv1D with weight (in, out))."""
-    if layer.transposed:
-        from transformers.pytorch_utils import Conv1D
-
-        dense = Conv1D(layer.out_features, layer.in_features)
-        weight = weight.T
-    else:
-        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-    dense = dense.to(weight.device)
-    with torch.no_grad():
-        dense.weight.copy_(weight)
-        if layer.bias is not None:
-            dense.bias.copy_(layer.bias)
-    return dense
-
-
 def to_dense(model: nn.Module, merge: bool) -> nn.Module:
     """Replace each LQLinear in place by the original layer type holding deq(Q)
     (merge=False) or deq(Q) + scaling L1 L2 (merge=True), fp32. Returns the model."""
     for name, layer in lq_layers(model).items():
         with torch.no_grad():
             weight = layer.merged_weight() if merge else layer.dequantized_weight()
-        _set_submodule(model, name, _dense_layer(layer, weight))
+        bias = layer.bias.detach() if layer.bias is not None else None
+        _set_submodule(model, name, layer_type_named(layer.layer_type).dense(weight, bias))
     return model

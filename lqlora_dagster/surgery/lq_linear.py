@@ -9,6 +9,7 @@ alive between forward and backward: memory stays at the packed size.
 import torch
 from torch import nn
 
+from lqlora_dagster.models.layer_types import layer_type_named
 from lqlora_dagster.quant.config import QuantConfig
 from lqlora_dagster.quant.matrix import QuantizedMatrix
 
@@ -34,10 +35,10 @@ class LQLinear(nn.Module):
         L2: torch.Tensor,
         bias: torch.Tensor | None = None,
         scaling: float = 1.0,
-        transposed: bool = False,
+        layer_type: str = "Linear",
     ):
         super().__init__()
-        self.transposed = transposed  # the replaced layer was a GPT-2 Conv1D, weight (in, out)
+        self.layer_type = layer_type  # what it replaced (models/layer_types.py), rebuilt by to_dense
         self.out_features, self.in_features = quantized.shape
         self.rank = L1.shape[1]
         if L1.shape != (self.out_features, self.rank) or L2.shape != (self.rank, self.in_features):
@@ -67,6 +68,11 @@ class LQLinear(nn.Module):
         y = _FrozenQuantMatmul.apply(x, self)
         y = y + self.scaling * ((x @ self.L2.to(x.dtype).T) @ self.L1.to(x.dtype).T)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    @property
+    def transposed(self) -> bool:
+        """The replaced layer stored its weight as (in, out) (GPT-2 Conv1D)."""
+        return layer_type_named(self.layer_type).transposed
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, q={self.config.name}"

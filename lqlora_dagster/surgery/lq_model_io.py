@@ -19,6 +19,7 @@ from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.quant.config import QuantConfig
 from lqlora_dagster.quant.matrix import QuantizedMatrix
 from lqlora_dagster.surgery.injector import LayerInit, lq_layers, replace_with_lq
+from lqlora_dagster.tasks import get_task
 
 LAYOUT = "lqlora.json"
 WEIGHTS = "model.safetensors"
@@ -63,7 +64,7 @@ def _shell_init(spec: dict) -> LayerInit:
 
 
 def load_lq_model(folder: Path, device: torch.device | str = "cpu") -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     folder = Path(folder)
     if not (folder / LAYOUT).is_file():
@@ -74,10 +75,9 @@ def load_lq_model(folder: Path, device: torch.device | str = "cpu") -> torch.nn.
             f"{folder} has LQ model format {layout.get('format_version')}, expected {FORMAT_VERSION}"
         )
     config = AutoConfig.from_pretrained(folder)
-    auto = AutoModelForCausalLM if layout["task"] == "causal-lm" else AutoModelForSequenceClassification
     # Built on CPU, not the meta device: non-persistent buffers (e.g. BERT's
     # position_ids) are not in the file and must be initialised by the constructor.
-    model = auto.from_config(config, dtype=torch.float32)
+    model = get_task(layout["task"]).from_config(config)
     for name, spec in layout["layers"].items():
         replace_with_lq(model, {name: _shell_init(spec)}, scaling=spec["scaling"])
         layer = model.get_submodule(name)

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.knobs import check_knobs, knob
 from lqlora_dagster.training.state import load_state, save_state
 
 BatchFn = Callable[[int, int], dict[str, torch.Tensor]]
@@ -24,22 +25,20 @@ BatchFn = Callable[[int, int], dict[str, torch.Tensor]]
 
 @dataclass(frozen=True)
 class TrainSettings:
-    steps: int = 20
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 2e-4
-    warmup_steps: int = 2
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 5  # steps between checkpoints (0: only at the end)
+    """Knobs of the finetuning loop (each a launchpad field and a CLI flag)."""
+
+    steps: int = knob(20, "optimizer steps", ge=1, flags=("--steps",))
+    batch_size: int = knob(4, "examples per micro-batch", ge=1)
+    grad_accum: int = knob(1, "micro-batches per optimizer step", ge=1)
+    lr: float = knob(2e-4, "peak learning rate (AdamW)", gt=0, lt=1, flags=("--lr",))
+    warmup_steps: int = knob(2, "steps of linear warmup before the cosine decay", ge=0)
+    weight_decay: float = knob(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = knob(1.0, "clip gradients to this norm (0: no clipping)", ge=0)
+    seed: int = knob(0, "seed of the batch order and of fresh LoRA factors")
+    checkpoint_every: int = knob(5, "steps between resumable checkpoints (0: only at the end)", ge=0)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise LQLoRAInputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise LQLoRAInputError(f"learning rate must be a positive number, got {self.lr}")
+        check_knobs(self)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]

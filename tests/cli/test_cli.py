@@ -75,15 +75,35 @@ def test_run_succeeds_and_prints_the_evaluation_table(ran):
     assert sum("lqlora-fisher" in line for line in lines) == 2  # before and after finetuning
 
 
-def test_run_shows_progress_of_each_long_stage(ran):
+def _log_path(stderr: str) -> Path:
+    line = next(line for line in stderr.splitlines() if line.startswith("full log: "))
+    return Path(line.removeprefix("full log: ").split(";")[0])
+
+
+STAGES = ("base_model", "calibration_batches", "fisher_diagonals", "error_table", "allocation_plan",
+          "decomposed_model", "finetuned_adapters", "evaluation")
+
+
+def test_run_shows_one_line_per_stage_start_and_end(ran):
     _, run = ran
-    log = run.stderr
+    lines = run.stderr.splitlines()
+    for stage in STAGES:
+        assert any(line.split()[:2] == [stage, "started"] for line in lines), stage
+        assert any(line.split()[:3] == [stage, "done", "in"] for line in lines), stage
+    assert any(line.startswith("error_table") and "14 matrices" in line for line in lines)  # its progress
+    assert len(lines) <= 40, run.stderr
+    assert "DEBUG" not in run.stderr and "BetaWarning" not in run.stderr  # the event log is in the file
+
+
+def test_the_full_event_log_goes_to_a_file(ran):
+    _, run = ran
+    log = _log_path(run.stderr).read_text()
     assert "fisher: 4/4 sequences" in log
-    assert "error_table lqlora-fisher: 7/7 model.layers.1.mlp.down_proj" in log
+    assert "error_table: 14/14 matrices" in log
     assert "confirm lqlora-fisher @ 3: every pick exact after" in log
     assert "decompose lqlora-fisher @ 3: 14/14 matrices" in log
-    assert "finetune lqlora-fisher @ 3: step 2/2" in log
-    assert "BetaWarning" not in log  # no library noise between the progress lines
+    assert "finetune lqlora-fisher @ 3: 2/2 steps" in log
+    assert "STEP_SUCCESS" in log  # Dagster's own events, at DEBUG
 
 
 def test_sql_and_models_read_the_results(ran):
@@ -100,7 +120,11 @@ def test_a_failed_run_exits_1_and_says_where_to_look(ran):
     run = lqlora(home, "run", *TINY_RUN, "--budget", "1.5")
     assert run.returncode == 1
     assert "the run failed" in run.stderr and "lqlora ui" in run.stderr
-    assert "below the cheapest plan" in run.stderr
+    assert "allocation_plan: budget 1.5 bits/param is below the cheapest plan" in run.stderr
+    assert "Traceback" not in run.stderr and _log_path(run.stderr).is_file()
+    verbose = lqlora(home, "run", *TINY_RUN, "--budget", "1.5", "--verbose")
+    assert verbose.returncode == 1
+    assert "STEP_FAILURE" in verbose.stderr and "below the cheapest plan" in verbose.stderr  # the log, live
 
 
 def test_bad_input_exits_2_with_the_fix(ran):
@@ -124,3 +148,50 @@ def test_unregister_removes_the_partition(tmp_path, tiny_llama_folder):
     assert "gone" not in lqlora(tmp_path, "models").stdout
     again = lqlora(tmp_path, "unregister", "gone")
     assert again.returncode == 2 and "is not registered" in again.stderr
+
+
+def _dagster_dev_pid(port: int) -> int | None:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"dev" in args and str(port).encode() in args and any(a.endswith(b"dagster") for a in args):
+                return int(entry.name)
+    return None
+
+
+def test_ui_stops_its_server_on_sigterm(tmp_path):
+    """`lqlora ui` runs `dagster dev` in a session of its own; a SIGTERM to `lqlora`
+    (a service manager's stop) must take the whole session down with it."""
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ui = subprocess.Popen([LQLORA, "--home", str(tmp_path), "ui", "--port", str(port)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2):
+                    break
+            except OSError:
+                time.sleep(1)
+        pid = _dagster_dev_pid(port)
+        assert pid is not None, "dagster dev did not start"
+        group = os.getpgid(pid)
+        assert group != os.getpgid(ui.pid)  # its own session: a Ctrl-C in our shell would not reach it
+        ui.send_signal(signal.SIGTERM)
+        assert ui.wait(timeout=60) == 0
+        with pytest.raises(ProcessLookupError):
+            os.killpg(group, 0)  # nothing of the server is left
+    finally:
+        if ui.poll() is None:
+            ui.kill()

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from lqlora_dagster import cli
+from lqlora_dagster.error_table.stage import compute_table_rows, table_handle
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.pipeline.base_model import run_base_model
 from lqlora_dagster.pipeline.calibration import run_calibration
 from lqlora_dagster.pipeline.context import StageContext
-from lqlora_dagster.pipeline.error_table import run_error_table
 from lqlora_dagster.pipeline.planning import run_planning
 from lqlora_dagster.pipeline.registry import register_model
 from lqlora_dagster.pipeline.settings import CalibrationSettings, ErrorTableSettings, PlanSettings
@@ -58,7 +58,7 @@ CLI_CASES = {
     "negative budget": (["run", "--budget", "-1"], r"budget -1.0 is not a sensible number"),
     "absurd budget": (["run", "--budget", "500"], r"budget 500.0 is not a sensible number"),
     "NaN budget": (["run", "--budget", "nan"], r"budget nan is not a sensible number"),
-    "zero rank": (["run", "--rank", "0"], r"rank must be >= 1, got 0"),
+    "zero rank": (["run", "--rank", "0"], r"rank must be an integer >= 1, got 0"),
     "one-token calibration windows": (["run", "--calibration-len", "1"], r"seq_len must be an integer >= 2, got 1"),
     "zero finetune steps": (["run", "--steps", "0"], r"steps must be an integer >= 1, got 0"),
     "zero eval windows": (["run", "--eval-windows", "0"], r"n_windows must be an integer >= 1, got 0"),
@@ -267,6 +267,11 @@ def test_pattern_matching_a_non_linear(ctx, tmp_path):
 def tiny_base(ctx, tiny_llama_folder):
     register_model(ctx.warehouse, "tiny", str(tiny_llama_folder))
     return run_base_model(ctx, "tiny")
+
+
+def run_error_table(ctx, model, fisher, settings):
+    compute_table_rows(ctx, model, fisher, settings)
+    return table_handle(model, fisher, settings)
 
 
 def test_rank_too_large_for_the_model(ctx, tiny_base):

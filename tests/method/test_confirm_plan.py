@@ -10,9 +10,8 @@ from lqlora_dagster.allocate.confirm import confirm_plan
 from lqlora_dagster.allocate.ilp import solve_ilp
 from lqlora_dagster.allocate.uniform import solve_uniform
 from lqlora_dagster.decompose.lq import LQSettings, lq_error_estimate
+from lqlora_dagster.error_table.estimates import estimated_errors
 from lqlora_dagster.errors import LQLoRAInputError
-from lqlora_dagster.fast_error_table import fast_errors
-from lqlora_dagster.methods import get_method
 from lqlora_dagster.pipeline.settings import PlanSettings
 from lqlora_dagster.quant.config import CONFIG_GRID, storage_bits
 from tests.method.test_allocation import random_table
@@ -55,7 +54,7 @@ def test_every_pick_is_exact_even_with_estimates_off_both_ways(solve):
 def test_on_real_decompositions_the_plan_is_the_exhaustive_one(gaussian):
     """Fast rows of real LQ decompositions, confirmed with cold-start ones: the plan
     comes out at the exhaustive table's objective, from a fraction of its rows."""
-    settings, lq = LQSettings(rank=4, max_iters=8), get_method("lqlora")
+    settings = LQSettings(rank=4, max_iters=8)
     configs = tuple(c for c in CONFIG_GRID if c.B0 == 64 and c.b1 == "fp16")  # 48 configs
     g = torch.Generator().manual_seed(11)
     mats = {f"m{i}": gaussian * (1 + i) + 0.02 * torch.randn(gaussian.shape, generator=g) for i in range(4)}
@@ -70,7 +69,7 @@ def test_on_real_decompositions_the_plan_is_the_exhaustive_one(gaussian):
         )
 
     exhaustive = table(lambda W: [lq_error_estimate(W, c, settings).error for c in configs])
-    fast = table(lambda W: [r.error for r in fast_errors(W, configs, lq, settings)])
+    fast = table(lambda W: [r.error for r in estimated_errors(W, configs, settings)])
     exact = dict(zip(zip(exhaustive["matrix"], exhaustive["config"]), exhaustive["error"]))
     asked: list = []
     done = confirm_plan(fast, 3.3, lookup(exact, asked), solve_ilp, margin=0.1)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lqlora_dagster.decompose.fisher_weights import residual_error
-from lqlora_dagster.error_table import zero_init_errors
+from lqlora_dagster.decompose.inits import ZeroInit
+from lqlora_dagster.decompose.lq import LQSettings
 from lqlora_dagster.quant.batched_error import quantization_errors
 from lqlora_dagster.quant.codec import simulate
 from lqlora_dagster.quant.config import CONFIG_GRID, QLORA_NF3
@@ -20,7 +21,8 @@ def sample_configs():
 @pytest.mark.parametrize("weighted", [False, True])
 def test_zero_init_errors_match_one_quantization_per_config(gaussian, sample_configs, weighted):
     F = torch.rand(gaussian.shape, generator=torch.Generator().manual_seed(1)) if weighted else None
-    rows = zero_init_errors(gaussian, sample_configs, F)
+    init = ZeroInit("zero", fisher=weighted)  # a Fisher-weighted zero init prices by F
+    rows = init.exact_errors(gaussian, sample_configs, LQSettings(rank=4), F)
     assert [r.config for r in rows] == list(sample_configs)  # the order asked for
     for r in rows:
         expected = residual_error(gaussian - simulate(gaussian, r.config), F)
@@ -31,7 +33,8 @@ def test_zero_init_errors_match_one_quantization_per_config(gaussian, sample_con
 def test_more_bits_never_cost_accuracy(gaussian):
     by_b = {c.b: c for c in CONFIG_GRID if c.B0 == 64 and c.b0 == 8 and c.b1 == "fp32" and c.B1 == 256}
     assert len(by_b) >= 3
-    errors = [e.error for e in zero_init_errors(gaussian, tuple(by_b[b] for b in sorted(by_b)))]
+    rows = ZeroInit("zero").exact_errors(gaussian, tuple(by_b[b] for b in sorted(by_b)), LQSettings(rank=4))
+    errors = [e.error for e in rows]
     assert errors == sorted(errors, reverse=True) and errors[-1] > 0
 
 

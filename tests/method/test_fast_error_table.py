@@ -11,14 +11,12 @@ from safetensors import safe_open
 from lqlora_dagster.decompose.fisher_weights import residual_error
 from lqlora_dagster.decompose.lowrank import LowRank
 from lqlora_dagster.decompose.lq import LQSettings, lq_error_estimate
+from lqlora_dagster.error_table.estimates import FastSettings, anchor_of, estimated_errors
 from lqlora_dagster.errors import LQLoRAInputError
-from lqlora_dagster.fast_error_table import FastSettings, anchor_of, fast_errors
-from lqlora_dagster.methods import get_method
 from lqlora_dagster.pipeline.settings import ErrorTableSettings
 from lqlora_dagster.quant.codec import simulate
 from lqlora_dagster.quant.config import CONFIG_GRID
 
-LQ = get_method("lqlora")
 SETTINGS = LQSettings(rank=4, max_iters=8)
 # two (b, B0) families of the paper's grid, 36 configs each
 FAMILIES = tuple(c for c in CONFIG_GRID if (c.b, c.B0) in ((3, 64), (2, 32)))
@@ -30,7 +28,7 @@ def group_key(c, fields):
 
 @pytest.mark.parametrize("fields", [("b", "B0"), ("b", "B0", "b0")])
 def test_one_reference_decomposition_per_group(gaussian, fields):
-    rows = fast_errors(gaussian, FAMILIES, LQ, SETTINGS, fast=FastSettings(fields, refine_steps=0))
+    rows = estimated_errors(gaussian, FAMILIES, SETTINGS, fast=FastSettings(fields, refine_steps=0))
     assert [r.config for r in rows] == list(FAMILIES)  # the order asked for
     decomposed = {r.config for r in rows if r.iters > 0}
     assert len(decomposed) == len({group_key(c, fields) for c in FAMILIES}) == {2: 2, 3: 8}[len(fields)]
@@ -46,7 +44,7 @@ def test_every_row_is_the_error_of_a_real_decomposition(gaussian):
     value), and the others (same storage but the group-scale format) are priced on
     the factors it ends with."""
     fast = FastSettings()
-    rows = {r.config: r for r in fast_errors(gaussian, FAMILIES, LQ, SETTINGS, fast=fast)}
+    rows = {r.config: r for r in estimated_errors(gaussian, FAMILIES, SETTINGS, fast=fast)}
     steps = replace(SETTINGS, max_iters=fast.refine_steps)
     n_stepped = 0
     for key in {group_key(c, fast.anchor_fields) for c in FAMILIES}:
@@ -80,8 +78,8 @@ def priced_error(W: torch.Tensor, factors: LowRank, c) -> float:
 
 def test_fisher_weights_reach_the_fast_rows(gaussian):
     F = torch.rand(gaussian.shape, generator=torch.Generator().manual_seed(3)) * 10
-    plain = fast_errors(gaussian, FAMILIES[:12], LQ, SETTINGS)
-    weighted = fast_errors(gaussian, FAMILIES[:12], get_method("lqlora-fisher"), SETTINGS, F)
+    plain = estimated_errors(gaussian, FAMILIES[:12], SETTINGS)
+    weighted = estimated_errors(gaussian, FAMILIES[:12], SETTINGS, F)
     assert all(w.error != p.error for w, p in zip(weighted, plain))
 
 
@@ -97,7 +95,7 @@ def test_coarse_scale_siblings_step_towards_the_exhaustive_values(smollm2_folder
     exhaustive = {c: lq_error_estimate(W, c, settings).error for c in family}
 
     def mean_excess(fast: FastSettings) -> float:
-        rows = [r for r in fast_errors(W, family, LQ, settings, fast=fast) if r.config.b0 <= 3]
+        rows = [r for r in estimated_errors(W, family, settings, fast=fast) if r.config.b0 <= 3]
         return sum(r.error / exhaustive[r.config] - 1 for r in rows) / len(rows)
 
     priced, stepped = mean_excess(FastSettings(refine_steps=0)), mean_excess(FastSettings())

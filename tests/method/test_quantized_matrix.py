@@ -9,7 +9,6 @@ from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.quant import CONFIG_GRID, QLORA_NF3, QLORA_NF4, QuantConfig, QuantizedMatrix, simulate
 from lqlora_dagster.quant.config import storage_bits
 from lqlora_dagster.quant.normal_float import nf_codebook
-from lqlora_dagster.quant.store import load_matrices, save_matrices
 
 SHAPES = [(64, 64), (192, 576), (7, 13), (1, 1), (33, 100)]
 CONFIGS = [QLORA_NF4, QLORA_NF3, QuantConfig(2, 2, "bf16", 16, 16), QuantConfig(8, 3, "fp16", 32, 64)]
@@ -100,29 +99,6 @@ def test_zero_and_constant_matrices():
     assert torch.equal(QuantizedMatrix.quantize(Z, QLORA_NF4).dequantize(), Z)
     C = torch.full((8, 8), 0.5)
     assert torch.allclose(QuantizedMatrix.quantize(C, QLORA_NF4).dequantize(), C)
-
-
-def test_safetensors_round_trip(tmp_path, gaussian):
-    mats = {
-        "a.q_proj": QuantizedMatrix.quantize(gaussian, QLORA_NF3),
-        "b.k_proj": QuantizedMatrix.quantize(gaussian[:7, :9], QuantConfig(2, 4, "bf16", 16, 64)),
-    }
-    extra = {"a.q_proj.L1": torch.randn(96, 4)}
-    save_matrices(tmp_path / "q.safetensors", mats, extra, {"note": "x"})
-    loaded, loaded_extra, meta = load_matrices(tmp_path / "q.safetensors")
-    assert meta["note"] == "x" and set(loaded) == set(mats)
-    for name, qm in mats.items():
-        assert loaded[name].config == qm.config and loaded[name].shape == qm.shape
-        assert torch.equal(loaded[name].dequantize(), qm.dequantize())
-    assert torch.equal(loaded_extra["a.q_proj.L1"], extra["a.q_proj.L1"])
-
-
-def test_truncated_file_is_a_clear_error(tmp_path, gaussian):
-    path = tmp_path / "q.safetensors"
-    save_matrices(path, {"m": QuantizedMatrix.quantize(gaussian, QLORA_NF4)})
-    path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(LQLoRAInputError, match="cannot read quantized matrices"):
-        load_matrices(path)
 
 
 @pytest.mark.parametrize(

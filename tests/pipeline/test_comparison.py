@@ -1,6 +1,7 @@
 """The comparison job on the tiny model (reduced grid, a few steps), and the report it
 renders: the table's rows, and plots whose axes carry the evaluation numbers."""
 
+import dataclasses
 
 import dagster as dg
 import numpy as np
@@ -8,36 +9,25 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from lqlora_dagster.comparison import (
-    BUDGETS,
-    FINETUNED_BUDGETS,
-    ILP_METHODS,
-    UNIFORM_METHODS,
-    ComparisonSettings,
-)
-from lqlora_dagster.definitions import (
-    COMPARISON_JOB,
-    build_definitions,
-    comparison_run_config,
-    stored_handle,
-)
+from assets.runs import stored_handle
+from lqlora_dagster.comparison import LM_COMPARISON
+from lqlora_dagster.definitions import COMPARISON_JOB, build_definitions, comparison_run_config
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.report import allocation_grid, comparison_frame, heatmap_figure, pareto_figure
 from tests.conftest import registered_home
 
 MODEL = "tiny-llama"
-TINY = ComparisonSettings(
-    rank=4,
-    grid="reduced",
-    calibration_sequences=4,
-    calibration_len=64,
-    finetune_steps=2,
-    finetune_batch=2,
-    finetune_len=64,
-    eval_windows=2,
-    eval_len=64,
+TINY = dataclasses.replace(
+    LM_COMPARISON.with_stages(
+        error_table={"rank": 4, "grid": "reduced"},
+        calibration_batches={"n_sequences": 4, "seq_len": 64},
+        finetuned_adapters={"steps": 2, "batch_size": 2, "seq_len": 64},
+        evaluation={"n_windows": 2, "seq_len": 64},
+    ),
     uniform_budgets=(3.6, 4.6),  # 64-wide matrices pad a whole scale group: NF3 = 3.51 bits here
 )
+BUDGETS, FINETUNED_BUDGETS = TINY.budgets, TINY.finetuned_budgets
+ILP_METHODS, UNIFORM_METHODS = TINY.ilp_methods, TINY.uniform_methods
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -8,7 +8,7 @@ import dagster as dg
 import pandas as pd
 
 from assets.errors import N_CHUNKS
-from lqlora_dagster.definitions import reconstructable_main_job
+from assets.runs import reconstructable_job
 from lqlora_dagster.pipeline.registry import register_model
 from lqlora_dagster.store.warehouse import Warehouse
 from tests.pipeline.conftest import tiny_run_config
@@ -32,7 +32,7 @@ def error_rows(home: Path, tiny_llama_folder: Path, executor: str, execution: di
     with dg.instance_for_test(temp_dir=str(home / "dagster")) as instance:
         instance.add_dynamic_partitions("base_models", [MODEL])
         result = dg.execute_job(
-            reconstructable_main_job(home, executor),
+            reconstructable_job(home, executor),
             instance=instance,
             run_config=run_config,
             tags={"dagster/partition": MODEL},

@@ -6,24 +6,21 @@ and the head, accuracy on the held-out test sentences, and the report."""
 import pytest
 import torch
 
-from lqlora_dagster.comparison import ComparisonSettings
+from assets.runs import stored_handle
+from lqlora_dagster.comparison import ENCODER_COMPARISON
 from lqlora_dagster.data.polarity import polarity_split
-from lqlora_dagster.definitions import COMPARISON_JOB, build_definitions, comparison_run_config, stored_handle
+from lqlora_dagster.definitions import COMPARISON_JOB, build_definitions, comparison_run_config
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.finetuning import load_finetuned
 from lqlora_dagster.surgery.lq_model_io import load_lq_model
 from tests.conftest import registered_home
 
 MODEL = "tiny-bert"
-TINY = ComparisonSettings.encoder(
-    rank=4,
-    grid="reduced",
-    calibration_sequences=8,
-    calibration_len=32,
-    finetune_steps=6,
-    finetune_batch=8,
-    finetune_len=32,
-    eval_len=32,
+TINY = ENCODER_COMPARISON.with_stages(
+    error_table={"rank": 4, "grid": "reduced"},
+    calibration_batches={"n_sequences": 8, "seq_len": 32},
+    finetuned_adapters={"steps": 6, "batch_size": 8, "seq_len": 32},
+    evaluation={"seq_len": 32},
 )
 
 
@@ -74,7 +71,7 @@ def test_finetuning_trained_the_head_with_the_factors(compared):
     tuned = load_finetuned(ctx, model, ref)
     assert not torch.equal(decomposed.classifier.weight, tuned.classifier.weight)
     steps = w.query("SELECT count(*) AS n FROM train_steps WHERE run = ?", [ref.run_key])["n"].iloc[0]
-    assert steps == TINY.finetune_steps
+    assert steps == TINY.stages.finetuned_adapters.steps
 
 
 def test_report_shows_accuracy(compared):

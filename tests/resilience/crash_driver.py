@@ -17,12 +17,8 @@ def main(home: str, partition: str, last_asset: str, run_config: str) -> int:
     os.environ["LQLORA_HOME"] = home
     import dagster as dg
 
-    from lqlora_dagster.definitions import (
-        add_partition,
-        build_definitions,
-        prepare_dagster_home,
-        resources_at,
-    )
+    from assets.runs import add_partition, prepare_dagster_home
+    from lqlora_dagster.definitions import build_definitions, resources_at
 
     prepare_dagster_home(Path(home))
     add_partition(partition)

@@ -3,7 +3,6 @@ driven headless by Playwright, an asset of a tiny-model partition materialized b
 clicking, and the DuckDB rows that run wrote checked afterwards."""
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import duckdb
 import pytest
+
+from lqlora_dagster.cli import stop_session
 
 pytestmark = pytest.mark.browser
 
@@ -49,25 +50,6 @@ def wait_until_serving(url: str, server: subprocess.Popen, log: Path, timeout: f
         except OSError:
             time.sleep(1)
     pytest.fail(f"dagster dev did not serve {url} in {timeout:.0f}s:\n{log.read_text()[-3000:]}")
-
-
-def stop_process_group(server: subprocess.Popen) -> None:
-    """SIGTERM the server's whole session (webserver, daemon, code servers), then SIGKILL
-    what is left: the `tail -F` log followers Dagster starts for each run ignore SIGTERM.
-    Returns once the group is empty (killed processes take a moment to be reaped)."""
-    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 15)):
-        try:
-            os.killpg(server.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            server.poll()  # reap the leader, our child
-            try:
-                os.killpg(server.pid, 0)  # anyone left in the group?
-            except ProcessLookupError:
-                return
-            time.sleep(0.5)
 
 
 @pytest.fixture()
@@ -121,7 +103,7 @@ def dagster_dev(tmp_path, tiny_llama_folder):
         wait_until_serving(url, server, log)
         yield url, home, log
     finally:
-        stop_process_group(server)
+        stop_session(server)
     with pytest.raises(ProcessLookupError):
         os.killpg(server.pid, 0)  # the whole process group is gone
 

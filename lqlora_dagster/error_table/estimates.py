@@ -1,29 +1,19 @@
-"""The fast path for the error table, exploiting the grid's structure.
+"""Estimated rows: the fast path, exploiting the grid's structure.
 
-1. Anchors: one full LQ decomposition (cold start, exactly the reference's) per group of
+1. Anchors: one full LQ decomposition (cold start, exactly the exact row's) per group of
    configs sharing the fields in `anchor_fields` (default (b, B0): 12 of the 432).
 2. Siblings (same b and B0, other scale storage) start from their anchor's factors L:
    - fine scale codes (b0 > `refine_max_b0`): the error of q_c(W - L), the whole group
      priced in one batched pass;
-   - coarse scale codes (default b0 = 2, 3): such coarse absmax codes clip blocks
-     differently, so factors fitted under 8-bit scales overprice these configs (median
-     +17% and +7% on SmolLM2; +1.6% for b0 = 4). Per (b0, B1), the most precisely
-     stored member takes `refine_steps` alternating steps of its own from there, and
-     its siblings that differ only in the group-scale format b1 (one float per B0*B1
-     weights) are priced on the factors it ends with: stepping each of them separately
-     took 1.4x the time and gave no better plans.
+   - coarse scale codes (default b0 = 2, 3) clip blocks differently, so factors fitted
+     under 8-bit scales overprice them. Per (b0, B1), the most precisely stored member
+     takes `refine_steps` alternating steps of its own from there, and its siblings that
+     differ only in the group-scale format b1 are priced on the factors it ends with.
 3. All quantization in here is table-based (`quant/lut.py`): same error to ~1e-6.
 
-What it costs and how close it comes: bench/bench_error_table.py, table in the README
-(whole SmolLM2 table, rank 16, 2 cores: 456 s, against about 2 hours exhaustive).
-The exhaustive table is itself reproducible only to ~1% per config: the LQ iteration
-lands in different fixpoints when only the SVD seed or the BLAS thread count changes
-(bench/bench_reference_noise.py, bench/bench_lq_convergence.py). So these rows are
-estimates, mostly a little high, and plans made on them alone miss the exhaustive plan
-by up to ~2%. One decomposition per (b, B0, b0) (48 anchors) was tried: slower, and no
-better plans (its siblings still differ in B1).
-The plans are made exact where they choose by confirmation (`allocate/confirm.py`, run
-by the allocation_plan stage), which computes the exhaustive rows of the picks.
+The rows are estimates, mostly a little high (factors fitted to a neighbouring
+config). Plans made on them are confirmed with exact rows (`allocate/confirm.py`);
+how close they come is measured by bench/bench_error_table.py (bench/results/).
 """
 
 import dataclasses
@@ -32,10 +22,9 @@ from collections import defaultdict
 
 import torch
 
+from lqlora_dagster.decompose.inits import ConfigError
 from lqlora_dagster.decompose.lowrank import LowRank
 from lqlora_dagster.decompose.lq import LQSettings, lq_error_estimate
-from lqlora_dagster.error_table import ConfigError
-from lqlora_dagster.methods import Method
 from lqlora_dagster.quant.batched_error import quantization_errors
 from lqlora_dagster.quant.config import SCALE_FORMAT_BITS, QuantConfig
 
@@ -61,18 +50,16 @@ def anchor_of(group: list[QuantConfig]) -> QuantConfig:
     return max(group, key=lambda c: (c.b0, SCALE_FORMAT_BITS[c.b1], c.b1 == "fp16", -c.B1))
 
 
-def fast_errors(
+def estimated_errors(
     W: torch.Tensor,
     configs: tuple[QuantConfig, ...],
-    method: Method,
     settings: LQSettings,
     fisher: torch.Tensor | None = None,
     fast: FastSettings = FastSettings(),
 ) -> list[ConfigError]:
-    """Errors of the LQ init for every config, in the order given."""
-    if method.init != "lq":
-        raise ValueError(f"the fast path covers the LQ init only, not {method.init!r}")
-    F = fisher if method.fisher else None
+    """Estimated errors of the LQ init (Fisher-weighted with `fisher`) for every
+    config, in the order given."""
+    F = fisher
     groups: dict[tuple, list[QuantConfig]] = defaultdict(list)
     for c in configs:
         groups[tuple(getattr(c, f) for f in fast.anchor_fields)].append(c)

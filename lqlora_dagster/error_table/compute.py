@@ -1,0 +1,74 @@
+"""The one loop that computes error-table rows and hands them over, matrix by matrix.
+
+The table's chunk steps, plan confirmation and the benchmarks all call `compute_rows`;
+they differ only in where weights come from and where rows go (`commit`: DuckDB in the
+pipeline, a dict in a benchmark). Matrices run `workers` at a time on one torch thread
+each (`per_matrix_threads.py`), so a row is the same bits wherever it is computed, and
+`commit` runs in the caller's thread as each matrix finishes: a crash loses at most
+the matrices in flight.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lqlora_dagster.decompose.inits import ConfigError
+from lqlora_dagster.decompose.lq import LQSettings
+from lqlora_dagster.error_table.estimates import FastSettings, estimated_errors
+from lqlora_dagster.methods import get_method
+from lqlora_dagster.models.targets import Target
+from lqlora_dagster.per_matrix_threads import one_thread_per_matrix
+from lqlora_dagster.pipeline.handles import TableRef
+from lqlora_dagster.quant.config import QuantConfig
+
+
+@dataclass(frozen=True)
+class RowRequest:
+    """Rows of one matrix of one table: estimated by `fast`, or exact when it is None."""
+
+    ref: TableRef
+    target: Target
+    configs: tuple[str, ...]
+    table_key: str  # where the rows belong: ref.table_key, or ref.exact_key for exact rows of a fast table
+    fast: FastSettings | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.fast is None
+
+
+def request_rows(
+    request: RowRequest, W: torch.Tensor, lq: LQSettings, fisher: torch.Tensor | None
+) -> list[ConfigError]:
+    """The rows of one request, in the order of its configs."""
+    init = get_method(request.ref.method).init
+    F = fisher if init.fisher else None
+    configs = tuple(QuantConfig.parse(c) for c in request.configs)
+    if request.fast is not None:
+        return estimated_errors(W, configs, lq, F, request.fast)
+    return init.exact_errors(W, configs, lq, F)
+
+
+def compute_rows(
+    requests: list[RowRequest],
+    lq: LQSettings,
+    weight_of: Callable[[Target], torch.Tensor],
+    fisher_of: Callable[[RowRequest], torch.Tensor | None],
+    commit: Callable[[RowRequest, list[ConfigError]], None],
+    workers: int,
+    progress: Callable[[int, int, RowRequest], None] | None = None,
+) -> int:
+    """Compute every request, `workers` matrices at a time; `commit` each as it
+    finishes. Returns the number of rows computed."""
+
+    def rows_of(request: RowRequest) -> list[ConfigError]:
+        return request_rows(request, weight_of(request.target), lq, fisher_of(request))
+
+    written = 0
+    for i, (request, results) in enumerate(one_thread_per_matrix(rows_of, requests, workers), 1):
+        commit(request, results)
+        written += len(results)
+        if progress is not None:
+            progress(i, len(requests), request)
+    return written

@@ -1,0 +1,178 @@
+"""The error table in the pipeline: the `error_table` asset's steps and the exact rows
+plan confirmation asks for, both computed by `compute.compute_rows` and committed to
+DuckDB `quant_errors` matrix by matrix."""
+
+import time
+from collections import defaultdict
+
+import pandas as pd
+import torch
+
+from lqlora_dagster.allocate.confirm import ExactRows, Row
+from lqlora_dagster.decompose.inits import ConfigError
+from lqlora_dagster.decompose.lq import LQSettings
+from lqlora_dagster.error_table.compute import RowRequest, compute_rows
+from lqlora_dagster.error_table.tables import check_rank_fits, fast_path, table_frame, table_refs
+from lqlora_dagster.methods import get_method
+from lqlora_dagster.models.targets import Target
+from lqlora_dagster.models.weights import read_target_weights
+from lqlora_dagster.pipeline.base_model import recorded_targets
+from lqlora_dagster.pipeline.context import StageContext
+from lqlora_dagster.pipeline.handles import ErrorTableHandle, FisherHandle, ModelHandle, TableRef
+from lqlora_dagster.pipeline.settings import ErrorTableSettings
+from lqlora_dagster.store.schemas import QUANT_ERRORS
+
+
+def table_handle(model: ModelHandle, fisher: FisherHandle | None, s: ErrorTableSettings) -> ErrorTableHandle:
+    return ErrorTableHandle(model.model, model.key, s.lq(), table_refs(model, fisher, s))
+
+
+def _stored_pairs(ctx: StageContext, table_key: str) -> set[tuple[str, str]]:
+    rows = ctx.warehouse.query("SELECT matrix, config FROM quant_errors WHERE table_key = ?", [table_key])
+    return set(zip(rows["matrix"], rows["config"]))
+
+
+def _missing_requests(
+    ctx: StageContext, refs: list[TableRef], targets: list[Target], s: ErrorTableSettings
+) -> list[RowRequest]:
+    """The rows the tables lack for `targets`; tables shared by several methods (same
+    init) are computed once, for the union of their candidate configs."""
+    by_key: dict[str, TableRef] = {}
+    wanted: dict[str, list[str]] = defaultdict(list)
+    for ref in refs:
+        by_key.setdefault(ref.table_key, ref)
+        wanted[ref.table_key] += [c for c in ref.configs if c not in wanted[ref.table_key]]
+    requests = []
+    for key, ref in by_key.items():
+        done = _stored_pairs(ctx, key)
+        fast = fast_path(get_method(ref.method), s)
+        for t in targets:
+            missing = tuple(c for c in wanted[key] if (t.name, c) not in done)
+            if missing:
+                requests.append(RowRequest(ref, t, missing, key, fast))
+    return requests
+
+
+def _table_progress(ctx: StageContext, refs: list[TableRef]) -> tuple[int, int]:
+    """(matrices whose rows are all stored, matrices in all tables), across processes."""
+    keys = {r.table_key: len(r.configs) for r in refs}
+    rows = ctx.warehouse.query(
+        "SELECT table_key, count(*) AS n FROM quant_errors WHERE table_key IN (SELECT unnest(?::VARCHAR[])) "
+        "GROUP BY table_key",
+        [list(keys)],
+    )
+    stored = dict(zip(rows["table_key"], rows["n"].astype(int)))
+    total = sum(r.n_rows // len(r.configs) for r in {r.table_key: r for r in refs}.values())
+    return sum(stored.get(k, 0) // n for k, n in keys.items()), total
+
+
+def _committer(ctx: StageContext, model: ModelHandle):
+    def commit(request: RowRequest, results: list[ConfigError]) -> None:
+        frame = table_frame(request.table_key, request.ref, model.model, request.target, results)
+        ctx.warehouse.upsert("quant_errors", QUANT_ERRORS.validate(frame), ["table_key", "matrix", "config"])
+
+    return commit
+
+
+def _sources(ctx: StageContext, model: ModelHandle, requests: list[RowRequest]):
+    """weight_of and fisher_of for the requests' matrices, read once, freed when used."""
+    targets = sorted({r.target for r in requests}, key=lambda t: t.name)
+    weights = read_target_weights(model.folder, targets)
+    fisher_keys = {r.ref.fisher_key for r in requests if r.ref.fisher_key}
+    fishers: dict[tuple[str, str], torch.Tensor] = {}
+    for key in fisher_keys:
+        names = sorted({r.target.name for r in requests if r.ref.fisher_key == key})
+        art = ctx.store.get("fisher_diagonals", model.model, key)
+        fishers.update({(key, n): f for n, f in ctx.store.load_tensors(art, keys=names)[0].items()})
+    uses = defaultdict(int)
+    for r in requests:
+        uses[r.target.name] += 1
+
+    def weight_of(t: Target) -> torch.Tensor:
+        uses[t.name] -= 1
+        W = weights[t.name] if uses[t.name] else weights.pop(t.name)
+        return W.to(ctx.device)
+
+    def fisher_of(r: RowRequest) -> torch.Tensor | None:
+        F = fishers.get((r.ref.fisher_key, r.target.name)) if r.ref.fisher_key else None
+        return F.to(ctx.device) if F is not None else None
+
+    return weight_of, fisher_of
+
+
+def compute_table_rows(
+    ctx: StageContext,
+    model: ModelHandle,
+    fisher: FisherHandle | None,
+    s: ErrorTableSettings,
+    matrices: list[str] | None = None,
+    workers: int | None = None,
+) -> int:
+    """Compute and commit the missing rows of the run's tables for `matrices` (default:
+    all targets), `workers` at a time (default: the context's); returns the rows
+    written. Safe to run concurrently on disjoint matrix sets (the chunk steps)."""
+    all_targets = recorded_targets(ctx, model.model)
+    if any(get_method(m).has_lowrank_init for m in s.methods):
+        check_rank_fits(model, all_targets, s.rank)
+    refs = table_refs(model, fisher, s)
+    targets = [t for t in all_targets if matrices is None or t.name in set(matrices)]
+    requests = _missing_requests(ctx, refs, targets, s)
+    if not requests:
+        return 0
+    weight_of, fisher_of = _sources(ctx, model, requests)
+    start = time.perf_counter()
+
+    def progress(i: int, n: int, request: RowRequest) -> None:
+        done, total = _table_progress(ctx, refs)
+        ctx.progress("error_table", done, total, "matrices", f"{request.target.name}, {time.perf_counter() - start:.0f}s")
+
+    workers = ctx.matrix_workers if workers is None else workers
+    return compute_rows(requests, s.lq(), weight_of, fisher_of, _committer(ctx, model), workers, progress)
+
+
+def load_table(ctx: StageContext, ref: TableRef) -> pd.DataFrame:
+    """The rows of one table restricted to its candidate configs (long form)."""
+    frame = ctx.warehouse.query(
+        "SELECT matrix, config, numel, storage_bits, error, bits_per_param FROM quant_errors WHERE table_key = ?",
+        [ref.table_key],
+    )
+    return frame[frame["config"].isin(ref.configs)].reset_index(drop=True)
+
+
+def exact_rows(ctx: StageContext, model: ModelHandle, ref: TableRef, lq: LQSettings) -> ExactRows:
+    """For plan confirmation: the exact error of (matrix, config) rows of `ref`'s fast
+    table, looked up under its exact key (`ref.exact_key`) or computed and committed
+    there, so later plans and an exhaustive run of the table reuse them."""
+    if ref.exact_key is None:
+        raise ValueError(f"table {ref.table_key} of {ref.method} is exact already; nothing to confirm")
+    targets = {t.name: t for t in recorded_targets(ctx, model.model)}
+
+    def lookup(rows: list[Row]) -> dict[Row, float]:
+        names = sorted({m for m, _ in rows})
+        found = ctx.warehouse.query(
+            "SELECT matrix, config, error FROM quant_errors WHERE table_key = ? AND list_contains(?, matrix)",
+            [ref.exact_key, names],
+        )
+        known = dict(zip(zip(found["matrix"], found["config"]), found["error"].astype(float)))
+        return {row: known[row] for row in rows if row in known}
+
+    def compute(rows: list[Row]) -> dict[Row, float]:
+        out = lookup(rows)
+        todo: dict[str, list[str]] = defaultdict(list)
+        for m, c in rows:
+            if (m, c) not in out:
+                todo[m].append(c)
+        requests = [RowRequest(ref, targets[m], tuple(cs), ref.exact_key) for m, cs in sorted(todo.items())]
+        if not requests:
+            return out
+        weight_of, fisher_of = _sources(ctx, model, requests)
+        commit_to_db = _committer(ctx, model)
+
+        def commit(request: RowRequest, results: list[ConfigError]) -> None:
+            commit_to_db(request, results)
+            out.update({(request.target.name, r.config.name): float(r.error) for r in results})
+
+        compute_rows(requests, lq, weight_of, fisher_of, commit, ctx.matrix_workers)
+        return out
+
+    return compute

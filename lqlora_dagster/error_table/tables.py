@@ -1,0 +1,101 @@
+"""Which tables a run needs, their keys, and their rows as frames.
+
+A table is identified by (model, init, Fisher, rank, LQ settings, fast-path settings,
+code version). Methods with the same init share one table (qlora and qlora-ilp, lqlora
+and lqlora-uniform). A fast table also names its exact twin (`TableRef.exact_key`):
+the key an exhaustive run of the same table has, where plan confirmation stores the
+exact rows it computes, so both share them.
+"""
+
+import pandas as pd
+
+from lqlora_dagster.decompose.inits import ConfigError
+from lqlora_dagster.error_table.estimates import FastSettings
+from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.methods import Method, get_method
+from lqlora_dagster.models.targets import Target
+from lqlora_dagster.pipeline.handles import FisherHandle, ModelHandle, TableRef
+from lqlora_dagster.pipeline.settings import ErrorTableSettings
+from lqlora_dagster.quant.config import storage_bits
+from lqlora_dagster.store.keys import stable_key
+
+TABLE_VERSION = "5"
+
+
+def fast_path(method: Method, s: ErrorTableSettings) -> FastSettings | None:
+    """The fast path's settings, or None for exact rows only. Only an estimable init
+    (LQ) gains from it; settings that cannot change the rows are normalised, so they
+    do not change the table key either."""
+    if not (s.fast and method.init.estimable):
+        return None
+    return FastSettings(refine_steps=s.refine_steps, refine_max_b0=s.refine_max_b0 if s.refine_steps else 0)
+
+
+def table_refs(model: ModelHandle, fisher: FisherHandle | None, s: ErrorTableSettings) -> list[TableRef]:
+    refs = []
+    for name in s.methods:
+        method = get_method(name)
+        if method.fisher and fisher is None:
+            raise LQLoRAInputError(f"method {name!r} needs Fisher diagonals, but none were computed")
+        rank = s.rank if method.has_lowrank_init else 0
+        fisher_key = fisher.key if method.fisher else None
+        recipe = s.lq() if method.has_lowrank_init else None
+        fast = fast_path(method, s)
+        recipe_key = (model.key, method.init.name, method.fisher, rank, recipe, fisher_key)
+        key = stable_key(*recipe_key, fast, TABLE_VERSION)
+        exact_key = stable_key(*recipe_key, None, TABLE_VERSION) if fast is not None else None
+        configs = [c.name for c in method.candidate_configs(s.configs)]
+        refs.append(TableRef(name, key, rank, fisher_key, configs, len(configs) * model.n_targets, exact_key))
+    return refs
+
+
+def check_rank_fits(model: ModelHandle, targets: list[Target], rank: int) -> None:
+    """The low-rank part must be thinner than every target matrix."""
+    if not targets:
+        return
+    thinnest = min(targets, key=lambda t: min(t.rows, t.cols))
+    limit = min(thinnest.rows, thinnest.cols)
+    if rank >= limit:
+        raise LQLoRAInputError(
+            f"rank {rank} is too large for model {model.model!r}: its thinnest target, {thinnest.name} "
+            f"({thinnest.rows}x{thinnest.cols}), allows at most rank {limit - 1}; lower `rank`"
+        )
+
+
+def table_frame(table_key: str, ref: TableRef, model: str, target: Target, results: list[ConfigError]) -> pd.DataFrame:
+    """Rows of `quant_errors` for one matrix of one table."""
+    method = get_method(ref.method)
+    return pd.DataFrame(
+        [
+            {
+                "table_key": table_key,
+                "model": model,
+                "init": method.init.name,
+                "matrix": target.name,
+                "config": r.config.name,
+                "b": r.config.b,
+                "b0": r.config.b0,
+                "b1": r.config.b1,
+                "block_size": r.config.B0,
+                "group_size": r.config.B1,
+                "rank": ref.rank,
+                "fisher": method.fisher,
+                "bits_per_param": storage_bits(target.numel, r.config) / target.numel,
+                "storage_bits": storage_bits(target.numel, r.config),
+                "numel": target.numel,
+                "error": float(r.error),
+                "iters": r.iters,
+                "seconds": r.seconds,
+            }
+            for r in results
+        ]
+    )
+
+
+def table_chunks(targets: list[Target], n_chunks: int) -> list[list[str]]:
+    """Target names split into at most `n_chunks` groups of whole, contiguous layers
+    (matrices of one layer have the shapes of any other, so chunks cost the same)."""
+    layers = sorted({t.layer for t in targets})
+    n = max(1, min(n_chunks, len(layers)))
+    groups = [layers[i * len(layers) // n : (i + 1) * len(layers) // n] for i in range(n)]
+    return [[t.name for t in targets if t.layer in set(g)] for g in groups if g]
