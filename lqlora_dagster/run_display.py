@@ -8,7 +8,7 @@ knows nothing of Dagster; the full event log goes to a file, not here.
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TextIO
 
 from tqdm.auto import tqdm
@@ -38,10 +38,9 @@ def clock(seconds: float) -> str:
 class _Stage:
     started: float
     bar: tqdm | None = None
-    shown_fraction: float = 0.0
+    shown_thirds: int = 0
     last: tuple[int, int, str] | None = None
     done: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 class RunDisplay:
@@ -97,9 +96,13 @@ class RunDisplay:
             state.bar.n = done
             state.bar.set_postfix_str(found["note"] or "", refresh=False)
             state.bar.refresh()
-        elif total and (done / total >= state.shown_fraction + 1 / 3 - 1e-9) and done < total:
-            state.shown_fraction = done / total
-            self._line(stage, f"{what}: {done}/{total} {unit}, {clock(time.monotonic() - state.started)}")
+        else:  # off a terminal: a line at each third, for each run of progress (a plan, an adapter)
+            if state.last is not None and state.last[2] != what:
+                state.shown_thirds = 0
+            thirds = 3 * done // total if total else 0
+            if thirds > state.shown_thirds and done < total:
+                state.shown_thirds = thirds
+                self._line(stage, f"{what}: {done}/{total} {unit}, {clock(time.monotonic() - state.started)}")
         state.last = (done, total, what)
 
     @staticmethod

@@ -1,7 +1,10 @@
-"""Which linear layers of a model get quantized: regex over module names.
+"""Which layers of a model get quantized.
 
-Defaults per architecture (Llama-style `*_proj`, BERT-style `query|key|value|dense`,
-GPT-2 `c_attn|c_proj|c_fc`); any architecture works with an explicit pattern.
+By default, PEFT's "all-linear" convention: every layer of a registered type
+(`layer_types.py`: nn.Linear, GPT-2 Conv1D) inside the repeated transformer blocks
+(a module path with a block index, `.3.`), so never the embeddings, the LM head or a
+classifier head, on any architecture. Mixture-of-experts routers (`gate`, `router`)
+stay in full precision. A regex over module names (`--pattern`) selects others.
 GPT-2's Conv1D stores its weight as (in, out), so targets record `transposed`.
 """
 
@@ -14,17 +17,8 @@ from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.models.layer_types import LAYER_TYPES, layer_type_of
 from lqlora_dagster.surgery.lq_linear import LQLinear
 
-DEFAULT_TARGETS: dict[str, str] = {
-    "llama": r"\.(q|k|v|o|gate|up|down)_proj$",
-    "mistral": r"\.(q|k|v|o|gate|up|down)_proj$",
-    "qwen2": r"\.(q|k|v|o|gate|up|down)_proj$",
-    "qwen3": r"\.(q|k|v|o|gate|up|down)_proj$",
-    "phi3": r"\.(qkv|o|gate_up|down)_proj$",
-    "bert": r"encoder\.layer\.\d+\..*(query|key|value|dense)$",
-    "roberta": r"encoder\.layer\.\d+\..*(query|key|value|dense)$",
-    "gpt2": r"\.(c_attn|c_proj|c_fc)$",
-}
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
+_ROUTERS = {"gate", "router"}  # MoE routers: tiny, and they pick the experts; kept dense
 
 
 @dataclass(frozen=True)
@@ -41,26 +35,23 @@ class Target:
         return self.rows * self.cols
 
 
-def default_pattern(model: torch.nn.Module) -> str:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
-        raise LQLoRAInputError(
-            f"no default target modules for architecture {model_type!r}; pass a regex over "
-            f"module names (known defaults: {', '.join(sorted(DEFAULT_TARGETS))})"
-        )
-    return DEFAULT_TARGETS[model_type]
+def _in_a_block(name: str, module: torch.nn.Module) -> bool:
+    """The all-linear default: a wrappable layer inside a repeated block, not a router."""
+    return bool(_LAYER_INDEX.search(name)) and name.rsplit(".", 1)[-1] not in _ROUTERS and (
+        isinstance(module, LQLinear) or layer_type_of(module) is not None
+    )
 
 
 def find_targets(model: torch.nn.Module, pattern: str | None = None) -> list[Target]:
-    """Every module whose name matches `pattern` (default: by architecture)."""
-    regex_text = pattern if pattern is not None else default_pattern(model)
+    """Every module whose name matches `pattern` (default: all linear layers inside
+    the repeated blocks)."""
     try:
-        regex = re.compile(regex_text)
+        regex = re.compile(pattern) if pattern is not None else None
     except re.error as err:
-        raise LQLoRAInputError(f"target pattern {regex_text!r} is not a valid regex: {err}") from err
+        raise LQLoRAInputError(f"target pattern {pattern!r} is not a valid regex: {err}") from err
     targets = []
     for name, module in model.named_modules():
-        if not name or not regex.search(name):
+        if not name or not (regex.search(name) if regex is not None else _in_a_block(name, module)):
             continue
         if isinstance(module, LQLinear):  # already decomposed: its original layout
             rows, cols, transposed = module.out_features, module.in_features, module.transposed
@@ -78,9 +69,10 @@ def find_targets(model: torch.nn.Module, pattern: str | None = None) -> list[Tar
             )
         )
     if not targets:
+        what = f"target pattern {pattern!r} matches" if pattern is not None else "the default (every linear layer in a repeated block) finds"
         raise LQLoRAInputError(
-            f"target pattern {regex_text!r} matches no module of this {type(model).__name__}; "
-            "list names with `[n for n, _ in model.named_modules()]`"
+            f"{what} no module of this {type(model).__name__}; pass --pattern, a regex over module "
+            "names (list them with `[n for n, _ in model.named_modules()]`)"
         )
     return targets
 

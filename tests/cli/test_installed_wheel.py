@@ -1,6 +1,7 @@
 """The package as a user installs it (a wheel, not this checkout): the schema and the
 canned queries of the top-level sql/ travel inside it and work from anywhere."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +10,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_canned_queries_work_from_an_installed_wheel(tmp_path):
-    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    wheels, site, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "source"
+    # built from a copy, so the build leaves nothing in the checkout (links kept as links)
+    skip = shutil.ignore_patterns(".git", ".venv", ".lqlora", "build", "*.egg-info", "__pycache__", "out")
+    shutil.copytree(REPO, source, symlinks=True, ignore=skip)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)],
         check=True, cwd=tmp_path, capture_output=True,
     )
     (wheel,) = wheels.glob("lqlora_dagster-*.whl")

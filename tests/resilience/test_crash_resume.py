@@ -34,13 +34,13 @@ def table_rows(home: Path):
     )
 
 
-MATRIX_DONE = r"error_table lqlora: \d+/\d+ (\S+) \(24 configs\)"
+MATRIX_DONE = r"error_table: \d+/\d+ matrices \((\S+), "
 
 
 def test_kill_during_error_table_redoes_only_the_matrix_in_flight(tmp_path, tiny_llama_folder):
     home = new_home(tmp_path, "home", tiny_llama_folder)
     first = Run(home, "error_table", TABLE_CONFIG)
-    first.wait_for(r"error_table lqlora: 3/7 ")
+    first.wait_for(r"error_table: 3/14 matrices")
     (t2, _), (t3, _) = first.matching(MATRIX_DONE)[-2:]
     time.sleep((t3 - t2) / 2)  # kill in the middle of the 4th matrix
     killed_at = first.kill()
@@ -79,7 +79,7 @@ def test_kill_during_error_table_redoes_only_the_matrix_in_flight(tmp_path, tiny
     assert (abs(final["error"] - reference["error"]) <= 1e-6 * reference["error"].abs() + 1e-12).all()
 
 
-STEP = r"finetune lqlora @ 3: step (\d+)/12 loss (\S+)"
+STEP = r"finetune lqlora @ 3: (\d+)/12 steps \(loss ([^)]+)\)"
 
 
 def train_rows(home: Path):
@@ -89,7 +89,7 @@ def train_rows(home: Path):
 def test_kill_during_finetuning_resumes_from_the_last_checkpoint(tmp_path, tiny_llama_folder):
     home = new_home(tmp_path, "home", tiny_llama_folder)
     first = Run(home, "finetuned_adapters", TRAIN_CONFIG)
-    first.wait_for(r"finetune lqlora @ 3: step 7/12 ")
+    first.wait_for(r"finetune lqlora @ 3: 7/12 steps")
     first.kill()
     steps_before = [int(re.search(STEP, line).group(1)) for _, line in first.matching(STEP)]
     assert train_rows(home).empty, "steps are written once the adapter is committed, never in part"

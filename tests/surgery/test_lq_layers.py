@@ -96,12 +96,27 @@ def test_bad_target_patterns(pattern, message):
         find_targets(tiny_llama(), pattern)
 
 
-def test_unknown_architecture_needs_a_pattern():
-    model = tiny_llama()
-    model.config.model_type = "mystery"
-    with pytest.raises(LQLoRAInputError, match="no default target modules for architecture 'mystery'"):
-        find_targets(model)
+def test_any_architecture_gets_all_linear_layers_of_its_blocks():
+    """Gemma-3 (no entry in any table) gets every projection of its blocks, never the
+    LM head or the embeddings; an explicit pattern still narrows the choice."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=128)
+    model = Gemma3ForCausalLM(cfg)
+    targets = find_targets(model)
+    assert len(targets) == 14 and {t.layer for t in targets} == {0, 1}
+    assert {t.kind for t in targets} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert all(t.name.startswith("model.layers.") for t in targets)  # no lm_head, no embeddings
     assert len(find_targets(model, r"mlp\.down_proj$")) == 2
+
+
+def test_a_model_without_repeated_blocks_needs_a_pattern():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with pytest.raises(LQLoRAInputError, match="finds no module of this Sequential; pass --pattern"):
+        find_targets(model)
+    assert [t.name for t in find_targets(model, r"^0$")] == ["0"]
 
 
 def test_plan_must_cover_every_target():
