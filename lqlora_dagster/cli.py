@@ -80,9 +80,12 @@ def _run(args: argparse.Namespace, home: Path, run_config: dict, job: str, stage
 
 def cmd_run(args: argparse.Namespace, home: Path) -> int:
     from lqlora_dagster.definitions import MAIN_ASSETS, MAIN_JOB
+    from lqlora_dagster.pipeline.feasibility import check_budgets, target_sizes
 
     settings = PipelineSettings().override(**stage_overrides(args))  # every knob checked before any work
-    _ensure_model(_warehouse(home), args.model)
+    warehouse = _warehouse(home)
+    _ensure_model(warehouse, args.model)
+    check_budgets(target_sizes(warehouse, args.model, home / "models"), settings, args.model)
     if not _run(args, home, settings.run_config(), MAIN_JOB, MAIN_ASSETS):
         return 1
     print(_table(_warehouse(home).run_named_query("ppl_by_method_and_budget", {"model": args.model})))

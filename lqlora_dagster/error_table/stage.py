@@ -2,6 +2,7 @@
 plan confirmation asks for, both computed by `compute.compute_rows` and committed to
 DuckDB `quant_errors` matrix by matrix."""
 
+import threading
 import time
 from collections import defaultdict
 
@@ -87,10 +88,12 @@ def _sources(ctx: StageContext, model: ModelHandle, requests: list[RowRequest]):
     uses = defaultdict(int)
     for r in requests:
         uses[r.target.name] += 1
+    lock = threading.Lock()  # weight_of runs in the worker threads
 
     def weight_of(t: Target) -> torch.Tensor:
-        uses[t.name] -= 1
-        W = weights[t.name] if uses[t.name] else weights.pop(t.name)
+        with lock:
+            uses[t.name] -= 1
+            W = weights[t.name] if uses[t.name] else weights.pop(t.name)
         return W.to(ctx.device)
 
     def fisher_of(r: RowRequest) -> torch.Tensor | None:

@@ -4,6 +4,7 @@ so a NaN error or a config outside the grid never reaches the ILP or a user's SQ
 import numpy as np
 import pandera.pandas as pa
 
+from lqlora_dagster.decompose.inits import INITS
 from lqlora_dagster.quant.config import SCALE_FORMATS
 
 _finite_nonneg = [pa.Check.ge(0), pa.Check(lambda s: np.isfinite(s.astype(float)), error="finite")]
@@ -36,7 +37,7 @@ QUANT_ERRORS = pa.DataFrameSchema(
     {
         "table_key": pa.Column(str),
         "model": pa.Column(str),
-        "init": pa.Column(str, pa.Check.isin(["zero", "loftq", "lq"])),
+        "init": pa.Column(str, pa.Check.isin(sorted({init.name for init in INITS.values()}))),
         "matrix": pa.Column(str),
         **_config_columns,
         "rank": pa.Column(int, pa.Check.ge(0)),

@@ -114,17 +114,28 @@ def test_sql_and_models_read_the_results(ran):
     assert models.returncode == 0 and "tiny" in models.stdout
 
 
-def test_a_failed_run_exits_1_and_says_where_to_look(ran):
+def test_a_failed_run_exits_1_and_says_where_to_look(ran, tmp_path):
     home, _ = ran
-    # 1.5 bits/param passes the argument checks, but no plan of the grid is that cheap (2.05)
-    run = lqlora(home, "run", *TINY_RUN, "--budget", "1.5")
+    # a calibration text that does not exist passes the argument checks, and fails its stage
+    absent = str(tmp_path / "absent.txt")
+    run = lqlora(home, "run", *TINY_RUN, "--budget", "3", "--calibration-text", absent)
     assert run.returncode == 1
     assert "the run failed" in run.stderr and "lqlora ui" in run.stderr
-    assert "allocation_plan: budget 1.5 bits/param is below the cheapest plan" in run.stderr
+    assert "calibration_batches: cannot read text file" in run.stderr and "No such file" in run.stderr
     assert "Traceback" not in run.stderr and _log_path(run.stderr).is_file()
-    verbose = lqlora(home, "run", *TINY_RUN, "--budget", "1.5", "--verbose")
+    verbose = lqlora(home, "run", *TINY_RUN, "--budget", "3", "--calibration-text", absent, "--verbose")
     assert verbose.returncode == 1
-    assert "STEP_FAILURE" in verbose.stderr and "below the cheapest plan" in verbose.stderr  # the log, live
+    assert "STEP_FAILURE" in verbose.stderr and "cannot read text file" in verbose.stderr  # the log, live
+
+
+def test_a_budget_no_plan_can_meet_is_refused_before_any_work(ran):
+    home, _ = ran
+    runs_before = len(list((home / "logs").iterdir()))
+    run = lqlora(home, "run", *TINY_RUN, "--budget", "1.5")
+    assert run.returncode == 2
+    assert "budget 1.5 bits/param is below the cheapest plan of lqlora-fisher on 'tiny', 2.0564" in run.stderr
+    assert "raise the budget to at least 2.057" in run.stderr
+    assert len(list((home / "logs").iterdir())) == runs_before  # no run was started
 
 
 def test_bad_input_exits_2_with_the_fix(ran):
