@@ -216,7 +216,11 @@ def parser() -> argparse.ArgumentParser:
         "what all methods share",
     )
     _run_flags(c)
-    add_knob_flags(c, ["calibration_batches", "error_table", "finetuned_adapters", "evaluation"])
+    add_knob_flags(
+        c,
+        ["calibration_batches", "error_table", "finetuned_adapters", "evaluation"],
+        skip={"error_table.methods", "finetuned_adapters.methods", "finetuned_adapters.budgets"},  # the comparison's
+    )
     c.set_defaults(func=cmd_compare)
 
     u = sub.add_parser("unregister", help="forget a registered model (its results stay in DuckDB)")

@@ -21,19 +21,23 @@ def _show(value) -> str:
     return str(value)
 
 
-def add_knob_flags(parser: argparse.ArgumentParser, stages: list[str] | None = None) -> None:
-    """One flag per knob of each stage (default: all), grouped by stage in --help. Flags
-    that are not given leave the settings' (or a preset's) value alone."""
+def add_knob_flags(
+    parser: argparse.ArgumentParser, stages: list[str] | None = None, skip: set[str] = frozenset()
+) -> None:
+    """One flag per knob of each stage (default: all; `skip` names "stage.knob"s a preset
+    decides), grouped by stage in --help. Flags not given leave the settings' (or a
+    preset's) value alone."""
     for stage in stages or list(STAGE_SETTINGS):
         cls = STAGE_SETTINGS[stage]
         group = parser.add_argument_group(f"{stage} settings")
         for f, k, tp in knob_fields(cls):
             flags = flags_of(cls, f.name, k.flags)
-            if not flags:
+            if not flags or f"{stage}.{f.name}" in skip:
                 continue
             default = default_of(f)
-            options: dict = {"dest": f"{stage}{_SEP}{f.name}", "default": argparse.SUPPRESS}
+            options: dict = {"dest": f"{stage}{_SEP}{f.name}", "default": argparse.SUPPRESS, "metavar": f.name.upper()}
             if tp is bool:
+                del options["metavar"]
                 options.update(action="store_const", const=not default, help=k.help)
             else:
                 inner = optional_inner(tp) or tp
@@ -44,6 +48,7 @@ def add_knob_flags(parser: argparse.ArgumentParser, stages: list[str] | None = N
                     options["nargs"] = "+" if k.nonempty else "*"
                 if k.choices is not None:
                     options["choices"] = list(k.choices)
+                    del options["metavar"]
             group.add_argument(*flags, **options)
 
 
