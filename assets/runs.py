@@ -73,17 +73,16 @@ def reconstructable_job(home: Path | None = None, executor: str = "multiprocess"
 
 
 def _innermost_message(error) -> str:
-    """The user's error, not Dagster's wrapper: the last cause's message, one line."""
-    while error is not None and getattr(error, "cause", None) is not None:
+    """The user's error, not Dagster's wrapper: the first error in the cause chain that
+    Dagster did not raise (an LQLoRAInputError names what to do; its own cause, say a
+    FileNotFoundError, says less), one message without its class name."""
+    while error is not None and error.cls_name and error.cls_name.startswith("Dagster") and error.cause is not None:
         error = error.cause
     if error is None:
         return "unknown error"
     text = error.message.strip()
-    prefix = f"{error.cls_name}: "
-    for candidate in (prefix, f"lqlora_dagster.errors.{prefix}"):
-        if text.startswith(candidate):
-            text = text[len(candidate) :]
-    return text.split(": ", 1)[1] if text.startswith(("lqlora_dagster.", "dagster.")) and ": " in text else text
+    head, sep, rest = text.partition(": ")
+    return rest if sep and head.rsplit(".", 1)[-1] == error.cls_name else text
 
 
 def _as_event(record, stages: set[str]) -> RunEvent | None:

@@ -175,7 +175,13 @@ def exact_rows(ctx: StageContext, model: ModelHandle, ref: TableRef, lq: LQSetti
             commit_to_db(request, results)
             out.update({(request.target.name, r.config.name): float(r.error) for r in results})
 
-        compute_rows(requests, lq, weight_of, fisher_of, commit, ctx.matrix_workers)
+        start = time.perf_counter()
+
+        def progress(i: int, n: int, request: RowRequest) -> None:
+            if i % max(1, n // 20) == 0 or i == n:
+                ctx.progress(f"confirm {ref.method}", i, n, "matrices", f"exact rows, {time.perf_counter() - start:.0f}s")
+
+        compute_rows(requests, lq, weight_of, fisher_of, commit, ctx.matrix_workers, progress)
         return out
 
     return compute
