@@ -119,9 +119,9 @@ def test_materialize_an_asset_by_clicking(dagster_dev, tmp_path):
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.set_default_timeout(60_000)
         try:
-            # the asset graph: expand the "model" group, select base_model
+            # the asset graph: expand the "source" group, select base_model
             page.goto(f"{url}/asset-groups", wait_until="networkidle")
-            page.get_by_text("model", exact=True).first.dblclick()
+            page.get_by_text("source", exact=True).first.dblclick()
             page.get_by_text("base_model", exact=True).first.click()
             # materialize it for the tiny partition
             page.get_by_role("button", name="Materialize selected").click()
