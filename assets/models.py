@@ -33,7 +33,7 @@ def base_model(
             "target_matrices": handle.n_targets,
             "target_params": handle.target_params,
             "key": handle.key,
-            "summary": summary([f"{handle.n_targets} target matrices, {handle.target_params / 1e6:.1f}M parameters"]),
+            "summary": summary([f"{handle.n_targets} target matrices, {handle.target_params / 1e6:.1f}M weights in them"]),
         },
     )
 
