@@ -175,12 +175,6 @@ def plain(value: Any) -> Any:
     return value
 
 
-def knob_values(settings, only_changed: bool = False) -> dict[str, Any]:
+def knob_values(settings) -> dict[str, Any]:
     """{knob name: value} as plain JSON values (the run config of one stage)."""
-    out = {}
-    for f, _, _ in knob_fields(settings):
-        value = getattr(settings, f.name)
-        if only_changed and value == default_of(f):
-            continue
-        out[f.name] = plain(value)
-    return out
+    return {f.name: plain(getattr(settings, f.name)) for f, _, _ in knob_fields(settings)}
