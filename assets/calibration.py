@@ -5,6 +5,7 @@ import numpy as np
 
 from assets.config import config_class
 from assets.shared import BASE_MODELS, stage_context, summary
+from lqlora_dagster.data.selection import TaskData
 from lqlora_dagster.pipeline.calibration import (
     CALIBRATION_VERSION,
     FISHER_VERSION,
@@ -29,13 +30,14 @@ def calibration_batches(
     context: dg.AssetExecutionContext,
     config: CalibrationConfig,
     base_model: ModelHandle,
+    task_data: TaskData,
     warehouse: WarehouseResource,
     artifacts: ArtifactStoreResource,
     models: ModelSource,
     compute: ComputeDevice,
 ) -> dg.Output[CalibrationHandle]:
     ctx = stage_context(context, warehouse, artifacts, models, compute)
-    handle = run_calibration(ctx, base_model, config.settings())
+    handle = run_calibration(ctx, base_model, task_data, config.settings())
     art = ctx.store.get("calibration_batches", handle.model, handle.key, verify=False)
     return dg.Output(
         handle,

@@ -6,6 +6,7 @@ import dagster as dg
 
 from assets.config import config_class
 from assets.shared import BASE_MODELS, stage_context, summary
+from lqlora_dagster.data.selection import TaskData
 from lqlora_dagster.pipeline.evaluating import EVAL_VERSION, evaluation_table, run_evaluation
 from lqlora_dagster.pipeline.handles import DecomposedHandle, EvaluationHandle, FinetunedHandle, ModelHandle
 from lqlora_dagster.pipeline.settings import EvalSettings
@@ -25,6 +26,7 @@ def evaluation(
     context: dg.AssetExecutionContext,
     config: EvalConfig,
     base_model: ModelHandle,
+    task_data: TaskData,
     decomposed_model: DecomposedHandle,
     finetuned_adapters: FinetunedHandle,
     warehouse: WarehouseResource,
@@ -33,7 +35,7 @@ def evaluation(
     compute: ComputeDevice,
 ) -> dg.Output[EvaluationHandle]:
     ctx = stage_context(context, warehouse, artifacts, models, compute)
-    handle = run_evaluation(ctx, base_model, decomposed_model, finetuned_adapters, config.settings())
+    handle = run_evaluation(ctx, base_model, decomposed_model, finetuned_adapters, task_data, config.settings())
     table = evaluation_table(ctx, handle.eval_keys)
     return dg.Output(
         handle,

@@ -6,6 +6,7 @@ import dagster as dg
 
 from assets.config import config_class
 from assets.shared import BASE_MODELS, stage_context, summary
+from lqlora_dagster.data.selection import TaskData
 from lqlora_dagster.pipeline.finetuning import ASSET, FINETUNE_VERSION, run_finetuning
 from lqlora_dagster.pipeline.handles import DecomposedHandle, FinetunedHandle, ModelHandle
 from lqlora_dagster.pipeline.settings import FinetuneSettings
@@ -25,6 +26,7 @@ def finetuned_adapters(
     context: dg.AssetExecutionContext,
     config: FinetuneConfig,
     base_model: ModelHandle,
+    task_data: TaskData,
     decomposed_model: DecomposedHandle,
     warehouse: WarehouseResource,
     artifacts: ArtifactStoreResource,
@@ -32,7 +34,7 @@ def finetuned_adapters(
     compute: ComputeDevice,
 ) -> dg.Output[FinetunedHandle]:
     ctx = stage_context(context, warehouse, artifacts, models, compute)
-    handle = run_finetuning(ctx, base_model, decomposed_model, config.settings())
+    handle = run_finetuning(ctx, base_model, decomposed_model, task_data, config.settings())
     return dg.Output(
         handle,
         data_version=dg.DataVersion("-".join(a.run_key for a in handle.items) or "none"),

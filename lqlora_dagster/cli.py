@@ -3,6 +3,8 @@
     lqlora register SOURCE [--name NAME] [--pattern REGEX]   add a base model (a partition)
     lqlora run [--model M] [--budget 2.75 ...] [...]         materialize the whole graph
     lqlora compare [--model M]                               every method at the paper's budgets
+    lqlora data add NAME PATH [--task lm|instruct|classify]  register a dataset (txt, folder, jsonl, csv, ...)
+    lqlora run --train NAME [--eval NAME] [...]              finetune and score on your data
     lqlora unregister NAME                                   forget a registered model
     lqlora sql QUERY [--model M]                             run a canned query (sql/queries)
     lqlora models                                            list registered models
@@ -45,13 +47,18 @@ def _table(frame) -> str:
 
 
 def cmd_register(args: argparse.Namespace, home: Path) -> int:
+    """Check the model (its targets, from the config alone) before DuckDB is touched."""
     from assets.runs import add_partition, prepare_dagster_home
+    from lqlora_dagster.models.inspect import inspect_targets
 
-    name = args.name or (args.source if "/" not in args.source else Path(args.source).name.lower())
+    default = Path(args.source.removeprefix("hub:")).name.lower().removesuffix(".gguf")
+    name = check_model_name(args.name or default)
+    summary = inspect_targets(args.source, args.pattern, home / "models")
+    print("\n".join(summary.lines()))
     added = register_model(_warehouse(home), name, args.source, args.pattern)
     prepare_dagster_home(home)
     add_partition(name)
-    print(f"registered {name!r} from {args.source}" if added else f"{name!r} was already registered")
+    print(f"registered {name!r} from {summary.source}" if added else f"{name!r} was already registered")
     return 0
 
 
@@ -80,12 +87,14 @@ def _run(args: argparse.Namespace, home: Path, run_config: dict, job: str, stage
 
 def cmd_run(args: argparse.Namespace, home: Path) -> int:
     from lqlora_dagster.definitions import MAIN_ASSETS, MAIN_JOB
+    from lqlora_dagster.pipeline.datasets import check_data_names
     from lqlora_dagster.pipeline.feasibility import check_budgets, target_sizes
 
     settings = PipelineSettings().override(**stage_overrides(args))  # every knob checked before any work
     warehouse = _warehouse(home)
     _ensure_model(warehouse, args.model)
     check_budgets(target_sizes(warehouse, args.model, home / "models"), settings, args.model)
+    check_data_names(warehouse, settings.task_data)
     if not _run(args, home, settings.run_config(), MAIN_JOB, MAIN_ASSETS):
         return 1
     print(_table(_warehouse(home).run_named_query("ppl_by_method_and_budget", {"model": args.model})))
@@ -108,6 +117,29 @@ def cmd_compare(args: argparse.Namespace, home: Path) -> int:
     folder = ArtifactStore(home / "artifacts").get("comparison_report", args.model, report.key).path
     print((folder / "comparison.md").read_text())
     print(f"plots: {folder}/")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace, home: Path) -> int:
+    """Register, list or remove datasets (DuckDB `datasets`)."""
+    from lqlora_dagster.data.datasets import Columns
+    from lqlora_dagster.pipeline.datasets import add_dataset, registered_datasets, remove_dataset
+
+    warehouse = _warehouse(home)
+    if args.action == "add":
+        named = Columns(text=args.text_col, label=args.label_col, prompt=args.prompt_col, response=args.response_col,
+                        messages=args.messages_col)
+        spec = add_dataset(warehouse, args.name, args.path, args.task, named, replace=args.replace)
+        use = ", ".join(f"{role}={col}" for role, col in vars(spec.use).items() if col)
+        labels = f"; labels {list(spec.labels)}" if spec.labels else ""
+        print(f"added dataset {spec.name!r}: {spec.task}, {spec.rows:,} rows from {spec.format} ({use}){labels}")
+        print(f"use it: lqlora run --model MODEL --train {spec.name}")
+    elif args.action == "remove":
+        remove_dataset(warehouse, args.name)
+        print(f"removed dataset {args.name!r} (results computed from it stay in DuckDB)")
+    else:
+        print(_table(registered_datasets(warehouse)))
+        print("bundled: sotu (lm, State-of-the-Union speeches), polarity (classify, Pang & Lee sentences)")
     return 0
 
 
@@ -200,8 +232,12 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("register", help="register a base model as a new partition")
-    r.add_argument("source", help=f"a bundled model ({DEFAULT_MODEL}, minilm-l6) or a local HF folder")
-    r.add_argument("--name", help="partition key (default: the folder name)")
+    r.add_argument(
+        "source",
+        help=f"a bundled model ({DEFAULT_MODEL}, minilm-l6), a local HF folder, a .gguf file, or a hub id "
+        "org/name already in the local Hugging Face cache",
+    )
+    r.add_argument("--name", help="partition key (default: the folder, file or hub name)")
     r.add_argument("--pattern", help="regex over module names selecting the target layers")
     r.set_defaults(func=cmd_register)
 
@@ -222,6 +258,22 @@ def parser() -> argparse.ArgumentParser:
         skip={"error_table.methods", "finetuned_adapters.methods", "finetuned_adapters.budgets"},  # the comparison's
     )
     c.set_defaults(func=cmd_compare)
+
+    d = sub.add_parser("data", help="register your own datasets: add NAME PATH, list, remove NAME")
+    dsub = d.add_subparsers(dest="action", required=True)
+    add = dsub.add_parser("add", help="check a data file and register it under a name")
+    add.add_argument("name", help="the name runs use (--train NAME)")
+    add.add_argument("path", help="a .txt file, a folder of .txt files, or .jsonl / .json / .csv / .parquet")
+    add.add_argument("--task", choices=["lm", "instruct", "classify"],
+                     help="what to train (default: detected from the columns: messages or prompt+response -> "
+                     "instruct, text+label -> classify, text -> lm)")
+    for role in ("text", "label", "prompt", "response", "messages"):
+        add.add_argument(f"--{role}-col", help=f"the column holding the {role} (default: detected by name)")
+    add.add_argument("--replace", action="store_true", help="re-register an existing name")
+    dsub.add_parser("list", help="list registered datasets")
+    rm = dsub.add_parser("remove", help="forget a dataset")
+    rm.add_argument("name")
+    d.set_defaults(func=cmd_data)
 
     u = sub.add_parser("unregister", help="forget a registered model (its results stay in DuckDB)")
     u.add_argument("name")

@@ -10,6 +10,7 @@ from assets import (
     automation,
     calibration,
     comparison,
+    data,
     decomposition,
     errors,
     evaluation,
@@ -24,9 +25,10 @@ from lqlora_dagster.pipeline.context import default_home
 from resources import ArtifactStoreResource, ComputeDevice, HandleIOManager, ModelSource, WarehouseResource
 from resources.executors import executor_named
 
-STAGE_MODULES = [models, calibration, errors, plans, decomposition, finetuning, evaluation, comparison]
+STAGE_MODULES = [models, data, calibration, errors, plans, decomposition, finetuning, evaluation, comparison]
 MAIN_ASSETS = [
     "base_model",
+    "task_data",
     "calibration_batches",
     "fisher_diagonals",
     "error_table",

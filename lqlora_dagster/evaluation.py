@@ -1,4 +1,4 @@
-"""What a user compares methods by: perplexity, accuracy, storage, peak memory."""
+"""What a user compares methods by: perplexity, mean loss, accuracy and macro-F1, storage, peak memory."""
 
 import math
 import resource
@@ -28,24 +28,56 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     return math.exp(total / count)
 
 
+def _predicted(batch: dict[str, torch.Tensor]) -> int:
+    """How many targets a batch's mean loss averages over (tokens, or examples)."""
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return len(labels)
+    return int((labels[:, 1:] != -100).sum())
+
+
 @torch.no_grad()
-def accuracy(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    labels: torch.Tensor,
-    batch_size: int = 64,
-) -> float:
+def mean_loss(model: torch.nn.Module, examples: dict[str, torch.Tensor], batch_size: int = 4) -> float:
+    """Mean loss per predicted target over all examples (token windows train on every
+    next token; instruction rows on their response tokens; sentences on their label)."""
     device = next(model.parameters()).device
     model.eval()
-    correct = 0
+    total, count = 0.0, 0
+    for start in range(0, len(examples["input_ids"]), batch_size):
+        batch = {k: v[start : start + batch_size] for k, v in examples.items()}
+        batch.setdefault("labels", batch["input_ids"])
+        n = _predicted(batch)
+        if n == 0:
+            continue
+        total += model(**{k: v.to(device) for k, v in batch.items()}).loss.item() * n
+        count += n
+    if count == 0:
+        raise ValueError("no example has a target to predict")
+    return total / count
+
+
+@torch.no_grad()
+def classification_scores(
+    model: torch.nn.Module, examples: dict[str, torch.Tensor], batch_size: int = 64
+) -> dict[str, float]:
+    """Accuracy and macro-F1 (the mean over labels of each label's F1)."""
+    device = next(model.parameters()).device
+    model.eval()
+    labels = examples["labels"]
+    preds = []
     for start in range(0, len(labels), batch_size):
         sl = slice(start, start + batch_size)
         logits = model(
-            input_ids=input_ids[sl].to(device), attention_mask=attention_mask[sl].to(device)
+            input_ids=examples["input_ids"][sl].to(device), attention_mask=examples["attention_mask"][sl].to(device)
         ).logits
-        correct += int((logits.argmax(-1).cpu() == labels[sl]).sum())
-    return correct / len(labels)
+        preds.append(logits.argmax(-1).cpu())
+    pred = torch.cat(preds)
+    f1s = []
+    for c in range(int(model.config.num_labels)):
+        tp = int(((pred == c) & (labels == c)).sum())
+        fp, fn = int(((pred == c) & (labels != c)).sum()), int(((pred != c) & (labels == c)).sum())
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return {"accuracy": float((pred == labels).float().mean()), "macro_f1": sum(f1s) / len(f1s)}
 
 
 @dataclass(frozen=True)

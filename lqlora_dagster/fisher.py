@@ -25,8 +25,10 @@ def estimate_fisher(
     """{target name: (out, in) float32 Fisher diagonal} on the model's device.
 
     `batches` is (n, seq) token windows, or {input_ids, attention_mask, labels} with
-    one row per labelled example."""
-    examples = batches if isinstance(batches, dict) else {"input_ids": batches, "labels": batches}
+    one row per example (labels: the class, or the tokens to predict; windows without
+    labels predict every next token)."""
+    examples = dict(batches) if isinstance(batches, dict) else {"input_ids": batches}
+    examples.setdefault("labels", examples["input_ids"])  # token windows: every next token
     check_token_ids(examples["input_ids"], model.get_input_embeddings().num_embeddings)
     count = len(examples["input_ids"])
     device = next(model.parameters()).device

@@ -1,15 +1,18 @@
 """What a model is trained and scored for, as data: the registry of tasks.
 
-| task      | model class                        | data (calibration / training / evaluation)       | metric     |
-| causal-lm | AutoModelForCausalLM               | token windows of the speeches, split by year      | perplexity |
-| seq-cls   | AutoModelForSequenceClassification | Pang & Lee polarity sentences (train / test)      | accuracy   |
+| task      | data task | model class                        | examples                            | metric                 |
+| causal-lm | lm        | AutoModelForCausalLM               | token windows of a text stream      | perplexity             |
+| instruct  | instruct  | AutoModelForCausalLM               | prompt + response, loss on response | response perplexity    |
+| seq-cls   | classify  | AutoModelForSequenceClassification | labelled sentences                  | accuracy (+ macro-F1)  |
 
-A task says how to build its model, which examples each stage reads, how to batch
-them for training, how to score a model, and which freshly initialised head (if any)
-trains with the factors. A new task is one class here, one entry in `TASKS`, and its
-tests.
+A registered model has a model kind (`causal-lm` or `seq-cls`, which says how to load
+it); a run's task follows from its training data and must fit that kind. A task says
+how to build its model, how to turn a part of the run's data (`data/selection.py`) into
+tensors, how to batch them, and how to score a model. A new task is one class here,
+one entry in `TASKS`, and its tests.
 """
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,14 +21,17 @@ import torch
 from lqlora_dagster.errors import LQLoRAInputError
 
 HEAD_SEED = 0  # the fresh classification head is drawn from this seed in every stage
+DATA_TASKS = {"lm": "causal-lm", "instruct": "instruct", "classify": "seq-cls"}  # dataset task -> task
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
+    data_task: str  # the dataset task it reads: lm | instruct | classify
+    model_kind: str  # the registered model kind it needs: causal-lm | seq-cls
     auto_class: str  # transformers Auto* class that builds the model
     peft_type: str  # PEFT's task_type of an exported adapter
-    metric: str  # what `score` returns: "perplexity" (lower is better) or "accuracy"
+    metric: str  # the headline of `score`; lower is better for perplexities
     # whether the untrained base model is worth a reference row (a fresh head is a coin toss)
     scores_reference: bool = True
 
@@ -44,77 +50,69 @@ class Task:
         """The module that trains with the factors (None: only the factors train)."""
         return None
 
-    def calibration_source(self, s) -> tuple[str, str]:
-        """(what the calibration reads, an id of its content) for DuckDB and the key."""
+    def fit_head(self, model: torch.nn.Module, labels: tuple[str, ...]) -> torch.nn.Module:
+        """Size a classifier's head to the data's labels (a no-op for other tasks)."""
+        return model
+
+    def examples(self, tokenizer, data, part: str, seq_len: int):
+        """`Encoded` tensors of one part of the run's data (calibration/train/val/eval)."""
         raise NotImplementedError
 
-    def calibration_examples(self, tokenizer, s):
+    def batches(self, examples: dict[str, torch.Tensor], settings):
+        from lqlora_dagster.training.finetune import example_batches
+
+        return example_batches(examples, settings)
+
+    def score(self, model: torch.nn.Module, examples: dict[str, torch.Tensor], batch_size: int) -> dict[str, float]:
+        """{metric: value}, the task's headline metric first."""
         raise NotImplementedError
 
-    def training_examples(self, tokenizer, s):
-        raise NotImplementedError
+    def loss(self, model: torch.nn.Module, examples: dict[str, torch.Tensor], batch_size: int) -> float:
+        """Mean loss per predicted token (or per example): what validation tracks."""
+        from lqlora_dagster.evaluation import mean_loss
 
-    def eval_examples(self, tokenizer, s):
-        raise NotImplementedError
+        return mean_loss(model, examples, batch_size)
 
-    def batches(self, examples, settings):
-        raise NotImplementedError
-
-    def score(self, model: torch.nn.Module, examples, s) -> float:
-        raise NotImplementedError
-
-    def n_tokens(self, examples) -> int:
-        raise NotImplementedError
+    def n_tokens(self, examples: dict[str, torch.Tensor]) -> int:
+        return int(examples["attention_mask"].sum()) if "attention_mask" in examples else int(examples["input_ids"].numel())
 
 
 @dataclass(frozen=True)
 class CausalLM(Task):
-    """Next-token prediction; calibration, training and evaluation read disjoint
-    year ranges of the State-of-the-Union speeches (or a user text for calibration)."""
+    """Next-token prediction on windows of a text stream."""
 
-    def calibration_source(self, s) -> tuple[str, str]:
-        from lqlora_dagster.data.corpora import read_text
-        from lqlora_dagster.store.keys import stable_key
+    def examples(self, tokenizer, data, part: str, seq_len: int):
+        from lqlora_dagster.data.encode import Encoded, bos_id, lm_windows
+        from lqlora_dagster.data.selection import part_stream
+        from lqlora_dagster.data.windows import tokenize
 
-        return (s.text, s.text) if s.text == "sotu" else (s.text, stable_key(read_text(Path(s.text))))
+        ids = part_stream(data, part, lambda text: tokenize(tokenizer, text))
+        return Encoded({"input_ids": lm_windows(ids, seq_len, bos_id(tokenizer))}, 0)
 
-    def calibration_examples(self, tokenizer, s) -> dict[str, torch.Tensor]:
-        from lqlora_dagster.data.corpora import read_text, sotu_text
-        from lqlora_dagster.data.windows import token_windows, tokenize
-
-        text = sotu_text("calibration") if s.text == "sotu" else read_text(Path(s.text))
-        return {"input_ids": token_windows(tokenize(tokenizer, text), s.seq_len, s.n_sequences, seed=s.seed)}
-
-    def training_examples(self, tokenizer, s) -> torch.Tensor:
-        from lqlora_dagster.data.corpora import sotu_text
-        from lqlora_dagster.data.windows import token_windows, tokenize
-
-        return token_windows(tokenize(tokenizer, sotu_text("train")), s.seq_len)
-
-    def eval_examples(self, tokenizer, s) -> torch.Tensor:
-        from lqlora_dagster.data.corpora import sotu_text
-        from lqlora_dagster.data.windows import token_windows, tokenize
-
-        return token_windows(tokenize(tokenizer, sotu_text("eval")), s.seq_len, s.n_windows)
-
-    def batches(self, examples, settings):
-        from lqlora_dagster.training.finetune import causal_lm_batches
-
-        return causal_lm_batches(examples, settings)
-
-    def score(self, model, examples, s) -> float:
+    def score(self, model, examples, batch_size) -> dict[str, float]:
         from lqlora_dagster.evaluation import perplexity
 
-        return perplexity(model, examples, s.batch_size)
+        return {"perplexity": perplexity(model, examples["input_ids"], batch_size)}
 
-    def n_tokens(self, examples) -> int:
-        return int(examples.numel())
+
+@dataclass(frozen=True)
+class Instruct(Task):
+    """Instruction tuning: the prompt is context, the loss is on the response tokens."""
+
+    def examples(self, tokenizer, data, part: str, seq_len: int):
+        from lqlora_dagster.data.encode import instruction_examples
+        from lqlora_dagster.data.selection import part_rows
+
+        spec, _ = data.source(part)
+        return instruction_examples(tokenizer, part_rows(data, part), spec.use, seq_len)
+
+    def score(self, model, examples, batch_size) -> dict[str, float]:
+        return {"response_perplexity": math.exp(self.loss(model, examples, batch_size))}
 
 
 @dataclass(frozen=True)
 class SequenceClassification(Task):
-    """Sentence labels; calibration takes the first train sentences (never the test
-    split), training one pass over the train split, evaluation the test split."""
+    """Sentence labels; a fresh head (seeded) sized to the training labels trains with the factors."""
 
     scores_reference: bool = False
 
@@ -126,53 +124,72 @@ class SequenceClassification(Task):
     def head(self, model: torch.nn.Module) -> str | None:
         return "score" if hasattr(model, "score") else "classifier"
 
-    def calibration_source(self, s) -> tuple[str, str]:
-        return "polarity", "polarity"
+    def fit_head(self, model: torch.nn.Module, labels: tuple[str, ...]) -> torch.nn.Module:
+        n = len(labels)
+        if model.config.num_labels == n:
+            return model
+        head_name = self.head(model)
+        head = model.get_submodule(head_name)
+        if not isinstance(head, torch.nn.Linear):  # a head module (RoBERTa's): its last Linear gives the labels
+            last = [name for name, m in head.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+            head_name = f"{head_name}.{last}"
+        old = model.get_submodule(head_name)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(HEAD_SEED)
+            new = torch.nn.Linear(old.in_features, n, bias=old.bias is not None).to(old.weight.device)
+        owner, _, attr = head_name.rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, attr, new)
+        model.config.num_labels = n
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {label: i for i, label in enumerate(labels)}
+        model.num_labels = n
+        return model
 
-    def calibration_examples(self, tokenizer, s) -> dict[str, torch.Tensor]:
-        from lqlora_dagster.data.polarity import encode_sentences, polarity_split
+    def examples(self, tokenizer, data, part: str, seq_len: int):
+        from lqlora_dagster.data.encode import classification_examples
+        from lqlora_dagster.data.selection import part_rows
 
-        if s.text != "sotu":
-            raise LQLoRAInputError("a classifier calibrates on the polarity train sentences; leave `text` unset")
-        rows = polarity_split("train")
-        if s.n_sequences > len(rows):
-            raise LQLoRAInputError(f"{s.n_sequences} calibration sentences asked, the train split has {len(rows)}")
-        return encode_sentences(tokenizer, rows[: s.n_sequences], s.seq_len)
+        spec, _ = data.source(part)
+        return classification_examples(tokenizer, part_rows(data, part), spec.use, data.labels, seq_len)
 
-    def training_examples(self, tokenizer, s) -> dict[str, torch.Tensor]:
-        from lqlora_dagster.data.polarity import encode_sentences, polarity_split
+    def score(self, model, examples, batch_size) -> dict[str, float]:
+        from lqlora_dagster.evaluation import classification_scores
 
-        return encode_sentences(tokenizer, polarity_split("train"), s.seq_len)
-
-    def eval_examples(self, tokenizer, s) -> dict[str, torch.Tensor]:
-        from lqlora_dagster.data.polarity import encode_sentences, polarity_split
-
-        return encode_sentences(tokenizer, polarity_split("test"), s.seq_len)
-
-    def batches(self, examples, settings):
-        from lqlora_dagster.training.finetune import classification_batches
-
-        return classification_batches(examples["input_ids"], examples["attention_mask"], examples["labels"], settings)
-
-    def score(self, model, examples, s) -> float:
-        from lqlora_dagster.evaluation import accuracy
-
-        return accuracy(model, examples["input_ids"], examples["attention_mask"], examples["labels"], 64)
-
-    def n_tokens(self, examples) -> int:
-        return int(examples["attention_mask"].sum())
+        return classification_scores(model, examples, batch_size)
 
 
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        CausalLM("causal-lm", "AutoModelForCausalLM", "CAUSAL_LM", "perplexity"),
-        SequenceClassification("seq-cls", "AutoModelForSequenceClassification", "SEQ_CLS", "accuracy"),
+        CausalLM("causal-lm", "lm", "causal-lm", "AutoModelForCausalLM", "CAUSAL_LM", "perplexity"),
+        Instruct("instruct", "instruct", "causal-lm", "AutoModelForCausalLM", "CAUSAL_LM", "response_perplexity"),
+        SequenceClassification("seq-cls", "classify", "seq-cls", "AutoModelForSequenceClassification", "SEQ_CLS",
+                               "accuracy"),
     )
 }
+MODEL_KINDS = ("causal-lm", "seq-cls")
 
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
         raise LQLoRAInputError(f"unknown task {name!r}; use one of {', '.join(TASKS)}")
     return TASKS[name]
+
+
+def task_of_data(data_task: str) -> Task:
+    """The task that reads a dataset task's examples (lm -> causal-lm, ...)."""
+    if data_task not in DATA_TASKS:
+        raise LQLoRAInputError(f"unknown dataset task {data_task!r}; use one of {', '.join(DATA_TASKS)}")
+    return get_task(DATA_TASKS[data_task])
+
+
+def task_for_data(data_task: str, model_kind: str, dataset: str, model: str) -> Task:
+    """The task a dataset gives a model, or why it does not fit."""
+    task = task_of_data(data_task)
+    if task.model_kind != model_kind:
+        if data_task == "classify":
+            why = f"model {model!r} is a causal LM without a classification head; register an encoder or classifier"
+        else:
+            why = f"model {model!r} is a classifier (an encoder with a label head); it cannot generate text"
+        raise LQLoRAInputError(f"dataset {dataset!r} is {data_task} data, but {why}")
+    return task

@@ -13,6 +13,19 @@ CREATE TABLE IF NOT EXISTS models (
     registered_at  TIMESTAMP DEFAULT current_timestamp
 );
 
+CREATE TABLE IF NOT EXISTS datasets (
+    name      VARCHAR PRIMARY KEY,        -- `lqlora data add NAME PATH`
+    path      VARCHAR NOT NULL,           -- the file or folder, absolute
+    format    VARCHAR NOT NULL,           -- txt | txt-folder | jsonl | json | csv | parquet
+    task      VARCHAR NOT NULL,           -- lm | instruct | classify
+    rows      BIGINT NOT NULL,
+    columns   VARCHAR NOT NULL,           -- JSON list of the file's columns
+    sha256    VARCHAR NOT NULL,           -- of the bytes; part of every content key downstream
+    use       VARCHAR NOT NULL,           -- JSON {role: column}: which column is text, label, prompt, ...
+    labels    VARCHAR NOT NULL,           -- JSON list (classify): the head's output order
+    added_at  TIMESTAMP DEFAULT current_timestamp
+);
+
 CREATE TABLE IF NOT EXISTS matrices (
     model    VARCHAR NOT NULL,
     name     VARCHAR NOT NULL,            -- module path of the target layer
@@ -116,8 +129,10 @@ CREATE TABLE IF NOT EXISTS train_steps (
     loss     DOUBLE NOT NULL,
     lr       DOUBLE NOT NULL,
     seconds  DOUBLE NOT NULL,
+    val_loss DOUBLE,                      -- mean validation loss, on the steps that validated
     PRIMARY KEY (run, step)
 );
+ALTER TABLE train_steps ADD COLUMN IF NOT EXISTS val_loss DOUBLE;
 
 CREATE TABLE IF NOT EXISTS evaluations (
     eval_key           VARCHAR PRIMARY KEY,
@@ -125,7 +140,7 @@ CREATE TABLE IF NOT EXISTS evaluations (
     method             VARCHAR NOT NULL,  -- 'reference' for the unquantized model
     budget             DOUBLE,            -- NULL for the reference
     stage              VARCHAR NOT NULL,  -- reference | before_finetune | after_finetune
-    metric             VARCHAR NOT NULL,  -- perplexity | accuracy
+    metric             VARCHAR NOT NULL,  -- perplexity | response_perplexity | accuracy
     value              DOUBLE NOT NULL,
     perplexity         DOUBLE,
     bits_per_param     DOUBLE,            -- quantized part
@@ -134,8 +149,12 @@ CREATE TABLE IF NOT EXISTS evaluations (
     n_tokens           BIGINT,
     seq_len            INTEGER,
     plan_id            VARCHAR,
-    created_at         TIMESTAMP DEFAULT current_timestamp
+    created_at         TIMESTAMP DEFAULT current_timestamp,
+    macro_f1           DOUBLE,            -- classification
+    dataset            VARCHAR            -- the held-out data scored (dataset name and part)
 );
+ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS macro_f1 DOUBLE;
+ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS dataset VARCHAR;
 
 CREATE TABLE IF NOT EXISTS artifacts (
     path       VARCHAR PRIMARY KEY,

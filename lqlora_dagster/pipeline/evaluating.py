@@ -1,27 +1,29 @@
-"""Stage `evaluation`: the task's metric on its held-out examples (perplexity on the
-2016+ speeches, or accuracy on the polarity test sentences) for the reference model,
-each decomposed model (before finetuning) and each finetuned one (after), with
-storage in bits/param. Rows already in DuckDB for the same inputs are reused."""
+"""Stage `evaluation`: the task's metrics on the eval part of the run's data
+(perplexity of text, perplexity of the responses of instructions, accuracy and
+macro-F1 of labels) for the reference model, each decomposed model (before
+finetuning) and each finetuned one (after), with storage in bits/param. Rows already
+in DuckDB for the same inputs are reused."""
 
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from lqlora_dagster.data.selection import TaskData
 from lqlora_dagster.evaluation import peak_memory_mb, storage
 from lqlora_dagster.models.loading import load_tokenizer
 from lqlora_dagster.pipeline.base_model import load_base
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.decomposition import ASSET as DECOMPOSED
-from lqlora_dagster.pipeline.finetuning import load_finetuned
+from lqlora_dagster.pipeline.finetuning import load_finetuned, spread
 from lqlora_dagster.pipeline.handles import DecomposedHandle, EvaluationHandle, FinetunedHandle, ModelHandle
 from lqlora_dagster.pipeline.settings import EvalSettings
 from lqlora_dagster.store.keys import stable_key
 from lqlora_dagster.store.schemas import EVALUATIONS
 from lqlora_dagster.surgery.lq_model_io import load_lq_model
-from lqlora_dagster.tasks import get_task
+from lqlora_dagster.tasks import get_task, task_of_data
 
-EVAL_VERSION = "1"
+EVAL_VERSION = "2"
 
 
 def _done(ctx: StageContext, key: str) -> bool:
@@ -33,33 +35,36 @@ def run_evaluation(
     model: ModelHandle,
     decomposed: DecomposedHandle,
     finetuned: FinetunedHandle,
+    data: TaskData,
     s: EvalSettings,
 ) -> EvaluationHandle:
-    task = get_task(model.task)
+    task, kind = task_of_data(data.task), get_task(model.task)
+    held_out = data.content_id("eval")
     jobs = []
-    if task.scores_reference:
+    if kind.scores_reference:
         jobs.append(
-            (stable_key(model.key, s, EVAL_VERSION), "reference", None, None, lambda: load_base(model, ctx.device))
+            (stable_key(model.key, s, held_out, EVAL_VERSION), "reference", None, None,
+             lambda: load_base(model, ctx.device))
         )
     for ref in decomposed.items:
         path = ctx.store.get(DECOMPOSED, model.model, ref.decomp_key).path
         jobs.append(
             (
-                stable_key(ref.decomp_key, s, EVAL_VERSION),
+                stable_key(ref.decomp_key, s, held_out, EVAL_VERSION),
                 "before_finetune",
                 ref,
                 ref.plan_id,
-                lambda p=path: load_lq_model(p, ctx.device),
+                lambda p=path: kind.fit_head(load_lq_model(p, ctx.device), data.labels),
             )
         )
     for ref in finetuned.items:
         jobs.append(
             (
-                stable_key(ref.run_key, s, EVAL_VERSION),
+                stable_key(ref.run_key, s, held_out, EVAL_VERSION),
                 "after_finetune",
                 ref,
                 ref.plan_id,
-                lambda r=ref: load_finetuned(ctx, model, r, ctx.device),
+                lambda r=ref: load_finetuned(ctx, model, r, data.labels, ctx.device),
             )
         )
     examples = None
@@ -69,12 +74,17 @@ def run_evaluation(
         if _done(ctx, key):
             continue
         if examples is None:
-            examples = task.eval_examples(load_tokenizer(Path(model.folder)), s)
+            encoded = task.examples(load_tokenizer(Path(model.folder)), data, "eval", s.seq_len)
+            examples = spread(encoded.tensors, s.n_windows) if data.task == "lm" else encoded.tensors
+            if encoded.truncated:
+                ctx.log(f"evaluation: {encoded.truncated} held-out rows were longer than {s.seq_len} tokens and were "
+                        "cut (--eval-len)")
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
         net = load()
-        metric, value = task.metric, task.score(net, examples, s)
-        ppl = value if metric == "perplexity" else None
+        scores = task.score(net, examples, s.batch_size)
+        metric, value = task.metric, scores[task.metric]
+        ppl = value if metric.endswith("perplexity") else None
         st = storage(net) if stage != "reference" else None
         row = {
             "eval_key": key,
@@ -91,6 +101,8 @@ def run_evaluation(
             "n_tokens": task.n_tokens(examples),
             "seq_len": s.seq_len,
             "plan_id": plan_id,
+            "macro_f1": scores.get("macro_f1"),
+            "dataset": "{} ({})".format(data.source("eval")[0].name, data.source("eval")[1]),
         }
         ctx.warehouse.upsert("evaluations", EVALUATIONS.validate(pd.DataFrame([row])), ["eval_key"])
         label = "reference" if ref is None else f"{ref.method} @ {ref.budget:g} {stage}"
@@ -101,7 +113,8 @@ def run_evaluation(
 
 def evaluation_table(ctx: StageContext, keys: list[str]) -> pd.DataFrame:
     frame = ctx.warehouse.query(
-        "SELECT method, budget, stage, metric, value, perplexity, bits_per_param, bits_incl_lowrank FROM evaluations "
+        "SELECT method, budget, stage, metric, value, perplexity, macro_f1, bits_per_param, bits_incl_lowrank "
+        "FROM evaluations "
         "WHERE eval_key IN (SELECT unnest(?::VARCHAR[])) ORDER BY stage <> 'reference', method, budget, stage DESC",
         [keys],
     )

@@ -9,6 +9,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from lqlora_dagster.data.selection import TaskData
 from lqlora_dagster.decompose.lq import LQSettings
 from lqlora_dagster.knobs import from_values
 
@@ -30,6 +31,7 @@ class CalibrationHandle:
     key: str
     n_sequences: int
     seq_len: int
+    labels: tuple[str, ...] = ()  # classifier: the head's labels (Fisher sizes the head to them)
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,8 @@ class AdapterRef:
     decomp_key: str
     run_key: str
     final_loss: float
+    best_step: int | None = None  # the step whose adapter was kept (lowest validation loss)
+    best_val_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,7 @@ HANDLE_TYPES = {
         FinetunedHandle,
         EvaluationHandle,
         ReportHandle,
+        TaskData,
     )
 }
 

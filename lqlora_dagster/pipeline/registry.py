@@ -5,12 +5,11 @@ so a typo fails here with a message instead of in the middle of a run.
 """
 
 import re
-from pathlib import Path
 
 import pandas as pd
 
 from lqlora_dagster.errors import LQLoRAInputError
-from lqlora_dagster.models.source import BUNDLED, is_hf_folder, task_of_folder
+from lqlora_dagster.models.source import parse_source
 from lqlora_dagster.store.warehouse import Warehouse
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -26,19 +25,10 @@ def check_model_name(name: str) -> str:
 
 
 def describe_source(source: str) -> tuple[str, str]:
-    """(normalised source, task) for a bundled model name or an HF folder."""
-    if source in BUNDLED:
-        return source, BUNDLED[source].task
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise LQLoRAInputError(
-            f"model source {source!r} is neither a bundled model ({', '.join(sorted(BUNDLED))}) nor an existing path"
-        )
-    if not path.is_dir() or not is_hf_folder(path):
-        raise LQLoRAInputError(
-            f"{path} is not a Hugging Face model folder: it needs config.json and *.safetensors weights"
-        )
-    return str(path.resolve()), task_of_folder(path)
+    """(normalised source, task) for a bundled name, an HF folder, a .gguf file or a hub
+    id; the normalised source resolves again to the same model (`resolve_model_folder`)."""
+    parsed = parse_source(source)
+    return parsed.key, parsed.task
 
 
 def register_model(warehouse: Warehouse, name: str, source: str, pattern: str | None = None) -> bool:

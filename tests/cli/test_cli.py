@@ -116,16 +116,21 @@ def test_sql_and_models_read_the_results(ran):
 
 def test_a_failed_run_exits_1_and_says_where_to_look(ran, tmp_path):
     home, _ = ran
-    # a calibration text that does not exist passes the argument checks, and fails its stage
-    absent = str(tmp_path / "absent.txt")
-    run = lqlora(home, "run", *TINY_RUN, "--budget", "3", "--calibration-text", absent)
+    # a registered dataset whose file is gone passes the argument checks, and fails its stage
+    path = tmp_path / "notes.txt"
+    path.write_text("Some notes to learn from. " * 400)
+    assert lqlora(home, "data", "add", "notes", str(path)).returncode == 0
+    path.unlink()
+    run = lqlora(home, "run", *TINY_RUN, "--budget", "3", "--train", "notes")
     assert run.returncode == 1
     assert "the run failed" in run.stderr and "lqlora ui" in run.stderr
-    assert "calibration_batches: cannot read text file" in run.stderr and "No such file" in run.stderr
+    assert "task_data: data path" in run.stderr and "does not exist" in run.stderr
     assert "Traceback" not in run.stderr and _log_path(run.stderr).is_file()
-    verbose = lqlora(home, "run", *TINY_RUN, "--budget", "3", "--calibration-text", absent, "--verbose")
+    verbose = lqlora(home, "run", *TINY_RUN, "--budget", "3", "--train", "notes", "--verbose")
     assert verbose.returncode == 1
-    assert "STEP_FAILURE" in verbose.stderr and "cannot read text file" in verbose.stderr  # the log, live
+    assert "STEP_FAILURE" in verbose.stderr and "does not exist" in verbose.stderr  # the log, live
+    unknown = lqlora(home, "run", *TINY_RUN, "--budget", "3", "--train", "nope")
+    assert unknown.returncode == 2 and "unknown dataset 'nope'" in unknown.stderr
 
 
 def test_a_budget_no_plan_can_meet_is_refused_before_any_work(ran):

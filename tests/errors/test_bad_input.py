@@ -297,32 +297,16 @@ def test_fisher_method_without_fisher(ctx, tiny_base):
         run_error_table(ctx, tiny_base, None, ErrorTableSettings(methods=("lqlora-fisher",), grid="reduced"))
 
 
-@pytest.mark.parametrize(
-    "text,message",
-    [
-        (b"", r"the text is empty; give at least one window's worth of text"),
-        (b"Four score and seven years ago.", r"the text has \d+ tokens, shorter than one window of 64"),
-        (b"caf\xe9 au lait " * 50, r"is not UTF-8 text \(byte 0xe9 at offset 3\); convert it"),
-    ],
-    ids=["empty", "too short", "not UTF-8"],
-)
-def test_bad_calibration_text(ctx, tiny_base, tmp_path, text, message):
-    path = tmp_path / "calibration.txt"
-    path.write_bytes(text)
-    with pytest.raises(LQLoRAInputError, match=message):
-        run_calibration(ctx, tiny_base, CalibrationSettings(text=str(path), n_sequences=2, seq_len=64))
-
-
-def test_missing_calibration_file(ctx, tiny_base, tmp_path):
-    with pytest.raises(LQLoRAInputError, match=r"cannot read text file .*absent.txt: No such file or directory"):
-        run_calibration(ctx, tiny_base, CalibrationSettings(text=str(tmp_path / "absent.txt"), seq_len=64))
-
-
 def test_more_calibration_windows_than_text(ctx, tiny_base, tmp_path):
+    from lqlora_dagster.pipeline.datasets import add_dataset, select_data
+    from lqlora_dagster.pipeline.settings import DataSettings
+
     path = tmp_path / "calibration.txt"
     path.write_text("The state of our union is strong. " * 40)
-    with pytest.raises(LQLoRAInputError, match=r"asked for 500 windows of 64 tokens, but the text holds \d+"):
-        run_calibration(ctx, tiny_base, CalibrationSettings(text=str(path), n_sequences=500, seq_len=64))
+    add_dataset(ctx.warehouse, "short", str(path))
+    data = select_data(ctx.warehouse, tiny_base, DataSettings(train="short"))
+    with pytest.raises(LQLoRAInputError, match=r"500 calibration sequences asked, the calibration data \(short, calibration\) holds \d+"):
+        run_calibration(ctx, tiny_base, data, CalibrationSettings(n_sequences=500, seq_len=64))
 
 
 # --- Dagster run config: typos caught before anything runs ---------------------------------

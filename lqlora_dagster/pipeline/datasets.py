@@ -1,0 +1,104 @@
+"""The dataset registry (DuckDB `datasets`) and the `task_data` stage that picks a run's data.
+
+`lqlora data add` checks a file completely (`data/datasets.py`) before its row is
+written, so a bad file never reaches the store. A run names datasets; `task_data`
+re-reads their checksums, so an edited file gets a new content id and exactly the
+stages that read it run again.
+"""
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from lqlora_dagster.data.datasets import Columns, DatasetSpec, inspect_dataset
+from lqlora_dagster.data.files import checksum
+from lqlora_dagster.data.selection import BUILTIN, TaskData
+from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.pipeline.handles import ModelHandle
+from lqlora_dagster.pipeline.settings import DataSettings
+from lqlora_dagster.store.warehouse import Warehouse
+from lqlora_dagster.tasks import task_for_data
+
+DATA_VERSION = "1"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+DEFAULT_DATA = {"causal-lm": "sotu", "seq-cls": "polarity"}  # per model kind
+
+
+def add_dataset(warehouse: Warehouse, name: str, path: str, task: str | None = None,
+                named: Columns = Columns(), replace: bool = False) -> DatasetSpec:
+    """Check and register a dataset; the same name twice needs `replace`."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise LQLoRAInputError(f"dataset name {name!r}: use 1-63 lowercase letters, digits, '.', '_' or '-'")
+    if name in BUILTIN:
+        raise LQLoRAInputError(f"{name!r} is a bundled dataset; pick another name")
+    warehouse.init_schema()
+    if not replace and not warehouse.query("SELECT 1 FROM datasets WHERE name = ?", [name]).empty:
+        raise LQLoRAInputError(f"dataset {name!r} is already registered; pass --replace to point it at {path}")
+    spec = inspect_dataset(name, path, task, named)
+    warehouse.upsert("datasets", pd.DataFrame([spec.record()]), ["name"])
+    return spec
+
+
+def remove_dataset(warehouse: Warehouse, name: str) -> None:
+    lookup_dataset(warehouse, name)
+    warehouse.replace_rows("datasets", pd.DataFrame(), {"name": name})
+
+
+def registered_datasets(warehouse: Warehouse) -> pd.DataFrame:
+    warehouse.init_schema()
+    return warehouse.query("SELECT name, task, format, rows, labels, path, sha256 FROM datasets ORDER BY name")
+
+
+def lookup_dataset(warehouse: Warehouse, name: str) -> DatasetSpec:
+    if name in BUILTIN:
+        return BUILTIN[name]
+    warehouse.init_schema()
+    rows = warehouse.query("SELECT * FROM datasets WHERE name = ?", [name])
+    if rows.empty:
+        known = ", ".join(sorted(registered_datasets(warehouse)["name"]) + sorted(BUILTIN))
+        raise LQLoRAInputError(f"unknown dataset {name!r} (known: {known}); add it with `lqlora data add {name} PATH`")
+    return DatasetSpec.from_record(rows.iloc[0].to_dict())
+
+
+def current(warehouse: Warehouse, spec: DatasetSpec, log=print) -> DatasetSpec:
+    """The spec of the file as it is now: re-checked and re-registered when its bytes changed."""
+    if spec.format == "builtin" or checksum(Path(spec.path)) == spec.sha256:
+        return spec
+    fresh = inspect_dataset(spec.name, spec.path, spec.task, spec.use)
+    warehouse.upsert("datasets", pd.DataFrame([fresh.record()]), ["name"])
+    log(f"dataset {spec.name!r} changed since it was registered ({spec.rows} -> {fresh.rows} rows); using the new file")
+    return fresh
+
+
+def check_data_names(warehouse: Warehouse, s: DataSettings) -> None:
+    """Every dataset a run names is registered (checked before any work)."""
+    for role in ("train", "val", "eval", "calibration"):
+        if getattr(s, role):
+            lookup_dataset(warehouse, getattr(s, role))
+
+
+def select_data(warehouse: Warehouse, model: ModelHandle, s: DataSettings, log=print) -> TaskData:
+    """The run's datasets, checked against each other and against the model."""
+    train_name = s.train or DEFAULT_DATA[model.task]
+    train = current(warehouse, lookup_dataset(warehouse, train_name), log)
+    task_for_data(train.task, model.task, train.name, model.model)
+    chosen = {}
+    for role in ("val", "eval", "calibration"):
+        name = getattr(s, role)
+        if not name:
+            continue
+        spec = current(warehouse, lookup_dataset(warehouse, name), log)
+        if spec.task != train.task:
+            raise LQLoRAInputError(
+                f"{role} dataset {name!r} is {spec.task} data, the training dataset {train.name!r} is {train.task}; "
+                "use datasets of one task"
+            )
+        if train.task == "classify" and not set(spec.labels) <= set(train.labels):
+            extra = sorted(set(spec.labels) - set(train.labels))
+            raise LQLoRAInputError(f"{role} dataset {name!r} has labels the training data lacks: {extra}")
+        chosen[role] = spec
+    return TaskData(
+        train.task, train, chosen.get("calibration", train), chosen.get("val"), chosen.get("eval"),
+        s.val_fraction, s.test_fraction, s.split_seed,
+    )
