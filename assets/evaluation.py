@@ -45,8 +45,8 @@ def evaluation(
             "table": dg.MetadataValue.md(table.to_markdown(index=False, floatfmt=".4g")),
             "summary": summary(
                 [
-                    f"{r.method}{'' if r.stage == 'reference' else f' @ {r.budget:g} ' + r.stage.split('_')[0]} "
-                    f"{r.metric} {r.value:.4g}"
+                    f"{r.method}{'' if r.budget != r.budget or r.budget is None else f' @ {r.budget:g}'}"
+                    f"{'' if r.stage == 'reference' else ' ' + r.stage.split('_')[0]} {r.metric} {r.value:.4g}"
                     for r in table.itertuples()
                 ],
                 limit=4,
@@ -63,6 +63,7 @@ def perplexities_finite(evaluation: EvaluationHandle, warehouse: WarehouseResour
         "SELECT metric, value FROM evaluations WHERE eval_key IN (SELECT unnest(?::VARCHAR[]))",
         [evaluation.eval_keys],
     )
-    sane = {"perplexity": lambda v: math.isfinite(v) and v > 0, "accuracy": lambda v: 0 <= v <= 1}
+    ppl = lambda v: math.isfinite(v) and v > 0  # noqa: E731
+    sane = {"perplexity": ppl, "response_perplexity": ppl, "accuracy": lambda v: 0 <= v <= 1}
     ok = len(rows) == len(evaluation.eval_keys) and all(sane[m](v) for m, v in zip(rows["metric"], rows["value"]))
     return dg.AssetCheckResult(passed=ok, metadata={"rows": len(rows)})

@@ -7,7 +7,7 @@ import dagster as dg
 from assets.config import config_class
 from assets.shared import BASE_MODELS, stage_context, summary
 from lqlora_dagster.data.selection import TaskData
-from lqlora_dagster.pipeline.finetuning import ASSET, FINETUNE_VERSION, run_finetuning
+from lqlora_dagster.pipeline.finetuning import ASSET, FINETUNE_VERSION, label, run_finetuning
 from lqlora_dagster.pipeline.handles import DecomposedHandle, FinetunedHandle, ModelHandle
 from lqlora_dagster.pipeline.settings import FinetuneSettings
 from resources import ArtifactStoreResource, ComputeDevice, ModelSource, WarehouseResource
@@ -40,13 +40,13 @@ def finetuned_adapters(
         data_version=dg.DataVersion("-".join(a.run_key for a in handle.items) or "none"),
         metadata={
             "final_loss": dg.MetadataValue.json(
-                {f"{a.method}@{a.budget:g}": round(a.final_loss, 4) for a in handle.items}
+                {label(a): round(a.final_loss, 4) for a in handle.items}
             ),
-            "summary": summary([f"{a.method} @ {a.budget:g}: final loss {a.final_loss:.3f}" for a in handle.items])
+            "summary": summary([_line(a) for a in handle.items])
             or "nothing selected to finetune",
             "paths": dg.MetadataValue.json(
                 {
-                    f"{a.method}@{a.budget:g}": str(
+                    label(a): str(
                         ctx.store.get(ASSET, handle.model, a.run_key, verify=False).path
                     )
                     for a in handle.items
@@ -56,9 +56,14 @@ def finetuned_adapters(
     )
 
 
+def _line(a) -> str:
+    best = f", best val {a.best_val_loss:.3f} at step {a.best_step}" if a.best_step is not None else ""
+    return f"{label(a)}: final loss {a.final_loss:.3f}{best}"
+
+
 @dg.asset_check(asset=finetuned_adapters, description="Every adapter finished training with a finite loss.")
 def training_loss_finite(finetuned_adapters: FinetunedHandle) -> dg.AssetCheckResult:
-    bad = [f"{a.method}@{a.budget:g}" for a in finetuned_adapters.items if not math.isfinite(a.final_loss)]
+    bad = [label(a) for a in finetuned_adapters.items if not math.isfinite(a.final_loss)]
     return dg.AssetCheckResult(
         passed=not bad,
         metadata={"adapters": len(finetuned_adapters.items), "bad": dg.MetadataValue.json(bad)},

@@ -29,7 +29,8 @@ def comparison_frame(evals: pd.DataFrame) -> pd.DataFrame:
     if len(metrics) != 1:
         raise LQLoRAInputError(f"one metric per report, got {sorted(metrics)}")
     ref = evals[evals["stage"] == "reference"]
-    rest = evals[evals["stage"] != "reference"]
+    ref_tuned = evals[(evals["method"] == "reference") & (evals["stage"] == "after_finetune")]
+    rest = evals[(evals["stage"] != "reference") & (evals["method"] != "reference")]
     wide = rest.pivot_table(
         index=["method", "budget"], columns="stage", values="value", aggfunc="last"
     ).reindex(columns=["before_finetune", "after_finetune"])
@@ -41,14 +42,15 @@ def comparison_frame(evals: pd.DataFrame) -> pd.DataFrame:
     order = {m: i for i, m in enumerate(METHODS)}
     frame["_order"] = frame["method"].map(order).fillna(len(order))
     frame = frame.sort_values(["budget", "_order"]).drop(columns="_order").reset_index(drop=True)
-    if not ref.empty:
+    if not ref.empty or not ref_tuned.empty:
         top = pd.DataFrame(
             [
                 {
                     "method": "reference",
                     "budget": np.nan,
-                    "before_finetune": float(ref["value"].iloc[-1]),
-                    "after_finetune": np.nan,
+                    "before_finetune": float(ref["value"].iloc[-1]) if not ref.empty else np.nan,
+                    # the fair upper line: the uncompressed model with the same LoRA finetuning
+                    "after_finetune": float(ref_tuned["value"].iloc[-1]) if not ref_tuned.empty else np.nan,
                     "bits_per_param": 32.0,
                     "bits_incl_lowrank": 32.0,
                     "label": method_label("reference"),

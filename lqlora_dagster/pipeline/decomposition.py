@@ -21,6 +21,7 @@ from lqlora_dagster.pipeline.handles import (
 from lqlora_dagster.pipeline.planning import plan_configs
 from lqlora_dagster.store.keys import stable_key
 from lqlora_dagster.surgery.decompose_model import apply_decompositions, decompose_targets
+from lqlora_dagster.surgery.injector import lq_layers
 from lqlora_dagster.surgery.lq_model_io import load_lq_model, save_lq_model
 
 DECOMPOSITION_VERSION = "3"
@@ -51,7 +52,8 @@ def run_decomposition(
         st = storage(lq)
         items.append(
             DecompositionRef(
-                plan.plan_id, plan.method, plan.budget, key, st.bits_per_param, st.bits_incl_lowrank
+                plan.plan_id, plan.method, plan.budget, key, st.bits_per_param, st.bits_incl_lowrank,
+                max((layer.rank for layer in lq_layers(lq).values()), default=0),
             )
         )
     return DecomposedHandle(model.model, items)

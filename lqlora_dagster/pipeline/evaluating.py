@@ -15,7 +15,7 @@ from lqlora_dagster.models.loading import load_tokenizer
 from lqlora_dagster.pipeline.base_model import load_base
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.decomposition import ASSET as DECOMPOSED
-from lqlora_dagster.pipeline.finetuning import load_finetuned, spread
+from lqlora_dagster.pipeline.finetuning import label, load_finetuned, spread
 from lqlora_dagster.pipeline.handles import DecomposedHandle, EvaluationHandle, FinetunedHandle, ModelHandle
 from lqlora_dagster.pipeline.settings import EvalSettings
 from lqlora_dagster.store.keys import stable_key
@@ -85,12 +85,13 @@ def run_evaluation(
         scores = task.score(net, examples, s.batch_size)
         metric, value = task.metric, scores[task.metric]
         ppl = value if metric.endswith("perplexity") else None
-        st = storage(net) if stage != "reference" else None
+        compressed = ref is not None and ref.budget is not None
+        st = storage(net) if compressed else None
         row = {
             "eval_key": key,
             "model": model.model,
             "method": ref.method if ref is not None else "reference",
-            "budget": float(ref.budget) if ref is not None else None,
+            "budget": float(ref.budget) if compressed else None,
             "stage": stage,
             "metric": metric,
             "value": value,
@@ -105,8 +106,8 @@ def run_evaluation(
             "dataset": "{} ({})".format(data.source("eval")[0].name, data.source("eval")[1]),
         }
         ctx.warehouse.upsert("evaluations", EVALUATIONS.validate(pd.DataFrame([row])), ["eval_key"])
-        label = "reference" if ref is None else f"{ref.method} @ {ref.budget:g} {stage}"
-        ctx.log(f"evaluation {label}: {metric} {value:.4f}")
+        what = "reference" if ref is None else f"{label(ref)} {stage}"
+        ctx.log(f"evaluation {what}: {metric} {value:.4f}")
         del net
     return EvaluationHandle(model.model, keys)
 

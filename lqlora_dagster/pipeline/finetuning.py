@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from lqlora_dagster.data.selection import TaskData
 from lqlora_dagster.models.loading import load_tokenizer
+from lqlora_dagster.pipeline.base_model import load_with_targets
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.decomposition import ASSET as DECOMPOSED
 from lqlora_dagster.pipeline.handles import AdapterRef, DecomposedHandle, FinetunedHandle, ModelHandle
@@ -24,7 +25,8 @@ from lqlora_dagster.pipeline.settings import FinetuneSettings
 from lqlora_dagster.store.keys import stable_key
 from lqlora_dagster.store.schemas import TRAIN_STEPS
 from lqlora_dagster.surgery.export import export_peft_adapter
-from lqlora_dagster.surgery.injector import lq_layers, mark_trainable
+from lqlora_dagster.surgery.injector import factor_layers, mark_trainable
+from lqlora_dagster.surgery.lora_linear import add_lora
 from lqlora_dagster.surgery.lq_model_io import load_lq_model
 from lqlora_dagster.tasks import get_task, task_of_data
 from lqlora_dagster.training.finetune import best_step, finetune
@@ -32,6 +34,7 @@ from lqlora_dagster.training.state import checkpoint_step
 
 FINETUNE_VERSION = "2"
 ASSET = "finetuned_adapters"
+REFERENCE_SEED = 0  # draws the reference LoRA's L2, as PEFT draws lora_A
 
 
 def spread(tensors: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
@@ -65,57 +68,84 @@ class _Examples:
         return self.built
 
 
+REFERENCE = "reference"  # method and plan_id of the uncompressed model's LoRA
+
+
+def label(ref) -> str:
+    return REFERENCE if ref.budget is None else f"{ref.method} @ {ref.budget:g}"
+
+
 def run_finetuning(
     ctx: StageContext, model: ModelHandle, decomposed: DecomposedHandle, data: TaskData, s: FinetuneSettings
 ) -> FinetunedHandle:
-    items = []
+    """One adapter per selected decomposition, then the reference LoRA at the same rank."""
+    recipe = dataclasses.asdict(s) | {"methods": None, "budgets": None}
+    data_ids = (data.content_id("train"), data.content_id("val"))
+    runs = [
+        (AdapterRef(ref.plan_id, ref.method, ref.budget, ref.decomp_key, ""),
+         stable_key(ref.decomp_key, recipe, *data_ids, FINETUNE_VERSION))
+        for ref in decomposed.items if s.selects(ref.method, ref.budget)
+    ]
+    ranks = {ref.rank for ref in decomposed.items if s.selects(ref.method, ref.budget)}
+    if s.reference and ranks:
+        rank = max(ranks)
+        runs.append((AdapterRef(REFERENCE, REFERENCE, None, f"{model.key}:lora-r{rank}", ""),
+                     stable_key(model.key, "lora", rank, recipe, *data_ids, FINETUNE_VERSION)))
     examples = _Examples(model, data, s, ctx.log)
-    for ref in decomposed.items:
-        if not s.selects(ref.method, ref.budget):
-            continue
-        recipe = dataclasses.asdict(s) | {"methods": None, "budgets": None}
-        run_key = stable_key(ref.decomp_key, recipe, data.content_id("train"), data.content_id("val"), FINETUNE_VERSION)
-        art = ctx.store.find(ASSET, model.model, run_key)
-        if art is None:
-            art = _train(ctx, model, ref, data, s, run_key, examples.get())
+    items = []
+    for ref, run_key in runs:
+        if ctx.store.find(ASSET, model.model, run_key) is None:
+            _train(ctx, model, ref, data, s, run_key, examples.get())
         else:
-            ctx.log(f"finetune {ref.method} @ {ref.budget:g}: cached")
+            ctx.log(f"finetune {label(ref)}: cached")
         steps = ctx.warehouse.query("SELECT step, loss, val_loss FROM train_steps WHERE run = ? ORDER BY step", [run_key])
         final = float(steps["loss"].iloc[-1]) if not steps.empty else float("nan")
         vals = steps.dropna(subset=["val_loss"])
         best = vals.loc[vals["val_loss"].idxmin()] if not vals.empty else None
-        items.append(AdapterRef(ref.plan_id, ref.method, ref.budget, ref.decomp_key, run_key, final,
-                                None if best is None else int(best["step"]),
-                                None if best is None else float(best["val_loss"])))
+        items.append(dataclasses.replace(
+            ref, run_key=run_key, final_loss=final, best_step=None if best is None else int(best["step"]),
+            best_val_loss=None if best is None else float(best["val_loss"]),
+        ))
     return FinetunedHandle(model.model, items)
+
+
+def trainable_model(ctx: StageContext, model: ModelHandle, ref: AdapterRef, labels, device) -> torch.nn.Module:
+    """What an adapter trains on: the decomposed model, or for the reference the base
+    model with LoRA factors (L1 = 0) on the same targets at the same rank."""
+    kind = get_task(model.task)
+    if ref.plan_id == REFERENCE:
+        base, targets = load_with_targets(model, device)
+        rank = int(ref.decomp_key.rsplit("-r", 1)[1])
+        net = add_lora(base, [t.name for t in targets], rank, seed=REFERENCE_SEED)
+    else:
+        net = load_lq_model(ctx.store.get(DECOMPOSED, model.model, ref.decomp_key).path, device)
+    return kind.fit_head(net, labels)
 
 
 def _train(ctx, model, ref, data: TaskData, s: FinetuneSettings, run_key, examples):
     train, val = examples
-    task = task_of_data(data.task)
-    lq = load_lq_model(ctx.store.get(DECOMPOSED, model.model, ref.decomp_key).path, ctx.device)
-    kind = get_task(model.task)
-    kind.fit_head(lq, data.labels)
-    head = kind.head(lq)
-    mark_trainable(lq, head=head)
+    task, kind = task_of_data(data.task), get_task(model.task)
+    net = trainable_model(ctx, model, ref, data.labels, ctx.device)
+    head = kind.head(net)
+    mark_trainable(net, head=head)
     checkpoint = ctx.checkpoints / run_key
     settings = dataclasses.replace(s, steps=s.planned_steps(len(train["input_ids"])))
 
     resumed = checkpoint_step(checkpoint)
     if resumed is not None:
-        ctx.log(f"finetune {ref.method} @ {ref.budget:g}: resuming from the checkpoint at step {resumed}")
+        ctx.log(f"finetune {label(ref)}: resuming from the checkpoint at step {resumed}")
 
     def on_step(step) -> None:
         note = f"loss {step.loss:.4f}" + (f", val {step.val_loss:.4f}" if step.val_loss is not None else "")
-        ctx.progress(f"finetune {ref.method} @ {ref.budget:g}", step.step, settings.steps, "steps", note)
+        ctx.progress(f"finetune {label(ref)}", step.step, settings.steps, "steps", note)
 
     history = finetune(
-        lq, task.batches(train, settings), settings, checkpoint_dir=checkpoint, on_step=on_step,
-        validate=lambda net: task.loss(net, val, s.batch_size),
+        net, task.batches(train, settings), settings, checkpoint_dir=checkpoint, on_step=on_step,
+        validate=lambda m: task.loss(m, val, s.batch_size),
     )
     best = best_step(history)
     if best is not None and best != history[-1].step:
-        ctx.log(f"finetune {ref.method} @ {ref.budget:g}: kept the adapter of step {best} (lowest validation loss)")
+        ctx.log(f"finetune {label(ref)}: kept the adapter of step {best} (lowest validation loss)")
     frame = pd.DataFrame(
         [
             {"run": run_key, "plan_id": ref.plan_id, "step": h.step, "loss": h.loss, "lr": h.lr,
@@ -125,7 +155,7 @@ def _train(ctx, model, ref, data: TaskData, s: FinetuneSettings, run_key, exampl
     )
     ctx.warehouse.replace_rows("train_steps", TRAIN_STEPS.validate(frame), {"run": run_key})
     art = ctx.store.save_folder(
-        ASSET, model.model, run_key, lambda d: export_peft_adapter(lq.cpu(), d, model.folder, model.task, head)
+        ASSET, model.model, run_key, lambda d: export_peft_adapter(net.cpu(), d, model.folder, model.task, head)
     )
     shutil.rmtree(checkpoint, ignore_errors=True)  # the adapter is committed; the checkpoint is spent
     return art
@@ -134,17 +164,17 @@ def _train(ctx, model, ref, data: TaskData, s: FinetuneSettings, run_key, exampl
 def load_finetuned(
     ctx: StageContext, model: ModelHandle, ref: AdapterRef, labels: tuple[str, ...] = (), device: torch.device | str = "cpu"
 ):
-    """The decomposed model with the trained factors (and head) from the PEFT adapter put back."""
-    lq = load_lq_model(ctx.store.get(DECOMPOSED, model.model, ref.decomp_key).path, device)
-    get_task(model.task).fit_head(lq, labels)
+    """The trained model: its base (decomposed, or dense for the reference) with the
+    factors (and head) from the PEFT adapter put back."""
+    net = trainable_model(ctx, model, ref, labels, device)
     adapter = ctx.store.get(ASSET, model.model, ref.run_key)
     tensors = load_file(str(adapter.path / "adapter_model.safetensors"))
     with torch.no_grad():
-        for name, layer in lq_layers(lq).items():
+        for name, layer in factor_layers(net).items():
             layer.L2.copy_(tensors[f"base_model.model.{name}.lora_A.weight"])
             layer.L1.copy_(tensors[f"base_model.model.{name}.lora_B.weight"])
-        head = get_task(model.task).head(lq)
+        head = get_task(model.task).head(net)
         if head is not None:  # the trained head travels with the adapter (PEFT modules_to_save)
-            for pname, p in lq.get_submodule(head).named_parameters():
+            for pname, p in net.get_submodule(head).named_parameters():
                 p.copy_(tensors[f"base_model.model.{head}.{pname}"])
-    return lq
+    return net.eval()

@@ -87,6 +87,7 @@ class DecompositionRef:
     decomp_key: str
     bits_per_param: float
     bits_incl_lowrank: float
+    rank: int = 0  # of the factors (the reference LoRA trains at the same rank)
 
 
 @dataclass(frozen=True)
@@ -97,12 +98,12 @@ class DecomposedHandle:
 
 @dataclass(frozen=True)
 class AdapterRef:
-    plan_id: str
+    plan_id: str  # "reference" for the uncompressed model's LoRA
     method: str
-    budget: float
-    decomp_key: str
+    budget: float | None  # None for the reference
+    decomp_key: str  # the reference: "<model key>:lora-r<rank>"
     run_key: str
-    final_loss: float
+    final_loss: float = float("nan")
     best_step: int | None = None  # the step whose adapter was kept (lowest validation loss)
     best_val_loss: float | None = None
 

@@ -144,6 +144,10 @@ class FinetuneSettings(TrainSettings):
 
     seq_len: int = knob(256, "tokens per training window or example (longer rows are cut)", ge=2,
                         flags=("--finetune-len",))
+    reference: bool = knob(
+        True, "also finetune the uncompressed model with the same LoRA recipe (the fair upper line)",
+        flags=("--no-reference",),
+    )
     val_examples: int = knob(32, "validation examples scored each `eval_every` steps (spread over the split)", ge=1)
     methods: tuple[str, ...] = knob((), "finetune only these methods (empty: all)", choices=tuple(METHODS))
     budgets: tuple[float, ...] = knob((), "finetune only these budgets (empty: all)")

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from lqlora_dagster.errors import LQLoRAInputError
-from lqlora_dagster.surgery.injector import lq_layers, to_dense
+from lqlora_dagster.surgery.injector import factor_layers, to_dense
 from lqlora_dagster.tasks import get_task
 
 
@@ -24,9 +24,9 @@ def export_peft_adapter(
     task: str = "causal-lm",
     head: str | None = None,
 ) -> Path:
-    layers = lq_layers(model)
+    layers = factor_layers(model)
     if not layers:
-        raise LQLoRAInputError("the model has no LQLinear layers to export as a LoRA adapter")
+        raise LQLoRAInputError("the model has no LQLinear or LoRALinear layers to export as a LoRA adapter")
     ranks = {m.rank for m in layers.values()}
     scalings = {m.scaling for m in layers.values()}
     if len(ranks) != 1 or len(scalings) != 1:

@@ -55,6 +55,13 @@ def lq_layers(model: nn.Module) -> dict[str, LQLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LQLinear)}
 
 
+def factor_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every layer with trainable factors L1, L2: LQLinear, or LoRALinear over a dense weight."""
+    from lqlora_dagster.surgery.lora_linear import LoRALinear
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, (LQLinear, LoRALinear))}
+
+
 def mark_trainable(model: nn.Module, head: str | None = None) -> list[str]:
     """Freeze everything but L1, L2 (and parameters under module `head`, e.g.
     "classifier"). Returns the names of trainable parameters."""

@@ -55,9 +55,10 @@ def test_accuracy_rows_for_every_method_budget_and_stage(compared):
         for b in TINY.budgets
         for st in ("before_finetune", "after_finetune")
     }
-    assert set(zip(evals["method"], evals["budget"], evals["stage"])) == expected
+    rows = set(zip(evals["method"], evals["budget"].fillna(-1), evals["stage"]))
+    assert rows == expected | {("reference", -1, "after_finetune")}  # the uncompressed model's LoRA
     calib = w.query("SELECT text, n_sequences FROM calibration")
-    assert list(calib["text"]) == ["polarity"] and list(calib["n_sequences"]) == [8]
+    assert list(calib["text"]) == ["polarity (calibration part)"] and list(calib["n_sequences"]) == [8]
     fisher = w.query("SELECT max FROM fisher_stats")
     assert (fisher["max"] > 0).all()  # gradients of the label loss reached every target
 
