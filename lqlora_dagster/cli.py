@@ -5,6 +5,7 @@
     lqlora compare [--model M]                               every method at the paper's budgets
     lqlora data add NAME PATH [--task lm|instruct|classify]  register a dataset (txt, folder, jsonl, csv, ...)
     lqlora run --train NAME [--eval NAME] [...]              finetune and score on your data
+    lqlora generate [--model M] [--method X --budget B] "PROMPT"  try a finetuned model
     lqlora unregister NAME                                   forget a registered model
     lqlora sql QUERY [--model M]                             run a canned query (sql/queries)
     lqlora models                                            list registered models
@@ -87,14 +88,14 @@ def _run(args: argparse.Namespace, home: Path, run_config: dict, job: str, stage
 
 def cmd_run(args: argparse.Namespace, home: Path) -> int:
     from lqlora_dagster.definitions import MAIN_ASSETS, MAIN_JOB
-    from lqlora_dagster.pipeline.datasets import check_data_names
+    from lqlora_dagster.pipeline.datasets import check_data
     from lqlora_dagster.pipeline.feasibility import check_budgets, target_sizes
 
     settings = PipelineSettings().override(**stage_overrides(args))  # every knob checked before any work
     warehouse = _warehouse(home)
     _ensure_model(warehouse, args.model)
     check_budgets(target_sizes(warehouse, args.model, home / "models"), settings, args.model)
-    check_data_names(warehouse, settings.task_data)
+    check_data(warehouse, settings.task_data, args.model, lookup_model(warehouse, args.model)["task"])
     if not _run(args, home, settings.run_config(), MAIN_JOB, MAIN_ASSETS):
         return 1
     print(_table(_warehouse(home).run_named_query("ppl_by_method_and_budget", {"model": args.model})))
@@ -140,6 +141,31 @@ def cmd_data(args: argparse.Namespace, home: Path) -> int:
     else:
         print(_table(registered_datasets(warehouse)))
         print("bundled: sotu (lm, State-of-the-Union speeches), polarity (classify, Pang & Lee sentences)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, home: Path) -> int:
+    """Stream a continuation from a finetuned compressed model, then its speed and memory."""
+    from assets.runs import stored_handle
+    from lqlora_dagster.generate import generate, load_for_generation, pick_adapter
+    from lqlora_dagster.models.loading import load_tokenizer
+    from lqlora_dagster.pipeline.context import StageContext
+
+    try:
+        model = stored_handle(home, "base_model", args.model)
+        adapters = stored_handle(home, "finetuned_adapters", args.model)
+    except FileNotFoundError as err:
+        raise LQLoRAInputError(f"nothing finetuned for {args.model!r} yet; run `lqlora run --model {args.model}`") from err
+    ref = pick_adapter(adapters, args.method, args.budget)
+    net = load_for_generation(StageContext.at(home), model, ref, finetuned=not args.no_adapter)
+    tokenizer = load_tokenizer(Path(model.folder))
+    print(f"[{args.model}, {ref.method}{'' if ref.budget is None else f' @ {ref.budget:g} bits'}"
+          f"{', no adapter' if args.no_adapter else ''}]", file=sys.stderr)
+    result = generate(net, tokenizer, args.prompt, args.max_new_tokens, args.chat,
+                      stream=lambda text: print(text, end="", flush=True))
+    print()
+    print(f"{result.new_tokens} tokens in {result.seconds:.1f} s ({result.tokens_per_s:.1f} tokens/s); "
+          f"process peak memory {result.peak_mb:,.0f} MB", file=sys.stderr)
     return 0
 
 
@@ -274,6 +300,16 @@ def parser() -> argparse.ArgumentParser:
     rm = dsub.add_parser("remove", help="forget a dataset")
     rm.add_argument("name")
     d.set_defaults(func=cmd_data)
+
+    g = sub.add_parser("generate", help="stream text from a finetuned compressed model (greedy)")
+    g.add_argument("prompt")
+    g.add_argument("--model", default=DEFAULT_MODEL)
+    g.add_argument("--method", help="which adapter (default: the first trained); 'reference' = uncompressed + LoRA")
+    g.add_argument("--budget", type=float, help="the plan's budget in bits/param (default: the first trained)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--no-adapter", action="store_true", help="the compressed model before finetuning")
+    g.set_defaults(func=cmd_generate)
 
     u = sub.add_parser("unregister", help="forget a registered model (its results stay in DuckDB)")
     u.add_argument("name")

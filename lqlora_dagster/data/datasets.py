@@ -1,12 +1,13 @@
 """A user's dataset: which task its columns serve, checked once when it is added.
 
 | task     | columns (first match wins)                                      | trains on           |
-| instruct | `messages` (chat turns), or `prompt`+`response`, or             | response tokens     |
-|          | `instruction`(+`input`)+`output`                                |                     |
+| instruct | `messages` (chat turns), or `prompt`+`response` (also named     | response tokens     |
+|          | question/answer, completion), or `instruction`(+`input`)+`output` |                   |
 | classify | `text` + `label` (strings or integers; labels discovered)       | the label           |
 | lm       | `text` (a .txt file or a folder of them is one `text` column)   | every token         |
 
 `--task` forces a task and `--*-col` names the columns when they are called otherwise.
+A cell holding a list of strings (several reference answers) stands for its first.
 Every problem found here (a missing column, one class, mixed label types, an empty
 file, text that is not UTF-8) is an error before anything is stored.
 """
@@ -161,8 +162,15 @@ def _check_messages(values: pd.Series, column: str) -> None:
             raise LQLoRAInputError(f"row {i} of {column!r} does not end with an assistant turn (the response to learn)")
 
 
+def first_text(value):
+    """A cell as text: a list of strings (several reference answers) gives its first."""
+    if not isinstance(value, str) and hasattr(value, "__len__") and len(value) and isinstance(value[0], str):
+        return value[0]
+    return value
+
+
 def _check_text(values: pd.Series, column: str) -> None:
-    bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
+    bad = [i for i, v in enumerate(values) if not isinstance(first_text(v), str)]
     if bad:
         raise LQLoRAInputError(
             f"column {column!r} must hold text; row {bad[0]} holds {str(values.iloc[bad[0]])!r} ({len(bad)} such row(s))"

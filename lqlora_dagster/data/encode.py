@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from lqlora_dagster.data.datasets import Columns, label_key
+from lqlora_dagster.data.datasets import Columns, first_text, label_key
 from lqlora_dagster.errors import LQLoRAInputError
 
 IGNORE = -100  # label of a token that is not trained on (transformers' convention)
@@ -55,10 +55,10 @@ def _prompt_and_response(row: pd.Series, use: Columns) -> tuple[list[dict], str]
     if use.messages:
         turns = [{"role": t["role"], "content": t["content"]} for t in row[use.messages]]
         return turns[:-1], turns[-1]["content"]
-    prompt = str(row[use.prompt])
+    prompt = str(first_text(row[use.prompt]))
     if use.input and isinstance(row.get(use.input), str) and row[use.input].strip():
         prompt = f"{prompt}\n\n{row[use.input]}"
-    return [{"role": "user", "content": prompt}], str(row[use.response])
+    return [{"role": "user", "content": prompt}], str(first_text(row[use.response]))
 
 
 def _instruction_ids(tokenizer, turns: list[dict], response: str) -> tuple[list[int], list[int]]:

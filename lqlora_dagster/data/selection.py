@@ -62,9 +62,9 @@ class TaskData:
     def content_id(self, part: str) -> str:
         """Changes exactly when the rows a part reads change (file bytes or split knobs)."""
         spec, piece = self.source(part)
+        if spec.format == "builtin":  # fixed splits by part; train and val also by the val share
+            return f"{spec.sha256}:{part}" + ("" if part in ("calibration", "eval") else f":{self.val_fraction}")
         split = "" if piece == "all" else f":{self.val_fraction}:{self.test_fraction}:{self.split_seed}"
-        if spec.format == "builtin":
-            split = "" if part in ("calibration", "eval") else f":{self.val_fraction}"
         return f"{spec.sha256}:{piece}{split}"
 
     def describe(self) -> str:

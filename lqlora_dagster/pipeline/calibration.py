@@ -35,7 +35,7 @@ def pick_examples(tensors: dict[str, torch.Tensor], n: int, seed: int, what: str
 
 
 def calibration_examples(model: ModelHandle, data: TaskData, s: CalibrationSettings) -> dict[str, torch.Tensor]:
-    encoded = task_of_data(data.task).examples(load_tokenizer(Path(model.folder)), data, "calibration", s.seq_len)
+    encoded = task_of_data(data.source("calibration")[0].task).examples(load_tokenizer(Path(model.folder)), data, "calibration", s.seq_len)
     spec, piece = data.source("calibration")
     return pick_examples(encoded.tensors, s.n_sequences, s.seed, f"calibration data ({spec.name}, {piece})")
 

@@ -71,11 +71,12 @@ def current(warehouse: Warehouse, spec: DatasetSpec, log=print) -> DatasetSpec:
     return fresh
 
 
-def check_data_names(warehouse: Warehouse, s: DataSettings) -> None:
-    """Every dataset a run names is registered (checked before any work)."""
+def check_data(warehouse: Warehouse, s: DataSettings, model: str, model_kind: str) -> None:
+    """Every dataset a run names is registered and fits the model (checked before any work)."""
     for role in ("train", "val", "eval", "calibration"):
         if getattr(s, role):
-            lookup_dataset(warehouse, getattr(s, role))
+            spec = lookup_dataset(warehouse, getattr(s, role))
+            task_for_data(spec.task, model_kind, spec.name, model)
 
 
 def select_data(warehouse: Warehouse, model: ModelHandle, s: DataSettings, log=print) -> TaskData:
@@ -89,12 +90,16 @@ def select_data(warehouse: Warehouse, model: ModelHandle, s: DataSettings, log=p
         if not name:
             continue
         spec = current(warehouse, lookup_dataset(warehouse, name), log)
-        if spec.task != train.task:
+        if role == "calibration":  # any data the model reads will do for the Fisher weights
+            task_for_data(spec.task, model.task, spec.name, model.model)
+            if train.task == "classify" and spec.task == "classify" and not set(spec.labels) <= set(train.labels):
+                raise LQLoRAInputError(f"calibration dataset {name!r} has labels the training data lacks")
+        elif spec.task != train.task:
             raise LQLoRAInputError(
                 f"{role} dataset {name!r} is {spec.task} data, the training dataset {train.name!r} is {train.task}; "
                 "use datasets of one task"
             )
-        if train.task == "classify" and not set(spec.labels) <= set(train.labels):
+        if role != "calibration" and train.task == "classify" and not set(spec.labels) <= set(train.labels):
             extra = sorted(set(spec.labels) - set(train.labels))
             raise LQLoRAInputError(f"{role} dataset {name!r} has labels the training data lacks: {extra}")
         chosen[role] = spec

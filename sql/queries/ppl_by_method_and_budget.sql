@@ -1,10 +1,14 @@
--- Perplexity by method and budget, before and after finetuning, with the storage each
--- method really uses (quantized part, and including the 16-bit low-rank factors).
+-- The held-out metric (perplexity, response perplexity or accuracy) by method and budget,
+-- before and after finetuning, with the storage each method really uses (quantized part,
+-- and including the 16-bit low-rank factors). method 'reference' after_finetune is the
+-- uncompressed model finetuned with the same LoRA recipe.
 SELECT
     method,
     budget,
     stage,
-    round(perplexity, 3)            AS perplexity,
+    metric,
+    round(value, 4)                 AS value,
+    dataset,
     round(bits_per_param, 4)        AS bits_per_param,
     round(bits_incl_lowrank, 4)     AS bits_incl_lowrank,
     created_at

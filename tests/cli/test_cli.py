@@ -39,7 +39,7 @@ def lqlora(home: Path, *args: str, timeout: float = 600) -> subprocess.Completed
 def test_help_lists_every_command():
     out = subprocess.run([LQLORA, "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for command in ("register", "run", "unregister", "sql", "models", "ui"):
+    for command in ("register", "run", "data", "generate", "unregister", "sql", "models", "ui"):
         assert command in out.stdout
 
 
@@ -80,7 +80,7 @@ def _log_path(stderr: str) -> Path:
     return Path(line.removeprefix("full log: ").split(";")[0])
 
 
-STAGES = ("base_model", "calibration_batches", "fisher_diagonals", "error_table", "allocation_plan",
+STAGES = ("base_model", "task_data", "calibration_batches", "fisher_diagonals", "error_table", "allocation_plan",
           "decomposed_model", "finetuned_adapters", "evaluation")
 
 
@@ -131,6 +131,33 @@ def test_a_failed_run_exits_1_and_says_where_to_look(ran, tmp_path):
     assert "STEP_FAILURE" in verbose.stderr and "does not exist" in verbose.stderr  # the log, live
     unknown = lqlora(home, "run", *TINY_RUN, "--budget", "3", "--train", "nope")
     assert unknown.returncode == 2 and "unknown dataset 'nope'" in unknown.stderr
+
+
+def test_generate_streams_from_the_finetuned_model(ran):
+    home, _ = ran
+    out = lqlora(home, "generate", "--model", "tiny", "The state of the union", "--max-new-tokens", "5")
+    assert out.returncode == 0, out.stderr
+    assert "[tiny, lqlora-fisher @ 3 bits]" in out.stderr and "5 tokens in" in out.stderr and "tokens/s" in out.stderr
+    ref = lqlora(home, "generate", "--model", "tiny", "Hello", "--method", "reference", "--max-new-tokens", "3")
+    assert ref.returncode == 0 and "[tiny, reference]" in ref.stderr
+    missing = lqlora(home, "generate", "--model", "tiny", "Hello", "--method", "qlora")
+    assert missing.returncode == 2 and "no finetuned adapter for qlora" in missing.stderr
+
+
+def test_data_commands_register_list_and_remove(ran, tmp_path):
+    home, _ = ran
+    path = tmp_path / "reviews.csv"
+    path.write_text("text,label\ngreat,pos\nawful,neg\nfine,pos\n")
+    added = lqlora(home, "data", "add", "reviews", str(path))
+    assert added.returncode == 0 and "classify, 3 rows from csv" in added.stdout and "['neg', 'pos']" in added.stdout
+    listed = lqlora(home, "data", "list")
+    assert "reviews" in listed.stdout and "classify" in listed.stdout
+    wrong = lqlora(home, "run", *TINY_RUN, "--train", "reviews")
+    assert wrong.returncode == 2 and "causal LM without a classification head" in wrong.stderr
+    bad = lqlora(home, "data", "add", "broken", str(path), "--label-col", "stars")
+    assert bad.returncode == 2 and "column 'stars' is not in the file" in bad.stderr
+    assert lqlora(home, "data", "remove", "reviews").returncode == 0
+    assert "reviews" not in lqlora(home, "data", "list").stdout
 
 
 def test_a_budget_no_plan_can_meet_is_refused_before_any_work(ran):

@@ -63,6 +63,15 @@ def test_each_format_and_task_is_detected(tmp_path):
     assert seen["c.parquet"].use == Columns(text="sentence", label="label")
 
 
+def test_question_answer_lists_use_the_first_answer(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "nq.jsonl", [{"question": "who wrote it", "answer": ["Ann", "Anne"]}] * 3)
+    spec = inspect_dataset("nq", tmp_path / "nq.jsonl")
+    assert spec.task == "instruct" and spec.use == Columns(prompt="question", response="answer")
+    enc = instruction_examples(tokenizer, pd.read_json(tmp_path / "nq.jsonl", lines=True), spec.use, 48)
+    answer = tokenizer.decode(enc.tensors["input_ids"][0][enc.tensors["labels"][0] != IGNORE])
+    assert "Ann" in answer and "Anne" not in answer
+
+
 def test_named_columns_and_forced_task(tmp_path):
     write_jsonl(tmp_path / "q.jsonl", [{"question": "q", "reply": "r", "body": "b"}])
     spec = inspect_dataset("q", tmp_path / "q.jsonl", "instruct", Columns(response="reply"))

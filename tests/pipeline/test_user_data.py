@@ -15,6 +15,7 @@ from lqlora_dagster.pipeline.finetuning import REFERENCE
 from tests.conftest import registered_home
 from tests.pipeline.conftest import tiny_settings
 
+
 def materialize(home, model: str, run_config: dict, instance) -> bool:
     defs = build_definitions(home)
     return dg.materialize(

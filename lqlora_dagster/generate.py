@@ -1,0 +1,76 @@
+"""Try a finetuned model: load the compressed base and its adapter from the artifact
+store, stream a continuation, and say how fast and how big it was."""
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.evaluation import peak_memory_mb
+from lqlora_dagster.pipeline.context import StageContext
+from lqlora_dagster.pipeline.decomposition import ASSET as DECOMPOSED
+from lqlora_dagster.pipeline.finetuning import REFERENCE, label, load_finetuned
+from lqlora_dagster.pipeline.handles import AdapterRef, FinetunedHandle, ModelHandle
+from lqlora_dagster.surgery.lq_model_io import load_lq_model
+
+
+@dataclass(frozen=True)
+class Generated:
+    text: str
+    new_tokens: int
+    seconds: float
+    peak_mb: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else float("nan")
+
+
+def pick_adapter(adapters: FinetunedHandle, method: str | None, budget: float | None) -> AdapterRef:
+    """The adapter of a method (and budget); the first one trained when neither is given."""
+    found = [a for a in adapters.items if (method is None or a.method == method)
+             and (budget is None or (a.budget is not None and abs(a.budget - budget) < 1e-9))]
+    if not found:
+        have = ", ".join(label(a) for a in adapters.items) or "none"
+        raise LQLoRAInputError(
+            f"no finetuned adapter for {method or 'any method'}{f' @ {budget:g}' if budget else ''} "
+            f"(trained: {have}); run `lqlora run` with that method and budget first"
+        )
+    return found[0]
+
+
+def load_for_generation(ctx: StageContext, model: ModelHandle, ref: AdapterRef, finetuned: bool = True):
+    if model.task != "causal-lm":
+        raise LQLoRAInputError(f"model {model.model!r} is a classifier; only a causal LM generates text")
+    if finetuned:
+        return load_finetuned(ctx, model, ref)
+    if ref.plan_id == REFERENCE:
+        raise LQLoRAInputError("--no-adapter needs a compressed method; the reference is the base model itself")
+    return load_lq_model(ctx.store.get(DECOMPOSED, model.model, ref.decomp_key).path).eval()
+
+
+@torch.no_grad()
+def generate(net, tokenizer, prompt: str, max_new_tokens: int, chat: bool, stream=None) -> Generated:
+    """Greedy decoding; `stream(text)` receives each piece as it is decoded."""
+    from transformers import TextStreamer
+
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise LQLoRAInputError("this tokenizer has no chat template; drop --chat")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+    class _Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if stream is not None:
+                stream(text)
+
+    start = time.perf_counter()
+    out = net.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                       streamer=_Streamer(tokenizer, skip_prompt=True), pad_token_id=tokenizer.pad_token_id)
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1]:]
+    return Generated(tokenizer.decode(new, skip_special_tokens=True), len(new), seconds, peak_memory_mb())
