@@ -60,21 +60,3 @@ def polarity_split(split: str, path: Path | None = None) -> list[tuple[str, int]
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
     chosen = order[-N_TEST:] if split == "test" else order[:-N_TEST]
     return [rows[i] for i in chosen]
-
-
-def encode_sentences(tokenizer, rows: list[tuple[str, int]], max_len: int) -> dict[str, torch.Tensor]:
-    """input_ids, attention_mask (padded or cut to max_len) and labels."""
-    if not rows:
-        raise LQLoRAInputError("no sentences to encode")
-    enc = tokenizer(
-        [text for text, _ in rows],
-        padding="max_length",
-        truncation=True,
-        max_length=max_len,
-        return_tensors="pt",
-    )
-    return {
-        "input_ids": enc["input_ids"],
-        "attention_mask": enc["attention_mask"],
-        "labels": torch.tensor([label for _, label in rows]),
-    }

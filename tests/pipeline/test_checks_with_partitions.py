@@ -26,7 +26,7 @@ def test_checks_pass_with_two_partitions(tmp_path, tiny_llama_folder, monkeypatc
                 partition_key=partition,
                 resources=resources_at(tmp_path),
                 run_config={"ops": {"calibration_batches": {"config": {"n_sequences": 2, "seq_len": 32}}}},
-                selection=dg.AssetSelection.assets("base_model", "calibration_batches", "fisher_diagonals"),
+                selection=dg.AssetSelection.assets("base_model", "task_data", "calibration_batches", "fisher_diagonals"),
                 raise_on_error=False,
             )
             assert result.success and not result.get_step_failure_events()

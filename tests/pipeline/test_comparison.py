@@ -52,9 +52,9 @@ def test_every_method_and_budget_is_evaluated(compared):
     }
     assert set(zip(before["method"], before["budget"])) == expected
     after = evals[evals["stage"] == "after_finetune"]
-    assert set(zip(after["method"], after["budget"])) == {
+    assert set(zip(after["method"], after["budget"].fillna(-1))) == {
         (m, b) for m in ILP_METHODS for b in FINETUNED_BUDGETS
-    } | {("qlora", b) for b in TINY.uniform_budgets}
+    } | {("qlora", b) for b in TINY.uniform_budgets} | {("reference", -1)}  # the uncompressed model's LoRA
     qlora = before[before["method"] == "qlora"].sort_values("budget")
     assert np.allclose(qlora["bits_per_param"], [3.5, 4.5], atol=0.1)  # NF3, NF4 (with padding)
 

@@ -14,7 +14,7 @@ from lqlora_dagster.store.warehouse import Warehouse
 from tests.pipeline.conftest import tiny_run_config
 
 MODEL = "tiny-llama"
-UPSTREAM = ["base_model", "calibration_batches", "fisher_diagonals", "error_table"]
+UPSTREAM = ["base_model", "task_data", "calibration_batches", "fisher_diagonals", "error_table"]
 
 
 def error_rows(home: Path, tiny_llama_folder: Path, executor: str, execution: dict | None) -> pd.DataFrame:

@@ -24,7 +24,7 @@ TRAIN_CONFIG = {
     "calibration_batches": {"config": {"n_sequences": 4, "seq_len": 64}},
     "error_table": {"config": {"methods": ["lqlora"], "rank": 4, "grid": "reduced"}},
     "allocation_plan": {"config": {"budgets": [3.0]}},
-    "finetuned_adapters": {"config": {"steps": 12, "batch_size": 2, "seq_len": 64}},
+    "finetuned_adapters": {"config": {"steps": 12, "batch_size": 2, "seq_len": 64, "reference": False}},
 }
 
 

@@ -68,6 +68,7 @@ def built(tmp_path_factory, tiny_llama_folder):
     with registered_home(home, {MODEL: tiny_llama_folder}) as (w, instance):
         stages = (
             "base_model",
+            "task_data",
             "calibration_batches",
             "fisher_diagonals",
             "error_table",
