@@ -126,7 +126,7 @@ class SequenceClassification(Task):
 
     def fit_head(self, model: torch.nn.Module, labels: tuple[str, ...]) -> torch.nn.Module:
         n = len(labels)
-        if model.config.num_labels == n:
+        if not labels or model.config.num_labels == n:  # no labels known: keep the head as built
             return model
         head_name = self.head(model)
         head = model.get_submodule(head_name)

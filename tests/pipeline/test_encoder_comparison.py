@@ -80,6 +80,10 @@ def test_report_shows_accuracy(compared):
     handle = stored_handle(home, "comparison_report", MODEL)
     folder = home / "artifacts" / "comparison_report" / MODEL / handle.key
     table = (folder / "comparison.md").read_text()
-    assert "accuracy before finetune" in table and "fp32 reference" not in table
+    assert "accuracy before finetune" in table
+    # a fresh head is a coin toss before finetuning; after it, the uncompressed model's LoRA is the upper line
+    ref = next(line for line in table.splitlines() if line.startswith("| fp32 reference |"))
+    before, after = [c.strip() for c in ref.strip("|").split("|")][4:6]
+    assert before == "" and 0 <= float(after) <= 1
     assert table.count("| LQ-LoRA (ILP + Fisher) |") == len(TINY.budgets)
     assert (folder / "pareto.png").stat().st_size > 10_000
