@@ -107,11 +107,14 @@ def cmd_compare(args: argparse.Namespace, home: Path) -> int:
     from assets.runs import stored_handle
     from lqlora_dagster.comparison import COMPARISONS
     from lqlora_dagster.definitions import COMPARISON_JOB, MAIN_ASSETS
+    from lqlora_dagster.pipeline.datasets import check_data
     from lqlora_dagster.store.artifacts import ArtifactStore
 
     warehouse = _warehouse(home)
     _ensure_model(warehouse, args.model)
-    comparison = COMPARISONS[lookup_model(warehouse, args.model)["task"]].with_stages(**stage_overrides(args))
+    kind = lookup_model(warehouse, args.model)["task"]
+    comparison = COMPARISONS[kind].with_stages(**stage_overrides(args))
+    check_data(warehouse, comparison.stages.task_data, args.model, kind)
     if not _run(args, home, comparison.run_config(), COMPARISON_JOB, MAIN_ASSETS + ["comparison_report"]):
         return 1
     report = stored_handle(home, "comparison_report", args.model)
@@ -280,7 +283,7 @@ def parser() -> argparse.ArgumentParser:
     _run_flags(c)
     add_knob_flags(
         c,
-        ["calibration_batches", "error_table", "finetuned_adapters", "evaluation"],
+        ["task_data", "calibration_batches", "error_table", "finetuned_adapters", "evaluation"],
         skip={"error_table.methods", "finetuned_adapters.methods", "finetuned_adapters.budgets"},  # the comparison's
     )
     c.set_defaults(func=cmd_compare)
