@@ -109,6 +109,12 @@ class Instruct(Task):
     def score(self, model, examples, batch_size) -> dict[str, float]:
         return {"response_perplexity": math.exp(self.loss(model, examples, batch_size))}
 
+    def n_tokens(self, examples: dict[str, torch.Tensor]) -> int:
+        """The response tokens scored (the prompt is context, not target)."""
+        from lqlora_dagster.data.encode import IGNORE
+
+        return int((examples["labels"] != IGNORE).sum())
+
 
 @dataclass(frozen=True)
 class SequenceClassification(Task):
