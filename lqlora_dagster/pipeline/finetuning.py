@@ -82,14 +82,14 @@ def run_finetuning(
     recipe = dataclasses.asdict(s) | {"methods": None, "budgets": None}
     data_ids = (data.content_id("train"), data.content_id("val"))
     runs = [
-        (AdapterRef(ref.plan_id, ref.method, ref.budget, ref.decomp_key, ""),
+        (AdapterRef(ref.plan_id, ref.method, ref.budget, ref.decomp_key, "", rank=ref.rank),
          stable_key(ref.decomp_key, recipe, *data_ids, FINETUNE_VERSION))
         for ref in decomposed.items if s.selects(ref.method, ref.budget)
     ]
     ranks = {ref.rank for ref in decomposed.items if s.selects(ref.method, ref.budget)}
     if s.reference and ranks:
         rank = max(ranks)
-        runs.append((AdapterRef(REFERENCE, REFERENCE, None, f"{model.key}:lora-r{rank}", ""),
+        runs.append((AdapterRef(REFERENCE, REFERENCE, None, model.key, "", rank=rank),
                      stable_key(model.key, "lora", rank, recipe, *data_ids, FINETUNE_VERSION)))
     examples = _Examples(model, data, s, ctx.log)
     items = []
@@ -115,8 +115,7 @@ def trainable_model(ctx: StageContext, model: ModelHandle, ref: AdapterRef, labe
     kind = get_task(model.task)
     if ref.plan_id == REFERENCE:
         base, targets = load_with_targets(model, device)
-        rank = int(ref.decomp_key.rsplit("-r", 1)[1])
-        net = add_lora(base, [t.name for t in targets], rank, seed=REFERENCE_SEED)
+        net = add_lora(base, [t.name for t in targets], ref.rank, seed=REFERENCE_SEED)
     else:
         net = load_lq_model(ctx.store.get(DECOMPOSED, model.model, ref.decomp_key).path, device)
     return kind.fit_head(net, labels)

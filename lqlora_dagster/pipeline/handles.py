@@ -101,11 +101,12 @@ class AdapterRef:
     plan_id: str  # "reference" for the uncompressed model's LoRA
     method: str
     budget: float | None  # None for the reference
-    decomp_key: str  # the reference: "<model key>:lora-r<rank>"
+    decomp_key: str  # the reference: the base model's key
     run_key: str
     final_loss: float = float("nan")
     best_step: int | None = None  # the step whose adapter was kept (lowest validation loss)
     best_val_loss: float | None = None
+    rank: int = 0  # of the factors
 
 
 @dataclass(frozen=True)
