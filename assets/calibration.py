@@ -14,6 +14,7 @@ from lqlora_dagster.pipeline.calibration import (
 )
 from lqlora_dagster.pipeline.handles import CalibrationHandle, FisherHandle, ModelHandle
 from lqlora_dagster.pipeline.settings import CalibrationSettings
+from lqlora_dagster.pipeline.stage_runs import measured_stage
 from resources import ArtifactStoreResource, ComputeDevice, ModelSource, WarehouseResource
 
 CalibrationConfig = config_class(CalibrationSettings)
@@ -37,7 +38,8 @@ def calibration_batches(
     compute: ComputeDevice,
 ) -> dg.Output[CalibrationHandle]:
     ctx = stage_context(context, warehouse, artifacts, models, compute)
-    handle = run_calibration(ctx, base_model, task_data, config.settings())
+    with measured_stage(ctx, "calibration_batches", base_model.model):
+        handle = run_calibration(ctx, base_model, task_data, config.settings())
     art = ctx.store.get("calibration_batches", handle.model, handle.key, verify=False)
     return dg.Output(
         handle,
@@ -69,7 +71,8 @@ def fisher_diagonals(
     compute: ComputeDevice,
 ) -> dg.Output[FisherHandle]:
     ctx = stage_context(context, warehouse, artifacts, models, compute)
-    handle = run_fisher(ctx, base_model, calibration_batches)
+    with measured_stage(ctx, "fisher_diagonals", base_model.model):
+        handle = run_fisher(ctx, base_model, calibration_batches)
     art = ctx.store.get("fisher_diagonals", handle.model, handle.key, verify=False)
     return dg.Output(
         handle,

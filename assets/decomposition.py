@@ -6,6 +6,7 @@ import torch
 from assets.shared import BASE_MODELS, stage_context, summary
 from lqlora_dagster.pipeline.decomposition import ASSET, DECOMPOSITION_VERSION, run_decomposition
 from lqlora_dagster.pipeline.handles import DecomposedHandle, FisherHandle, ModelHandle, PlanHandle
+from lqlora_dagster.pipeline.stage_runs import measured_stage
 from lqlora_dagster.quant.bitpack import pack_bits, unpack_bits
 from lqlora_dagster.surgery.injector import lq_layers
 from lqlora_dagster.surgery.lq_model_io import load_lq_model
@@ -30,7 +31,8 @@ def decomposed_model(
     compute: ComputeDevice,
 ) -> dg.Output[DecomposedHandle]:
     ctx = stage_context(context, warehouse, artifacts, models, compute)
-    handle = run_decomposition(ctx, base_model, allocation_plan, fisher_diagonals)
+    with measured_stage(ctx, "decomposed_model", base_model.model):
+        handle = run_decomposition(ctx, base_model, allocation_plan, fisher_diagonals)
     paths = {
         f"{d.method}@{d.budget:g}": str(ctx.store.get(ASSET, handle.model, d.decomp_key, verify=False).path)
         for d in handle.items

@@ -16,6 +16,7 @@ from lqlora_dagster.per_matrix_threads import matrix_workers
 from lqlora_dagster.pipeline.base_model import recorded_targets
 from lqlora_dagster.pipeline.handles import ErrorTableHandle, FisherHandle, ModelHandle
 from lqlora_dagster.pipeline.settings import ErrorTableSettings
+from lqlora_dagster.pipeline.stage_runs import measured_stage
 from resources import WarehouseResource
 
 ErrorTableConfig = config_class(ErrorTableSettings)
@@ -45,7 +46,10 @@ def _chunk_op(index: int) -> dg.OpDefinition:
         groups = table_chunks(recorded_targets(ctx, base_model.model), N_CHUNKS)
         names = groups[index] if index < len(groups) else []
         workers = matrix_workers(ctx.device, settings.threads_per_chunk)
-        written = compute_table_rows(ctx, base_model, fisher_diagonals, settings, names, workers) if names else 0
+        written = 0
+        if names:
+            with measured_stage(ctx, f"error_table_chunk_{index}", base_model.model):
+                written = compute_table_rows(ctx, base_model, fisher_diagonals, settings, names, workers)
         context.log.info(f"chunk {index}: {len(names)} matrices, {written} new rows")
         return {"written": written}
 

@@ -10,6 +10,7 @@ from lqlora_dagster.data.selection import TaskData
 from lqlora_dagster.pipeline.evaluating import EVAL_VERSION, evaluation_table, run_evaluation
 from lqlora_dagster.pipeline.handles import DecomposedHandle, EvaluationHandle, FinetunedHandle, ModelHandle
 from lqlora_dagster.pipeline.settings import EvalSettings
+from lqlora_dagster.pipeline.stage_runs import measured_stage
 from resources import ArtifactStoreResource, ComputeDevice, ModelSource, WarehouseResource
 
 EvalConfig = config_class(EvalSettings)
@@ -35,7 +36,8 @@ def evaluation(
     compute: ComputeDevice,
 ) -> dg.Output[EvaluationHandle]:
     ctx = stage_context(context, warehouse, artifacts, models, compute)
-    handle = run_evaluation(ctx, base_model, decomposed_model, finetuned_adapters, task_data, config.settings())
+    with measured_stage(ctx, "evaluation", base_model.model):
+        handle = run_evaluation(ctx, base_model, decomposed_model, finetuned_adapters, task_data, config.settings())
     table = evaluation_table(ctx, handle.eval_keys)
     return dg.Output(
         handle,

@@ -10,6 +10,7 @@ from lqlora_dagster.data.selection import TaskData
 from lqlora_dagster.pipeline.finetuning import ASSET, FINETUNE_VERSION, label, run_finetuning
 from lqlora_dagster.pipeline.handles import DecomposedHandle, FinetunedHandle, ModelHandle
 from lqlora_dagster.pipeline.settings import FinetuneSettings
+from lqlora_dagster.pipeline.stage_runs import measured_stage
 from resources import ArtifactStoreResource, ComputeDevice, ModelSource, WarehouseResource
 
 FinetuneConfig = config_class(FinetuneSettings)
@@ -34,7 +35,8 @@ def finetuned_adapters(
     compute: ComputeDevice,
 ) -> dg.Output[FinetunedHandle]:
     ctx = stage_context(context, warehouse, artifacts, models, compute)
-    handle = run_finetuning(ctx, base_model, decomposed_model, task_data, config.settings())
+    with measured_stage(ctx, "finetuned_adapters", base_model.model):
+        handle = run_finetuning(ctx, base_model, decomposed_model, task_data, config.settings())
     return dg.Output(
         handle,
         data_version=dg.DataVersion("-".join(a.run_key for a in handle.items) or "none"),

@@ -5,6 +5,7 @@ import dagster as dg
 from assets.shared import BASE_MODELS, stage_context, summary
 from lqlora_dagster.pipeline.base_model import CODE_VERSION, run_base_model
 from lqlora_dagster.pipeline.handles import ModelHandle
+from lqlora_dagster.pipeline.stage_runs import measured_stage
 from resources import ArtifactStoreResource, ComputeDevice, ModelSource, WarehouseResource
 
 
@@ -23,7 +24,8 @@ def base_model(
     compute: ComputeDevice,
 ) -> dg.Output[ModelHandle]:
     ctx = stage_context(context, warehouse, artifacts, models, compute)
-    handle = run_base_model(ctx, context.partition_key)
+    with measured_stage(ctx, "base_model", context.partition_key):
+        handle = run_base_model(ctx, context.partition_key)
     return dg.Output(
         handle,
         data_version=dg.DataVersion(handle.key),

@@ -7,6 +7,7 @@ from assets.shared import BASE_MODELS, stage_context, summary
 from lqlora_dagster.pipeline.handles import ErrorTableHandle, ModelHandle, PlanHandle
 from lqlora_dagster.pipeline.planning import PLAN_VERSION, run_planning
 from lqlora_dagster.pipeline.settings import PlanSettings
+from lqlora_dagster.pipeline.stage_runs import measured_stage
 from resources import ArtifactStoreResource, ComputeDevice, ModelSource, WarehouseResource
 
 PlanConfig = config_class(PlanSettings)
@@ -30,7 +31,8 @@ def allocation_plan(
     compute: ComputeDevice,
 ) -> dg.Output[PlanHandle]:
     ctx = stage_context(context, warehouse, artifacts, models, compute)
-    handle = run_planning(ctx, error_table, config.settings(), base_model)
+    with measured_stage(ctx, "allocation_plan", base_model.model):
+        handle = run_planning(ctx, error_table, config.settings(), base_model)
     return dg.Output(
         handle,
         data_version=dg.DataVersion("-".join(p.plan_id for p in handle.plans)),

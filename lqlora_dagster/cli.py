@@ -151,6 +151,7 @@ def cmd_generate(args: argparse.Namespace, home: Path) -> int:
     """Stream a continuation from a finetuned compressed model, then its speed and memory."""
     from assets.runs import stored_handle
     from lqlora_dagster.generate import generate, load_for_generation, pick_adapter
+    from lqlora_dagster.memory import PeakMemory
     from lqlora_dagster.models.loading import load_tokenizer
     from lqlora_dagster.pipeline.context import StageContext
 
@@ -160,7 +161,8 @@ def cmd_generate(args: argparse.Namespace, home: Path) -> int:
     except FileNotFoundError as err:
         raise LQLoRAInputError(f"nothing finetuned for {args.model!r} yet; run `lqlora run --model {args.model}`") from err
     ref = pick_adapter(adapters, args.method, args.budget)
-    net = load_for_generation(StageContext.at(home), model, ref, finetuned=not args.no_adapter)
+    with PeakMemory() as loading:
+        net = load_for_generation(StageContext.at(home), model, ref, finetuned=not args.no_adapter)
     tokenizer = load_tokenizer(Path(model.folder))
     print(f"[{args.model}, {ref.method}{'' if ref.budget is None else f' @ {ref.budget:g} bits'}"
           f"{', no adapter' if args.no_adapter else ''}]", file=sys.stderr)
@@ -168,7 +170,8 @@ def cmd_generate(args: argparse.Namespace, home: Path) -> int:
                       stream=lambda text: print(text, end="", flush=True))
     print()
     print(f"{result.new_tokens} tokens in {result.seconds:.1f} s ({result.tokens_per_s:.1f} tokens/s); "
-          f"process peak memory {result.peak_mb:,.0f} MB", file=sys.stderr)
+          f"the model took {loading.added_mb:,.0f} MB to load and {result.added_mb:,.0f} MB more to generate",
+          file=sys.stderr)
     return 0
 
 

@@ -1,8 +1,6 @@
-"""What a user compares methods by: perplexity, mean loss, accuracy and macro-F1, storage, peak memory."""
+"""What a user compares methods by: perplexity, mean loss, accuracy and macro-F1, storage."""
 
 import math
-import resource
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -103,11 +101,3 @@ def storage(model: torch.nn.Module) -> Storage:
         quantized_bytes=sum(m.quantized().nbytes for m in layers),
         lowrank_params=sum(m.L1.numel() + m.L2.numel() for m in layers),
     )
-
-
-def peak_memory_mb(device: torch.device | str = "cpu") -> float:
-    """Peak accelerator memory on CUDA; peak resident set size of the process on CPU."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024

@@ -1,13 +1,12 @@
 """Try a finetuned model: load the compressed base and its adapter from the artifact
 store, stream a continuation, and say how fast and how big it was."""
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from lqlora_dagster.errors import LQLoRAInputError
-from lqlora_dagster.evaluation import peak_memory_mb
+from lqlora_dagster.memory import PeakMemory
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.decomposition import ASSET as DECOMPOSED
 from lqlora_dagster.pipeline.finetuning import REFERENCE, label, load_finetuned
@@ -20,7 +19,7 @@ class Generated:
     text: str
     new_tokens: int
     seconds: float
-    peak_mb: float
+    added_mb: float  # memory generating added above what the loaded model held
 
     @property
     def tokens_per_s(self) -> float:
@@ -68,9 +67,9 @@ def generate(net, tokenizer, prompt: str, max_new_tokens: int, chat: bool, strea
             if stream is not None:
                 stream(text)
 
-    start = time.perf_counter()
-    out = net.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                       streamer=_Streamer(tokenizer, skip_prompt=True), pad_token_id=tokenizer.pad_token_id)
-    seconds = time.perf_counter() - start
+    with PeakMemory(ids.device) as memory:
+        out = net.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                           do_sample=False, streamer=_Streamer(tokenizer, skip_prompt=True),
+                           pad_token_id=tokenizer.pad_token_id)
     new = out[0, ids.shape[1]:]
-    return Generated(tokenizer.decode(new, skip_special_tokens=True), len(new), seconds, peak_memory_mb())
+    return Generated(tokenizer.decode(new, skip_special_tokens=True), len(new), memory.seconds, memory.added_mb)

@@ -145,7 +145,7 @@ CREATE TABLE IF NOT EXISTS evaluations (
     perplexity         DOUBLE,
     bits_per_param     DOUBLE,            -- quantized part
     bits_incl_lowrank  DOUBLE,            -- plus 16-bit L1, L2
-    peak_mb            DOUBLE,
+    peak_mb            DOUBLE,            -- memory loading + scoring this model added (MB; RSS or CUDA)
     n_tokens           BIGINT,
     seq_len            INTEGER,
     plan_id            VARCHAR,
@@ -155,6 +155,18 @@ CREATE TABLE IF NOT EXISTS evaluations (
 );
 ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS macro_f1 DOUBLE;
 ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS dataset VARCHAR;
+
+-- One row per successful stage run (pipeline/stage_runs.py): wall time and memory.
+CREATE TABLE IF NOT EXISTS stage_runs (
+    model       VARCHAR NOT NULL,
+    stage       VARCHAR NOT NULL,             -- asset name; error_table_chunk_N for the table's chunk ops
+    device      VARCHAR NOT NULL,
+    started_at  TIMESTAMP NOT NULL,
+    seconds     DOUBLE NOT NULL,
+    added_mb    DOUBLE NOT NULL,              -- peak minus what the process held at the start
+    peak_mb     DOUBLE NOT NULL,              -- peak of the process (RSS) or of the CUDA allocator
+    PRIMARY KEY (model, stage, started_at)
+);
 
 CREATE TABLE IF NOT EXISTS artifacts (
     path       VARCHAR PRIMARY KEY,

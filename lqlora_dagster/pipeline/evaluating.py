@@ -7,10 +7,10 @@ in DuckDB for the same inputs are reused."""
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from lqlora_dagster.data.selection import TaskData
-from lqlora_dagster.evaluation import peak_memory_mb, storage
+from lqlora_dagster.evaluation import storage
+from lqlora_dagster.memory import PeakMemory
 from lqlora_dagster.models.loading import load_tokenizer
 from lqlora_dagster.pipeline.base_model import load_base
 from lqlora_dagster.pipeline.context import StageContext
@@ -79,10 +79,9 @@ def run_evaluation(
             if encoded.truncated:
                 ctx.log(f"evaluation: {encoded.truncated} held-out rows were longer than {s.seq_len} tokens and were "
                         "cut (--eval-len)")
-        if ctx.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(ctx.device)
-        net = load()
-        scores = task.score(net, examples, s.batch_size)
+        with PeakMemory(ctx.device) as memory:  # what loading and scoring this model added
+            net = load()
+            scores = task.score(net, examples, s.batch_size)
         metric, value = task.metric, scores[task.metric]
         ppl = value if metric.endswith("perplexity") else None
         compressed = ref is not None and ref.budget is not None
@@ -98,7 +97,7 @@ def run_evaluation(
             "perplexity": ppl,
             "bits_per_param": st.bits_per_param if st else None,
             "bits_incl_lowrank": st.bits_incl_lowrank if st else None,
-            "peak_mb": peak_memory_mb(ctx.device),
+            "peak_mb": memory.added_mb,
             "n_tokens": task.n_tokens(examples),
             "seq_len": s.seq_len,
             "plan_id": plan_id,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lqlora_dagster.quant import fast_decode
 from lqlora_dagster.quant.bitpack import pack_bits, packed_nbytes, unpack_bits
 from lqlora_dagster.quant.codec import Codes, decode, encode, padded_sizes
 from lqlora_dagster.quant.config import QuantConfig
@@ -54,6 +55,13 @@ class QuantizedMatrix:
         )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense (m, n) weight: by the compiled fast path where it is available,
+        which gives the same values bit for bit as `reference_dequantize`."""
+        fast = fast_decode.dequantize(self)
+        return self.reference_dequantize(dtype) if fast is None else fast.to(dtype)
+
+    def reference_dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Unpack every code, then `codec.decode`: the pure-torch rule, any device."""
         return decode(self.codes(), dtype)
 
     @property

@@ -23,7 +23,7 @@ class LayerInit:
     L2: torch.Tensor  # (r, in)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -47,7 +47,7 @@ def replace_with_lq(model: nn.Module, inits: dict[str, LayerInit], scaling: floa
         layer = LQLinear(
             init.quantized.to(device), init.L1.to(device), init.L2.to(device), bias, scaling, kind.name
         )
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     return model
 
 
@@ -85,5 +85,5 @@ def to_dense(model: nn.Module, merge: bool) -> nn.Module:
         with torch.no_grad():
             weight = layer.merged_weight() if merge else layer.dequantized_weight()
         bias = layer.bias.detach() if layer.bias is not None else None
-        _set_submodule(model, name, layer_type_named(layer.layer_type).dense(weight, bias))
+        set_submodule(model, name, layer_type_named(layer.layer_type).dense(weight, bias))
     return model

@@ -3,13 +3,16 @@
 Q is stored packed (buffers, so `.to(device)` and `state_dict` carry it) and
 dequantized on the fly in the input's dtype. The frozen matmul is a custom autograd
 function that dequantizes again in backward instead of keeping the dense weight
-alive between forward and backward: memory stays at the packed size.
+alive between forward and backward: memory stays at the packed size. A few rows of
+input (generating tokens) go through the fused decode-and-multiply kernel of
+`quant/fast_decode.py`, which reads only the packed bytes.
 """
 
 import torch
 from torch import nn
 
 from lqlora_dagster.models.layer_types import layer_type_named
+from lqlora_dagster.quant import fast_decode
 from lqlora_dagster.quant.config import QuantConfig
 from lqlora_dagster.quant.matrix import QuantizedMatrix
 
@@ -20,11 +23,11 @@ class _FrozenQuantMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: "LQLinear") -> torch.Tensor:
         ctx.layer = layer
-        return x @ layer.dequantized_weight(x.dtype).T
+        return layer.frozen_matmul(x)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        return grad_out @ ctx.layer.dequantized_weight(grad_out.dtype), None
+        return grad_out @ ctx.layer.transient_weight(grad_out.dtype), None
 
 
 class LQLinear(nn.Module):
@@ -57,17 +60,49 @@ class LQLinear(nn.Module):
         buffers = [getattr(self, name) for name in _PACKED]
         return QuantizedMatrix(*buffers, (self.out_features, self.in_features), self.config)
 
+    def _packed(self) -> tuple[QuantizedMatrix, tuple | None]:
+        """The packed matrix and its fast-path arguments, rebuilt only when a buffer was
+        replaced, moved or written (a token's decode is too short to rebuild them each call)."""
+        key = tuple((t.data_ptr(), t.device, t._version) for t in (getattr(self, n) for n in _PACKED))
+        if getattr(self, "_packed_key", None) != key:
+            qm = self.quantized()
+            args = fast_decode.kernel_args(qm) if fast_decode.available(qm.packed_codes.device) else None
+            self._packed_cache, self._packed_key = (qm, args), key
+        return self._packed_cache
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.quantized().dequantize(dtype)  # (out, in)
+        qm, args = self._packed()
+        fast = fast_decode.dequantize(qm, args) if args is not None else None
+        return qm.reference_dequantize(dtype) if fast is None else fast.to(dtype)  # (out, in)
+
+    def transient_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dense weight for one matmul: on the fast path it lives in a buffer shared by
+        all layers (overwritten by the next decode), so a forward pass holds one at a time."""
+        _, args = self._packed()
+        if args is None or dtype != torch.float32:
+            return self.dequantized_weight(dtype)
+        return fast_decode.dequantize_scratch(args)
+
+    def frozen_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x deq(Q)^T without autograd: fused for a few rows, else decode once and mm."""
+        qm, args = self._packed()
+        fused = fast_decode.matmul(x, qm, args) if args is not None else None
+        return fused if fused is not None else x @ self.transient_weight(x.dtype).T
 
     def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         low_rank = self.scaling * (self.L1 @ self.L2)
         return (self.dequantized_weight(torch.float32) + low_rank).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _FrozenQuantMatmul.apply(x, self)
-        y = y + self.scaling * ((x @ self.L2.to(x.dtype).T) @ self.L1.to(x.dtype).T)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        needs_grad = torch.is_grad_enabled() and x.requires_grad  # Q itself never trains
+        y = _FrozenQuantMatmul.apply(x, self) if needs_grad else self.frozen_matmul(x)
+        L1, L2 = self.L1, self.L2
+        if L1.dtype != x.dtype:
+            L1, L2 = L1.to(x.dtype), L2.to(x.dtype)
+        y = y + self.scaling * ((x @ L2.T) @ L1.T)
+        if self.bias is None:
+            return y
+        return y + (self.bias if self.bias.dtype == x.dtype else self.bias.to(x.dtype))
 
     @property
     def transposed(self) -> bool:

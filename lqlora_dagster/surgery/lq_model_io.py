@@ -5,20 +5,25 @@ Folder layout:
     lqlora.json            per-layer structure (shape, quant config, rank, scaling)
     model.safetensors      every tensor of the model: packed Q buffers, L1, L2, the rest
     tokenizer files        when a tokenizer is given
-Loading builds the architecture from config.json, swaps in LQLinear shells of the
-recorded structure, then loads all tensors strictly, so nothing is silently missing.
+Loading builds the architecture from config.json without allocating weights, swaps in
+LQLinear shells of the recorded structure, then assigns the file's tensors and checks
+that nothing is missing or left empty.
 """
 
 import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 
 from lqlora_dagster.errors import LQLoRAInputError
-from lqlora_dagster.quant.config import QuantConfig
+from lqlora_dagster.models.layer_types import layer_type_of
+from lqlora_dagster.quant.bitpack import packed_nbytes
+from lqlora_dagster.quant.codec import padded_sizes
+from lqlora_dagster.quant.config import SCALE_FORMATS, QuantConfig
 from lqlora_dagster.quant.matrix import QuantizedMatrix
-from lqlora_dagster.surgery.injector import LayerInit, lq_layers, replace_with_lq
+from lqlora_dagster.surgery.injector import lq_layers, set_submodule
+from lqlora_dagster.surgery.lq_linear import LQLinear
 from lqlora_dagster.tasks import get_task
 
 LAYOUT = "lqlora.json"
@@ -57,13 +62,33 @@ def save_lq_model(model: torch.nn.Module, folder: Path, tokenizer=None, task: st
     return folder
 
 
-def _shell_init(spec: dict) -> LayerInit:
+def _shell(spec: dict, kind: str) -> LQLinear:
+    """An LQLinear of the recorded structure whose tensors live on the meta device:
+    the file's tensors are assigned into it, nothing is allocated twice."""
     rows, cols = spec["shape"]
-    qm = QuantizedMatrix.quantize(torch.zeros(rows, cols), QuantConfig.parse(spec["config"]))
-    return LayerInit(qm, torch.zeros(rows, spec["rank"]), torch.zeros(spec["rank"], cols))
+    config = QuantConfig.parse(spec["config"])
+    n_blocks, n_groups = padded_sizes(rows * cols, config)
+    meta = torch.device("meta")
+    quantized = QuantizedMatrix(
+        torch.empty(packed_nbytes(n_blocks * config.B0, config.b), dtype=torch.uint8, device=meta),
+        torch.empty(packed_nbytes(n_groups * config.B1, config.b0), dtype=torch.uint8, device=meta),
+        torch.empty(n_groups, dtype=SCALE_FORMATS[config.b1], device=meta),
+        torch.empty(1, device=meta),
+        (rows, cols),
+        config,
+    )
+    rank = spec["rank"]
+    bias = torch.empty(rows, device=meta) if spec["bias"] else None
+    return LQLinear(quantized, torch.empty(rows, rank, device=meta), torch.empty(rank, cols, device=meta),
+                    bias, spec["scaling"], kind)
 
 
 def load_lq_model(folder: Path, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The saved model, built without allocating its weights: parameters start on the
+    meta device and the file's tensors are assigned in, so memory is the packed size
+    plus the non-target parameters, never the dense model."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
     from transformers import AutoConfig
 
     folder = Path(folder)
@@ -75,29 +100,40 @@ def load_lq_model(folder: Path, device: torch.device | str = "cpu") -> torch.nn.
             f"{folder} has LQ model format {layout.get('format_version')}, expected {FORMAT_VERSION}"
         )
     config = AutoConfig.from_pretrained(folder)
-    # Built on CPU, not the meta device: non-persistent buffers (e.g. BERT's
-    # position_ids) are not in the file and must be initialised by the constructor.
-    model = get_task(layout["task"]).from_config(config)
+    # Buffers stay real: non-persistent ones (BERT's position_ids, rotary inv_freq) are not
+    # in the file and must come from the constructor.
+    with init_empty_weights(include_buffers=False):
+        model = get_task(layout["task"]).from_config(config)
     for name, spec in layout["layers"].items():
-        replace_with_lq(model, {name: _shell_init(spec)}, scaling=spec["scaling"])
-        layer = model.get_submodule(name)
-        if not spec["bias"]:
-            layer.bias = None
+        kind = layer_type_of(model.get_submodule(name))
+        set_submodule(model, name, _shell(spec, kind.name if kind else "Linear"))
+    state = load_file(str(folder / WEIGHTS))
+    tied = _tied_names(model)  # safetensors stores a shared tensor once, under one of its names
+    stored = [k for k in tied if k in state]
+    for key in tied if stored else ():
+        state.setdefault(key, state[stored[0]])
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    del state
     model.tie_weights()
-    missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=False)
-    real_missing = [k for k in missing if not _is_tied(model, k)]
-    if real_missing or unexpected:
+    real_missing = list(missing)
+    still_empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if real_missing or unexpected or still_empty:
         raise LQLoRAInputError(
-            f"{folder / WEIGHTS} does not match its layout: missing {real_missing[:3]}, unexpected {unexpected[:3]}"
+            f"{folder / WEIGHTS} does not match its layout: missing {(real_missing or still_empty)[:3]}, "
+            f"unexpected {unexpected[:3]}"
         )
+    for layer in lq_layers(model).values():  # the file keeps factors in fp32; so does training
+        layer.L1.requires_grad_(True)
+        layer.L2.requires_grad_(True)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(False)
     return model.to(device).eval()
 
 
-def _is_tied(model: torch.nn.Module, key: str) -> bool:
-    """A key missing from the file is fine when it is one of the tied embeddings
-    (safetensors stores a shared tensor once, under either name)."""
+def _tied_names(model: torch.nn.Module) -> list[str]:
+    """The input and output embedding weights' names when the config ties them."""
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-    if out is None or out.weight is not inp.weight:
-        return False
-    names = {n for n, p in model.named_parameters(remove_duplicate=False) if p is inp.weight}
-    return key in names
+    if out is None or inp is None or not getattr(model.config, "tie_word_embeddings", False):
+        return []
+    names = {id(m): n for n, m in model.named_modules()}
+    return [f"{names[id(inp)]}.weight", f"{names[id(out)]}.weight"]

@@ -128,3 +128,15 @@ def test_canned_queries_on_populated_db(populated, query):
         assert frame["relative_error"].min() == 1.0
     if query == "best_config_per_layer_type":
         assert set(frame["kind"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_every_stage_records_its_time_and_memory(populated):
+    home, _, _ = populated
+    w = Warehouse(home / "lqlora.duckdb")
+    runs = w.query("SELECT stage, seconds, added_mb, peak_mb FROM stage_runs WHERE model = ?", [MODEL])
+    stages = {"base_model", "calibration_batches", "fisher_diagonals", "allocation_plan", "decomposed_model",
+              "finetuned_adapters", "evaluation"}
+    assert stages <= set(runs["stage"]), set(runs["stage"])
+    assert any(s.startswith("error_table_chunk_") for s in runs["stage"])
+    assert (runs["seconds"] > 0).all() and (runs["peak_mb"] >= runs["added_mb"]).all() and (runs["added_mb"] >= 0).all()
+    assert w.query("SELECT peak_mb FROM evaluations")["peak_mb"].notna().all()

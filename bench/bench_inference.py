@@ -1,0 +1,139 @@
+"""What a user of the compressed model pays and gets, side by side with the fp32 model:
+load + prefill + greedy decode (tokens/s, and the memory that loading and running added
+above the interpreter after its imports), and one finetuning step (LoRA over the fp32
+base vs LQ-LoRA's factors over the packed Q: seconds and memory). Every measurement runs
+in a fresh process, one after the other, at 1 and 2 torch threads.
+
+    python bench/bench_inference.py --fp32 MODEL_FOLDER --lq SAVED_LQ_FOLDER [--threads 1 2]
+
+MODEL_FOLDER is a registered model's folder (LQLORA_HOME/models/NAME); SAVED_LQ_FOLDER a
+`decomposed_model` artifact (LQLORA_HOME/artifacts/decomposed_model/NAME/KEY)."""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def child(kind: str, folder: str, threads: int, work: str, prompt_len: int, new_tokens: int,
+          repeats: int = 3) -> dict:
+    import torch
+
+    from lqlora_dagster.memory import PeakMemory, rss_bytes
+    from lqlora_dagster.quant import fast_decode
+
+    torch.set_num_threads(threads)
+    fast_decode.kernel()  # build/load the extension with the imports, not inside the timing
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lqlora_dagster.surgery.injector import lq_layers
+    from lqlora_dagster.surgery.lora_linear import add_lora
+    from lqlora_dagster.surgery.lq_model_io import load_lq_model
+
+    with init_empty_weights():  # imports the architecture's code (~100 MB) before the baseline
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    ids = torch.randint(0, 49152, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    after_imports = rss_bytes()
+    out: dict = {"kind": kind, "threads": threads, "work": work}
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        if kind == "fp32":
+            net = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        else:
+            net = load_lq_model(Path(folder))
+        out["load_s"] = time.perf_counter() - start
+        if work == "generate":
+            net.eval()
+            prefill, decode = [], []
+            with torch.no_grad():
+                net(ids[:, :8])  # warm-up
+                for _ in range(repeats):  # the best of a few: other tenants of a shared machine add noise
+                    start = time.perf_counter()
+                    step = net(ids, use_cache=True, logits_to_keep=1)  # as `generate` prefills
+                    prefill.append(prompt_len / (time.perf_counter() - start))
+                    token = step.logits[:, -1:].argmax(-1)
+                    start = time.perf_counter()
+                    for _ in range(new_tokens):
+                        step = net(token, past_key_values=step.past_key_values, use_cache=True)
+                        token = step.logits[:, -1:].argmax(-1)
+                    decode.append(new_tokens / (time.perf_counter() - start))
+            out["prefill_tok_s"], out["decode_tok_s"] = max(prefill), max(decode)
+        else:  # one optimizer-free training step: forward + backward of a batch, factors only
+            if kind == "fp32":
+                layout = json.loads((Path(work.split(":", 1)[1]) / "lqlora.json").read_text())["layers"]
+                net.requires_grad_(False)  # the same targets and rank as the compressed model
+                add_lora(net, list(layout), next(iter(layout.values()))["rank"])
+            else:
+                net.requires_grad_(False)
+                for layer in lq_layers(net).values():
+                    layer.L1.requires_grad_(True)
+                    layer.L2.requires_grad_(True)
+            net.train()
+            batch = torch.randint(0, 49152, (4, 256), generator=torch.Generator().manual_seed(1))
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                net(input_ids=batch, labels=batch).loss.backward()
+                times.append(time.perf_counter() - start)
+                net.zero_grad(set_to_none=True)
+            out["step_s"] = min(times[1:])
+    out["added_mb"] = (memory.peak - after_imports) / 2**20
+    return out
+
+
+def run(kind: str, folder: Path, threads: int, work: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, str(folder), str(threads), work,
+           str(args.prompt_len), str(args.new_tokens)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
+    if done.returncode:
+        raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        kind, folder, threads, work, prompt_len, new_tokens = sys.argv[2:8]
+        print(json.dumps(child(kind, folder, int(threads), work, int(prompt_len), int(new_tokens))))
+        return
+    sys.path.insert(0, str(HERE))
+    from _stamp import stamp
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--fp32", type=Path, required=True, help="the registered model's folder")
+    p.add_argument("--lq", type=Path, required=True, help="a saved decomposed model folder")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--no-train", action="store_true", help="skip the finetuning-step comparison")
+    args = p.parse_args()
+    print(stamp())
+    layout = json.loads((args.lq / "lqlora.json").read_text())
+    print(f"\ncompressed model: {args.lq} ({len(layout['layers'])} LQ layers)\n")
+    print("| work | threads | model | load s | prefill tok/s | decode tok/s | step s | added MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    works = ["generate"] + ([] if args.no_train else [f"train:{args.lq}"])
+    for work in works:
+        for threads in args.threads:
+            rows = {kind: run(kind, folder, threads, work, args) for kind, folder in
+                    (("fp32", args.fp32), ("lq", args.lq))}
+            for kind, r in rows.items():
+                print(f"| {work.split(':')[0]} | {threads} | {kind} | {r['load_s']:.2f} | "
+                      f"{r.get('prefill_tok_s', float('nan')):.1f} | {r.get('decode_tok_s', float('nan')):.1f} | "
+                      f"{r.get('step_s', float('nan')):.2f} | {r['added_mb']:,.0f} |")
+            fp, lq = rows["fp32"], rows["lq"]
+            if work == "generate":
+                print(f"| ratio lq/fp32 | {threads} | | | {lq['prefill_tok_s'] / fp['prefill_tok_s']:.2f}x | "
+                      f"{lq['decode_tok_s'] / fp['decode_tok_s']:.2f}x | | {lq['added_mb'] / fp['added_mb']:.2f}x |")
+            else:
+                print(f"| ratio lq/fp32 | {threads} | | | | | {lq['step_s'] / fp['step_s']:.2f}x | "
+                      f"{lq['added_mb'] / fp['added_mb']:.2f}x |")
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

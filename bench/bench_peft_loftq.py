@@ -1,0 +1,93 @@
+"""PEFT's LoftQ initialisation (what people use today) against ours, on the same model and
+machine: wall time and the memory each adds, every run in a fresh process. PEFT's LoftQ
+needs bitsandbytes and a CUDA or XPU device; where it cannot run, the error is printed
+as PEFT raised it.
+
+    python bench/bench_peft_loftq.py --model MODEL_FOLDER [--layers 2] [--rank 16] [--bnb PATH]
+
+--layers limits both sides to the first N transformer blocks (the same matrices);
+--bnb is a folder holding bitsandbytes (`pip install --target PATH bitsandbytes`)."""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def child(side: str, folder: str, layers: int, rank: int) -> dict:
+    import torch
+
+    from lqlora_dagster.memory import PeakMemory
+
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    from lqlora_dagster.models.targets import find_targets, target_weight
+
+    out: dict = {"side": side}
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        targets = [t for t in find_targets(model) if t.layer < layers]
+        try:
+            if side == "peft":
+                from peft import LoftQConfig, LoraConfig, get_peft_model
+
+                names = sorted({t.name.rsplit(".", 1)[-1] for t in targets})
+                config = LoraConfig(r=rank, lora_alpha=rank, target_modules=names, init_lora_weights="loftq",
+                                    layers_to_transform=list(range(layers)),
+                                    loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=5))
+                get_peft_model(model, config)
+            else:
+                from lqlora_dagster.decompose.lq import LQSettings
+                from lqlora_dagster.methods import get_method
+                from lqlora_dagster.quant.config import QLORA_NF4
+
+                loftq = get_method("loftq")
+                for t in targets:
+                    loftq.decompose(target_weight(model, t).detach(), QLORA_NF4, LQSettings(rank=rank))
+            out["seconds"] = time.perf_counter() - start
+            out["matrices"] = len(targets)
+        except Exception as err:  # report PEFT's own words
+            out["error"] = f"{type(err).__name__}: {err}"
+    out["added_mb"] = memory.added_mb
+    return out
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        print(json.dumps(child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))))
+        return
+    sys.path.insert(0, str(HERE))
+    from _stamp import stamp
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--bnb", type=Path, default=None)
+    args = p.parse_args()
+    print(stamp())
+    env_path = [str(args.bnb)] if args.bnb else []
+    import os
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*env_path, str(HERE.parent)]))
+    print("\n| init | matrices | seconds | added MB | result |\n|---|---|---|---|---|")
+    for side, label in (("peft", "PEFT LoftQ (NF4, 5 iterations)"), ("ours", "lqlora-dagster LoftQ (NF4, 5 iterations)")):
+        cmd = [sys.executable, __file__, "--child", side, str(args.model), str(args.layers), str(args.rank)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if done.returncode:
+            print(f"| {label} | | | | crashed: {done.stderr.strip().splitlines()[-1][:300]} |")
+            continue
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        result = r.get("error", "ran")
+        print(f"| {label} | {r.get('matrices', '')} | {r.get('seconds', float('nan')):.1f} | {r['added_mb']:,.0f} | "
+              f"{result[:300]} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Peak memory of one piece of work, not of the whole process.
+
+The process high-water mark (`ru_maxrss`) only ever grows, so every row measured in one
+run reads the same number. `PeakMemory` instead records what the work inside the
+`with` block added above what the process held when it started: on CUDA the
+allocator's peak over its start; on Linux the resident set size sampled every couple of
+milliseconds by a thread (torch releases the GIL inside its kernels, so the sampler
+keeps running during them). Memory-mapped weights count once their pages are touched.
+"""
+
+import os
+import resource
+import sys
+import threading
+import time
+
+import torch
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_STATM = "/proc/self/statm"
+MB = 2**20
+
+
+def rss_bytes() -> int:
+    """Resident set size now; the process peak where /proc is missing (macOS)."""
+    try:
+        with open(_STATM) as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+class PeakMemory:
+    """`with PeakMemory(device) as mem: ...`, then `mem.added_mb` (peak minus start) and
+    `mem.peak_mb` (peak in absolute terms)."""
+
+    def __init__(self, device: torch.device | str = "cpu", interval_s: float = 0.002):
+        self.device = torch.device(device)
+        self.interval_s = interval_s
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = self.peak = torch.cuda.memory_allocated(self.device)
+        else:
+            self.start = self.peak = rss_bytes()
+            self._thread = threading.Thread(target=self._sample, name="peak-memory", daemon=True)
+            self._thread.start()
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self._started
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def added_mb(self) -> float:
+        return max(0, self.peak - self.start) / MB
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / MB

@@ -1,0 +1,84 @@
+"""The fast path for packed matrices: decode straight from the packed bytes.
+
+A small C++ extension (`kernels/packed_matmul.cpp`), built once per machine by the local
+compiler and cached by torch, decodes a matrix in one pass (`dequantize`) or multiplies a
+few activation rows by it while decoding (`matvec`), so generating a token reads the
+packed bytes instead of a dense copy. Its values are bit-identical to `codec.decode`
+(tests/quant/test_fast_decode.py checks every config of the grid). Without a compiler,
+off the CPU, or with LQLORA_FAST_DECODE=0, callers get None and use the pure-torch decoder.
+"""
+
+import logging
+import os
+import threading
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from lqlora_dagster.quant.normal_float import nf_codebook
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels") / "packed_matmul.cpp"
+MATVEC_MAX_ROWS = 16  # activation rows the fused kernel takes; more rows decode once and use mm
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+
+
+@cache
+def kernel():
+    """The compiled extension, or None when it cannot be built here (said once in the log)."""
+    if os.environ.get("LQLORA_FAST_DECODE", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(name="lqlora_packed_matmul", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                    extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as err:  # no compiler, no headers, an unsupported platform
+        log.warning("fast decode unavailable, using the pure-torch decoder: %s", str(err).splitlines()[0][:200])
+        return None
+
+
+def available(device: torch.device) -> bool:
+    return device.type == "cpu" and kernel() is not None
+
+
+def kernel_args(qm) -> tuple:
+    """What the extension takes for one matrix (the group steps computed as codec does).
+    Layers cache it: building it costs more than decoding a small matrix for one token."""
+    cfg = qm.config
+    step = (qm.group_scales.to(torch.float32) / (2**cfg.b0 - 1)).contiguous()
+    return (qm.packed_codes.contiguous(), qm.packed_scale_codes.contiguous(), step, float(qm.scale_offset[0]),
+            nf_codebook(cfg.b), cfg.b, cfg.b0, cfg.B0, cfg.B1, *qm.shape)
+
+
+def dequantize(qm, args: tuple | None = None) -> torch.Tensor | None:
+    """Dense float32 (m, n) weight of a `QuantizedMatrix`, or None without the fast path."""
+    if not available(qm.packed_codes.device):
+        return None
+    return kernel().dequantize(*(args or kernel_args(qm)))
+
+
+_scratch = threading.local()
+
+
+def dequantize_scratch(args: tuple) -> torch.Tensor:
+    """The dense weight decoded into this thread's reusable buffer, valid until the next
+    call: a forward pass decodes one matrix at a time, so one buffer (the largest
+    matrix's size) serves them all and no per-layer allocation churns the heap."""
+    rows, cols = args[-2:]
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < rows * cols:
+        buffer = _scratch.buffer = torch.empty(rows * cols)
+    return kernel().dequantize_into(buffer, *args)
+
+
+def matmul(x: torch.Tensor, qm, args: tuple | None = None) -> torch.Tensor | None:
+    """x @ W^T decoding W on the fly for a few float32 rows of x, or None when the fused
+    kernel does not apply (the caller then decodes once and uses a dense matmul)."""
+    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    if x.dtype != torch.float32 or not 0 < rows <= MATVEC_MAX_ROWS or not available(x.device):
+        return None
+    y = kernel().matvec(x.reshape(rows, x.shape[-1]), *(args or kernel_args(qm)))
+    return y.reshape(*x.shape[:-1], qm.shape[0])
