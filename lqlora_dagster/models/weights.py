@@ -11,7 +11,7 @@ from safetensors import safe_open
 from lqlora_dagster.models.targets import Target
 
 
-def _key_to_file(folder: Path) -> dict[str, Path]:
+def key_to_file(folder: Path) -> dict[str, Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         return {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
@@ -26,7 +26,7 @@ def read_target_weights(folder: Path, targets: list[Target]) -> dict[str, torch.
     """{target name: (out, in) float32 weight}. Falls back to loading the model when the
     checkpoint's key names do not match module names (some older checkpoints)."""
     folder = Path(folder)
-    files = _key_to_file(folder)
+    files = key_to_file(folder)
     if not all(f"{t.name}.weight" in files for t in targets):
         from lqlora_dagster.models.loading import load_model
         from lqlora_dagster.models.source import task_of_folder

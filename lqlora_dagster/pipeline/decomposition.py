@@ -3,12 +3,16 @@
 import time
 
 import pandas as pd
+import torch
 
 from lqlora_dagster.decompose.lq import LQSettings
 from lqlora_dagster.evaluation import storage
 from lqlora_dagster.methods import get_method
 from lqlora_dagster.models.loading import load_tokenizer
-from lqlora_dagster.pipeline.base_model import load_with_targets
+from lqlora_dagster.models.skeleton import base_without_targets
+from lqlora_dagster.models.targets import Target, find_targets
+from lqlora_dagster.models.weights import read_target_weights
+from lqlora_dagster.pipeline.base_model import load_with_targets, recorded_targets
 from lqlora_dagster.pipeline.calibration import load_fisher
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.handles import (
@@ -23,6 +27,7 @@ from lqlora_dagster.store.keys import stable_key
 from lqlora_dagster.surgery.decompose_model import apply_decompositions, decompose_targets
 from lqlora_dagster.surgery.injector import lq_layers
 from lqlora_dagster.surgery.lq_model_io import load_lq_model, save_lq_model
+from lqlora_dagster.tasks import get_task
 
 DECOMPOSITION_VERSION = "3"
 ASSET = "decomposed_model"
@@ -59,22 +64,43 @@ def run_decomposition(
     return DecomposedHandle(model.model, items)
 
 
+def _base_and_reader(ctx: StageContext, model: ModelHandle):
+    """The base model without its target weights and a reader of one target weight from
+    disk, so at most the matrices being decomposed are dense at any time; the whole model
+    when its checkpoint's names do not cover it."""
+    targets = recorded_targets(ctx, model.model)
+    base = base_without_targets(model.folder, get_task(model.task), targets)
+    if base is None:
+        ctx.log(f"{model.model}: checkpoint names differ from module names; loading the whole model")
+        base, targets = load_with_targets(model, ctx.device)
+        return base, targets, None
+
+    def read(t: Target) -> torch.Tensor:
+        return read_target_weights(model.folder, [t])[t.name].to(ctx.device)
+
+    base._apply(lambda t: t if t.is_meta else t.to(ctx.device))  # the targets' weights stay unallocated
+    return base, find_targets(base, model.pattern), read
+
+
 def _decompose(ctx, model, plan, method, settings, fisher_tensors, key):
-    base, targets = load_with_targets(model, ctx.device)
+    base, targets, read = _base_and_reader(ctx, model)
     configs = plan_configs(ctx, plan.plan_id)
     start = time.perf_counter()
     every = max(1, len(targets) // 10)
     seconds: dict[str, float] = {}
+    results: dict[str, tuple[float, int]] = {}
 
     def progress(i: int, n: int, name: str, spent: float) -> None:
         seconds[name] = spent
         if i % every == 0 or i == n:
             ctx.progress(f"decompose {plan.method} @ {plan.budget:g}", i, n, "matrices", f"{time.perf_counter() - start:.0f}s")
 
-    decs = decompose_targets(
-        base, targets, configs, method, settings, fisher_tensors, progress, ctx.matrix_workers
-    )
-    apply_decompositions(base, decs)
+    def install(t: Target, d) -> None:  # packed into the model now; the unpacked codes are dropped
+        apply_decompositions(base, {t.name: d})
+        results[t.name] = (d.error, len(d.trace))
+
+    decompose_targets(base, targets, configs, method, settings, fisher_tensors, progress, ctx.matrix_workers,
+                      weight_of=read, on_result=install)
     tokenizer = load_tokenizer(model.folder)
     art = ctx.store.save_folder(
         ASSET, model.model, key, lambda d: save_lq_model(base.cpu(), d, tokenizer, model.task)
@@ -85,14 +111,14 @@ def _decompose(ctx, model, plan, method, settings, fisher_tensors, key):
                 "decomp_key": key,
                 "plan_id": plan.plan_id,
                 "model": model.model,
-                "matrix": n,
-                "config": configs[n].name,
+                "matrix": t.name,
+                "config": configs[t.name].name,
                 "rank": settings.rank,
-                "error": d.error,
-                "iters": len(d.trace),
-                "seconds": seconds[n],
+                "error": results[t.name][0],
+                "iters": results[t.name][1],
+                "seconds": seconds[t.name],
             }
-            for n, d in decs.items()
+            for t in targets
         ]
     )
     ctx.warehouse.replace_rows("decompositions", rows, {"decomp_key": key})

@@ -24,11 +24,17 @@ def decompose_targets(
     fisher: dict[str, torch.Tensor] | None = None,
     progress: Callable[[int, int, str, float], None] | None = None,
     workers: int | None = None,
+    weight_of: Callable[[Target], torch.Tensor] | None = None,
+    on_result: Callable[[Target, Decomposition], None] | None = None,
 ) -> dict[str, Decomposition]:
     """{target name: Decomposition} for every target, in order; `workers` matrices at a
     time (default: one per core, one on a GPU), each on one torch thread
     (`per_matrix_threads.py`), so every matrix gets the iterates its exact error-table
-    row priced. `progress(i, n, name, seconds)` sees them as they finish."""
+    row priced. `progress(i, n, name, seconds)` sees them as they finish.
+
+    `weight_of(target)` supplies each dense weight (default: read from `model`), so a
+    caller can read it from disk when its turn comes; with `on_result(target, d)` each
+    result goes there as it finishes and is not kept (the returned dict is empty)."""
     unplanned = [t.name for t in targets if t.name not in plan]
     if unplanned:
         raise LQLoRAInputError(
@@ -38,19 +44,25 @@ def decompose_targets(
         raise LQLoRAInputError(f"method {method.name!r} needs Fisher diagonals; compute them first")
     if workers is None:
         workers = matrix_workers(next(model.parameters()).device)
+    if weight_of is None:
+        def weight_of(t: Target) -> torch.Tensor:
+            return target_weight(model, t).detach()
 
     def decompose(t: Target) -> tuple[Decomposition, float]:
         start = time.perf_counter()
-        W = target_weight(model, t).detach()
+        W = weight_of(t)
         f = fisher[t.name] if (method.fisher and fisher is not None) else None
         return method.decompose(W, plan[t.name], settings, f), time.perf_counter() - start
 
     out = {}
     for i, (t, (d, seconds)) in enumerate(one_thread_per_matrix(decompose, targets, workers), 1):
-        out[t.name] = d
+        if on_result is None:
+            out[t.name] = d
+        else:
+            on_result(t, d)
         if progress is not None:
             progress(i, len(targets), t.name, seconds)
-    return {t.name: out[t.name] for t in targets}
+    return {t.name: out[t.name] for t in targets if t.name in out}
 
 
 def apply_decompositions(

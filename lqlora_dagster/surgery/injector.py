@@ -43,7 +43,8 @@ def replace_with_lq(model: nn.Module, inits: dict[str, LayerInit], scaling: floa
                 "can be replaced"
             )
         bias = getattr(old, "bias", None)
-        device = old.weight.device
+        # a layer whose weight was never loaded (meta) takes the decomposition's device
+        device = init.quantized.packed_codes.device if old.weight.is_meta else old.weight.device
         layer = LQLinear(
             init.quantized.to(device), init.L1.to(device), init.L2.to(device), bias, scaling, kind.name
         )

@@ -18,6 +18,7 @@ from safetensors.torch import save_model
 
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.models.layer_types import layer_type_of
+from lqlora_dagster.models.skeleton import assign, empty_model
 from lqlora_dagster.quant.bitpack import packed_nbytes
 from lqlora_dagster.quant.codec import padded_sizes
 from lqlora_dagster.quant.config import SCALE_FORMATS, QuantConfig
@@ -87,7 +88,6 @@ def load_lq_model(folder: Path, device: torch.device | str = "cpu") -> torch.nn.
     """The saved model, built without allocating its weights: parameters start on the
     meta device and the file's tensors are assigned in, so memory is the packed size
     plus the non-target parameters, never the dense model."""
-    from accelerate import init_empty_weights
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
@@ -99,28 +99,14 @@ def load_lq_model(folder: Path, device: torch.device | str = "cpu") -> torch.nn.
         raise LQLoRAInputError(
             f"{folder} has LQ model format {layout.get('format_version')}, expected {FORMAT_VERSION}"
         )
-    config = AutoConfig.from_pretrained(folder)
-    # Buffers stay real: non-persistent ones (BERT's position_ids, rotary inv_freq) are not
-    # in the file and must come from the constructor.
-    with init_empty_weights(include_buffers=False):
-        model = get_task(layout["task"]).from_config(config)
+    model = empty_model(get_task(layout["task"]), AutoConfig.from_pretrained(folder))
     for name, spec in layout["layers"].items():
         kind = layer_type_of(model.get_submodule(name))
         set_submodule(model, name, _shell(spec, kind.name if kind else "Linear"))
-    state = load_file(str(folder / WEIGHTS))
-    tied = _tied_names(model)  # safetensors stores a shared tensor once, under one of its names
-    stored = [k for k in tied if k in state]
-    for key in tied if stored else ():
-        state.setdefault(key, state[stored[0]])
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    del state
-    model.tie_weights()
-    real_missing = list(missing)
-    still_empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if real_missing or unexpected or still_empty:
+    unexpected, empty = assign(model, load_file(str(folder / WEIGHTS)))
+    if unexpected or empty:
         raise LQLoRAInputError(
-            f"{folder / WEIGHTS} does not match its layout: missing {(real_missing or still_empty)[:3]}, "
-            f"unexpected {unexpected[:3]}"
+            f"{folder / WEIGHTS} does not match its layout: missing {empty[:3]}, unexpected {unexpected[:3]}"
         )
     for layer in lq_layers(model).values():  # the file keeps factors in fp32; so does training
         layer.L1.requires_grad_(True)
@@ -128,12 +114,3 @@ def load_lq_model(folder: Path, device: torch.device | str = "cpu") -> torch.nn.
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
     return model.to(device).eval()
-
-
-def _tied_names(model: torch.nn.Module) -> list[str]:
-    """The input and output embedding weights' names when the config ties them."""
-    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-    if out is None or inp is None or not getattr(model.config, "tie_word_embeddings", False):
-        return []
-    names = {id(m): n for n, m in model.named_modules()}
-    return [f"{names[id(inp)]}.weight", f"{names[id(out)]}.weight"]
