@@ -82,3 +82,19 @@ def matmul(x: torch.Tensor, qm, args: tuple | None = None) -> torch.Tensor | Non
         return None
     y = kernel().matvec(x.reshape(rows, x.shape[-1]), *(args or kernel_args(qm)))
     return y.reshape(*x.shape[:-1], qm.shape[0])
+
+
+def lq_linear(x: torch.Tensor, qm, args: tuple, L1: torch.Tensor, L2: torch.Tensor, scaling: float,
+              bias: torch.Tensor | None) -> torch.Tensor | None:
+    """A whole LQLinear forward (frozen matmul, low-rank part, bias) for a few float32
+    rows in one call, or None when the fused kernel does not apply."""
+    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    if (x.dtype != torch.float32 or L1.dtype != torch.float32 or not 0 < rows <= MATVEC_MAX_ROWS
+            or not available(x.device)):
+        return None
+    y = kernel().lq_linear(x.reshape(rows, x.shape[-1]), *args, L1, L2, float(scaling),
+                           bias if bias is not None else _NO_BIAS)
+    return y.reshape(*x.shape[:-1], qm.shape[0])
+
+
+_NO_BIAS = torch.empty(0)

@@ -94,8 +94,9 @@ class LQLinear(nn.Module):
         return (self.dequantized_weight(torch.float32) + low_rank).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        needs_grad = torch.is_grad_enabled() and x.requires_grad  # Q itself never trains
-        y = _FrozenQuantMatmul.apply(x, self) if needs_grad else self.frozen_matmul(x)
+        if not torch.is_grad_enabled():
+            return self._inference(x)
+        y = _FrozenQuantMatmul.apply(x, self) if x.requires_grad else self.frozen_matmul(x)  # Q never trains
         L1, L2 = self.L1, self.L2
         if L1.dtype != x.dtype:
             L1, L2 = L1.to(x.dtype), L2.to(x.dtype)
@@ -103,6 +104,20 @@ class LQLinear(nn.Module):
         if self.bias is None:
             return y
         return y + (self.bias if self.bias.dtype == x.dtype else self.bias.to(x.dtype))
+
+    def _inference(self, x: torch.Tensor) -> torch.Tensor:
+        """No gradients: a few rows in one fused call; more rows decode Q once, and the
+        low-rank part and bias are added in place (no extra passes over the output)."""
+        qm, args = self._packed()
+        if args is not None:
+            fused = fast_decode.lq_linear(x, qm, args, self.L1, self.L2, self.scaling, self.bias)
+            if fused is not None:
+                return fused
+        y = self.frozen_matmul(x)
+        L1, L2 = self.L1.to(x.dtype), self.L2.to(x.dtype)
+        flat = y.view(-1, self.out_features)
+        flat.addmm_(x.reshape(-1, self.in_features) @ L2.T, L1.T, alpha=self.scaling)
+        return y if self.bias is None else y.add_(self.bias.to(x.dtype))
 
     @property
     def transposed(self) -> bool:

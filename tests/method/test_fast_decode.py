@@ -72,3 +72,16 @@ def test_lq_linear_same_output_and_grads_on_both_paths(monkeypatch):
     torch.testing.assert_close(fast_y, slow_y, rtol=1e-5, atol=1e-5)
     for a, b in zip(fast_grads, slow_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])  # 40 rows: decode once, then mm and in-place low rank
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_forward_matches_the_training_forward(rows, bias):
+    torch.manual_seed(0)
+    layer = LQLinear(QuantizedMatrix.quantize(torch.randn(48, 64), CONFIG_GRID[300]), torch.randn(48, 4),
+                     torch.randn(4, 64), bias=torch.randn(48) if bias else None, scaling=0.5)
+    x = torch.randn(rows, 64)
+    with torch.no_grad():
+        fast = layer(x)
+    slow = layer(x.requires_grad_()).detach()  # the autograd path: dense decode, separate ops
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)

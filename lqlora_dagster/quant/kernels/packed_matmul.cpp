@@ -338,8 +338,59 @@ torch::Tensor matvec(torch::Tensor x, torch::Tensor codes, torch::Tensor scale_c
   return out;
 }
 
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t k = 0;
+  float total = 0;
+#ifdef __AVX2__
+  __m256 acc = _mm256_setzero_ps();
+  for (; k + 8 <= n; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
+  alignas(32) float parts[8];
+  _mm256_store_ps(parts, acc);
+  for (float v : parts) total += v;
+#endif
+  for (; k < n; ++k) total += a[k] * b[k];
+  return total;
+}
+
+}  // namespace
+
+// An LQLinear's whole forward for a few rows, in one call: x deq(Q)^T + s (x L2^T) L1^T + bias.
+// (Per-layer framework overhead, not arithmetic, is what a decoded token pays otherwise.)
+torch::Tensor lq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scale_codes, torch::Tensor step,
+                        double offset, torch::Tensor levels, int64_t b, int64_t b0, int64_t B0, int64_t B1,
+                        int64_t rows, int64_t cols, torch::Tensor L1, torch::Tensor L2, double scaling,
+                        torch::Tensor bias) {
+  TORCH_CHECK(L1.dtype() == torch::kFloat32 && L2.dtype() == torch::kFloat32, "L1, L2 must be float32");
+  TORCH_CHECK(L1.dim() == 2 && L2.dim() == 2 && L1.size(0) == rows && L2.size(1) == cols && L1.size(1) == L2.size(0),
+              "L1 (rows, r) and L2 (r, cols) do not fit the matrix");
+  auto out = matvec(x, codes, scale_codes, step, offset, levels, b, b0, B0, B1, rows, cols);
+  auto xc = x.contiguous();
+  auto l1 = L1.contiguous();
+  auto l2 = L2.contiguous();
+  const int64_t M = xc.size(0), r = l1.size(1);
+  const float* xs = xc.data_ptr<float>();
+  std::vector<float> t(M * r);  // (M, r) = x L2^T, scaled
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < r; ++k)
+      t[m * r + k] = static_cast<float>(scaling) * dot(xs + m * cols, l2.data_ptr<float>() + k * cols, cols);
+  const bool has_bias = bias.numel() > 0;
+  auto bias_c = has_bias ? bias.to(torch::kFloat32).contiguous() : bias;
+  const float* bs = has_bias ? bias_c.data_ptr<float>() : nullptr;
+  const float* l1s = l1.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  at::parallel_for(0, rows, 256, [&](int64_t first, int64_t last) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = first; i < last; ++i)
+        y[m * rows + i] += dot(t.data() + m * r, l1s + i * r, r) + (has_bias ? bs[i] : 0.0f);
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize, "decode packed NF codes to a dense float32 matrix");
   m.def("dequantize_into", &dequantize_into, "decode packed NF codes into a reusable float32 buffer");
   m.def("matvec", &matvec, "x @ W^T for a few rows of x, decoding W on the fly");
+  m.def("lq_linear", &lq_linear, "x deq(Q)^T + s (x L2^T) L1^T + bias for a few rows of x");
 }
