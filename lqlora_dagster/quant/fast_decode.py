@@ -10,6 +10,8 @@ off the CPU, or with LQLORA_FAST_DECODE=0, callers get None and use the pure-tor
 
 import logging
 import os
+import shutil
+import sys
 import threading
 from functools import cache
 from pathlib import Path
@@ -30,14 +32,21 @@ def kernel():
     """The compiled extension, or None when it cannot be built here (said once in the log)."""
     if os.environ.get("LQLORA_FAST_DECODE", "1") == "0":
         return None
+    venv_bin = str(Path(sys.executable).parent)  # pip's ninja, when the venv is not activated
+    path = os.environ.get("PATH", "")
     try:
         from torch.utils.cpp_extension import load
 
+        if shutil.which("ninja") is None:
+            os.environ["PATH"] = os.pathsep.join([venv_bin, path])
+        log.info("loading the fast decode kernel (built once per machine, about a minute)")
         return load(name="lqlora_packed_matmul", sources=[str(SOURCE)], extra_cflags=FLAGS,
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # no compiler, no headers, an unsupported platform
         log.warning("fast decode unavailable, using the pure-torch decoder: %s", str(err).splitlines()[0][:200])
         return None
+    finally:
+        os.environ["PATH"] = path
 
 
 def available(device: torch.device) -> bool:
