@@ -7,6 +7,7 @@ import dagster as dg
 
 from assets.shared import BASE_MODELS
 from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.models.inspect import inspect_targets
 from lqlora_dagster.models.source import is_hf_folder
 from lqlora_dagster.pipeline.registry import check_model_name, register_model, registered_models
 from resources import ModelSource, WarehouseResource
@@ -23,7 +24,11 @@ def register_inbox(models: ModelSource, warehouse: WarehouseResource, log) -> li
     for folder in sorted(p for p in inbox.iterdir() if p.is_dir()):
         try:
             name = check_model_name(folder.name.lower())
-            if is_hf_folder(folder) and register_model(warehouse.warehouse(), name, str(folder)):
+            if not is_hf_folder(folder):
+                continue
+            summary = inspect_targets(str(folder), None, models.cache())  # as `lqlora register` checks
+            if register_model(warehouse.warehouse(), name, str(folder)):
+                log.info(f"inbox folder {folder} registered as {name!r}: " + "; ".join(summary.lines()))
                 added.append(name)
         except LQLoRAInputError as err:
             log.warning(f"inbox folder {folder} not registered: {err}")

@@ -45,6 +45,9 @@ def test_sensor_adds_partitions_for_registered_and_inbox_models(tmp_path, tiny_l
     register_model(w, "tiny-a", str(tiny_llama_folder))
     shutil.copytree(tiny_llama_folder, tmp_path / "inbox" / "Tiny-B")
     (tmp_path / "inbox" / "not-a-model").mkdir(parents=True)
+    unknown = tmp_path / "inbox" / "unknown-arch"  # checked as `lqlora register` checks: refused
+    shutil.copytree(tiny_llama_folder, unknown)
+    (unknown / "config.json").write_text('{"model_type": "no-such-architecture"}')
     with dg.instance_for_test() as instance:
         ctx = dg.build_sensor_context(instance=instance, resources={"models": res["models"], "warehouse": res["warehouse"]})
         result = new_model_sensor(ctx)
