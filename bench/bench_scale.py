@@ -1,0 +1,80 @@
+"""What the error table costs as matrices grow, and what that makes a 7B or 70B model cost.
+
+Times the product's fast error-table rows (`error_table.estimates.estimated_errors`, all
+432 configs of the grid, rank 16, no Fisher) for one matrix of each shape on one torch
+thread, fits seconds = a + b * numel by least squares, and sums the fit over the target
+matrices of SmolLM2-135M, Llama-3.2-1B, Llama-2-7B and Llama-2-70B. The weights are
+N(0, 0.02) from a fixed seed: honest for time (the work does not depend on the values),
+not for the errors.
+
+    python bench/bench_scale.py [--shapes 576x576 2048x2048 ...] [--workers 2]
+
+What is measured: the per-matrix seconds printed first. What is extrapolated: the model
+totals (one process per core, matrices spread over `--workers` cores)."""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+# (rows, cols, count per layer) of every target kind, and the number of layers
+MODELS = {
+    "SmolLM2-135M": (30, [(576, 576, 2), (192, 576, 2), (1536, 576, 2), (576, 1536, 1)]),
+    "Llama-3.2-1B": (16, [(2048, 2048, 2), (512, 2048, 2), (8192, 2048, 2), (2048, 8192, 1)]),
+    "Llama-2-7B": (32, [(4096, 4096, 4), (11008, 4096, 2), (4096, 11008, 1)]),
+    "Llama-2-70B": (80, [(8192, 8192, 2), (1024, 8192, 2), (28672, 8192, 2), (8192, 28672, 1)]),
+}
+DEFAULT_SHAPES = ["192x576", "576x576", "1536x576", "512x2048", "2048x2048", "8192x2048"]
+
+
+def time_rows(rows: int, cols: int) -> float:
+    from lqlora_dagster.decompose.lq import LQSettings
+    from lqlora_dagster.error_table.estimates import FastSettings, estimated_errors
+    from lqlora_dagster.quant.config import CONFIG_GRID
+
+    W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)) * 0.02
+    start = time.perf_counter()
+    estimated_errors(W, CONFIG_GRID, LQSettings(rank=16), None, FastSettings())
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    sys.path.insert(0, str(HERE))
+    from _stamp import stamp
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES)
+    p.add_argument("--workers", type=int, default=2, help="cores the extrapolated table spreads over")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    print(stamp())
+    print("\n## Measured: fast error-table rows of one matrix (432 configs, rank 16, one thread)\n")
+    print("| shape | weights | seconds | µs per weight |\n|---|---|---|---|")
+    sizes, seconds = [], []
+    for shape in args.shapes:
+        rows, cols = (int(v) for v in shape.split("x"))
+        s = time_rows(rows, cols)
+        sizes.append(rows * cols)
+        seconds.append(s)
+        print(f"| {rows} x {cols} | {rows * cols:,} | {s:.1f} | {1e6 * s / (rows * cols):.2f} |", flush=True)
+    x, y = torch.tensor(sizes, dtype=torch.float64), torch.tensor(seconds, dtype=torch.float64)
+    A = torch.stack([torch.ones_like(x), x], dim=1)
+    a, b = torch.linalg.lstsq(A, y[:, None]).solution[:, 0].tolist()
+    fit = A @ torch.tensor([a, b], dtype=torch.float64)
+    worst = float(((fit - y).abs() / y).max())
+    print(f"\nfit: seconds = {a:.2f} + {b * 1e6:.3f} µs x weights (largest relative miss on the points: {worst:.0%})")
+    print(f"\n## Extrapolated: one error table on {args.workers} CPU cores\n")
+    print("| model | target matrices | target weights | hours |\n|---|---|---|---|")
+    for name, (layers, kinds) in MODELS.items():
+        n = sum(c for _, _, c in kinds) * layers
+        weights = layers * sum(r * k * c for r, k, c in kinds)
+        total = layers * sum(c * (a + b * r * k) for r, k, c in kinds)
+        print(f"| {name} | {n} | {weights / 1e9:.2f}B | {total / 3600 / args.workers:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
