@@ -127,3 +127,20 @@ def test_validation_keeps_the_best_adapter_and_stops_early():
 def test_epochs_bound_the_steps():
     s = TrainSettings(steps=100, batch_size=4, grad_accum=2, epochs=2.0)
     assert s.planned_steps(40) == 10 and TrainSettings(steps=5, epochs=2.0).planned_steps(1000) == 5
+
+
+def test_gradient_checkpointing_trains_the_same_factors():
+    """Recomputing activations in backward changes memory, not the result."""
+    plain_settings = TrainSettings(steps=3, batch_size=4, lr=1e-2, warmup_steps=0, checkpoint_every=0, eval_every=0)
+    ckpt_settings = TrainSettings(**{**plain_settings.__dict__, "gradient_checkpointing": True})
+    plain, ckpt = trainable_model(), trainable_model()
+    a = finetune(plain, example_batches({"input_ids": windows()}, plain_settings), plain_settings)
+    b = finetune(ckpt, example_batches({"input_ids": windows()}, ckpt_settings), ckpt_settings)
+    def checkpointed(m):
+        return any(getattr(x, "gradient_checkpointing", False) for x in m.modules())
+
+    assert checkpointed(ckpt) and not checkpointed(plain)
+    assert [h.loss for h in b] == pytest.approx([h.loss for h in a], rel=1e-5)
+    for x, y in zip(lq_layers(plain).values(), lq_layers(ckpt).values()):
+        torch.testing.assert_close(x.L1, y.L1, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(x.L2, y.L2, rtol=1e-4, atol=1e-6)
