@@ -66,7 +66,11 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
         raise LQLoRAInputError(
             f"{type(model).__name__} does not support gradient checkpointing; drop --finetune-gradient-checkpointing"
         )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers' newer name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
 
 
