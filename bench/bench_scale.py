@@ -2,7 +2,7 @@
 
 Times the product's fast error-table rows (`error_table.estimates.estimated_errors`, all
 432 configs of the grid, rank 16, no Fisher) for one matrix of each shape on one torch
-thread, fits seconds = a + b * numel by least squares, and sums the fit over the target
+thread, fits seconds = c * numel^k (least squares on the logs), and sums the fit over the target
 matrices of SmolLM2-135M, Llama-3.2-1B, Llama-2-7B and Llama-2-70B. The weights are
 N(0, 0.02) from a fixed seed: honest for time (the work does not depend on the values),
 not for the errors.
@@ -13,6 +13,7 @@ What is measured: the per-matrix seconds printed first. What is extrapolated: th
 totals (one process per core, matrices spread over `--workers` cores)."""
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -49,31 +50,35 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES)
     p.add_argument("--workers", type=int, default=2, help="cores the extrapolated table spreads over")
+    p.add_argument("--seconds", type=float, nargs="+", default=None,
+                   help="seconds already measured for --shapes (refits without timing again)")
     args = p.parse_args()
     torch.set_num_threads(1)
     print(stamp())
     print("\n## Measured: fast error-table rows of one matrix (432 configs, rank 16, one thread)\n")
     print("| shape | weights | seconds | µs per weight |\n|---|---|---|---|")
     sizes, seconds = [], []
-    for shape in args.shapes:
+    for i, shape in enumerate(args.shapes):
         rows, cols = (int(v) for v in shape.split("x"))
-        s = time_rows(rows, cols)
+        s = args.seconds[i] if args.seconds else time_rows(rows, cols)
         sizes.append(rows * cols)
         seconds.append(s)
         print(f"| {rows} x {cols} | {rows * cols:,} | {s:.1f} | {1e6 * s / (rows * cols):.2f} |", flush=True)
-    x, y = torch.tensor(sizes, dtype=torch.float64), torch.tensor(seconds, dtype=torch.float64)
+    # a power law, fitted in log-log space so every size weighs the same (per-weight cost
+    # grows with size: bigger SVDs, matrices that no longer fit in cache)
+    x, y = torch.tensor(sizes, dtype=torch.float64).log(), torch.tensor(seconds, dtype=torch.float64).log()
     A = torch.stack([torch.ones_like(x), x], dim=1)
-    a, b = torch.linalg.lstsq(A, y[:, None]).solution[:, 0].tolist()
-    fit = A @ torch.tensor([a, b], dtype=torch.float64)
-    worst = float(((fit - y).abs() / y).max())
-    print(f"\nfit: seconds = {a:.2f} + {b * 1e6:.3f} µs x weights (largest relative miss on the points: {worst:.0%})")
+    log_c, k = torch.linalg.lstsq(A, y[:, None]).solution[:, 0].tolist()
+    c = math.exp(log_c)
+    worst = float(((A @ torch.tensor([log_c, k], dtype=torch.float64)).exp() / y.exp() - 1).abs().max())
+    print(f"\nfit: seconds = {c:.3e} x weights^{k:.3f} (largest relative miss on the points: {worst:.0%})")
     print(f"\n## Extrapolated: one error table on {args.workers} CPU cores\n")
     print("| model | target matrices | target weights | hours |\n|---|---|---|---|")
     for name, (layers, kinds) in MODELS.items():
-        n = sum(c for _, _, c in kinds) * layers
-        weights = layers * sum(r * k * c for r, k, c in kinds)
-        total = layers * sum(c * (a + b * r * k) for r, k, c in kinds)
-        print(f"| {name} | {n} | {weights / 1e9:.2f}B | {total / 3600 / args.workers:.1f} |")
+        matrices = sum(count for _, _, count in kinds) * layers
+        weights = layers * sum(r * n * count for r, n, count in kinds)
+        total = layers * sum(count * c * (r * n) ** k for r, n, count in kinds)
+        print(f"| {name} | {matrices} | {weights / 1e9:.2f}B | {total / 3600 / args.workers:.1f} |")
 
 
 if __name__ == "__main__":
