@@ -67,11 +67,12 @@ def run_decomposition(
 def _base_and_reader(ctx: StageContext, model: ModelHandle):
     """The base model without its target weights and a reader of one target weight from
     disk, so at most the matrices being decomposed are dense at any time; the whole model
-    when its checkpoint's names do not cover it."""
+    when the checkpoint does not cover it."""
     targets = recorded_targets(ctx, model.model)
     base = base_without_targets(model.folder, get_task(model.task), targets)
     if base is None:
-        ctx.log(f"{model.model}: checkpoint names differ from module names; loading the whole model")
+        ctx.log(f"{model.model}: the checkpoint does not hold every tensor under its module name (older names, "
+                "or a classifier head it lacks); loading the whole model")
         base, targets = load_with_targets(model, ctx.device)
         return base, targets, None
 

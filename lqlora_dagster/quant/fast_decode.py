@@ -4,7 +4,7 @@ A small C++ extension (`kernels/packed_matmul.cpp`), built once per machine by t
 compiler and cached by torch, decodes a matrix in one pass (`dequantize`) or multiplies a
 few activation rows by it while decoding (`matvec`), so generating a token reads the
 packed bytes instead of a dense copy. Its values are bit-identical to `codec.decode`
-(tests/quant/test_fast_decode.py checks every config of the grid). Without a compiler,
+(tests/method/test_fast_decode.py checks every config of the grid). Without a compiler,
 off the CPU, or with LQLORA_FAST_DECODE=0, callers get None and use the pure-torch decoder.
 """
 
