@@ -13,7 +13,7 @@ import torch
 from lqlora_dagster.quant import fast_decode
 from lqlora_dagster.quant.bitpack import pack_bits, packed_nbytes, unpack_bits
 from lqlora_dagster.quant.codec import Codes, decode, encode, padded_sizes
-from lqlora_dagster.quant.config import QuantConfig
+from lqlora_dagster.quant.config import SCALE_FORMATS, QuantConfig
 from lqlora_dagster.validation import check_matrix
 
 
@@ -30,6 +30,20 @@ class QuantizedMatrix:
     def quantize(cls, weight: torch.Tensor, config: QuantConfig) -> "QuantizedMatrix":
         check_matrix(weight)
         return cls.from_codes(encode(weight, config))
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int], config: QuantConfig, device: torch.device | str = "meta") -> "QuantizedMatrix":
+        """Buffers of the right sizes and dtypes, unfilled (on meta: unallocated), for a
+        loader to assign stored tensors into."""
+        n_blocks, n_groups = padded_sizes(shape[0] * shape[1], config)
+        return cls(
+            torch.empty(packed_nbytes(n_blocks * config.B0, config.b), dtype=torch.uint8, device=device),
+            torch.empty(packed_nbytes(n_groups * config.B1, config.b0), dtype=torch.uint8, device=device),
+            torch.empty(n_groups, dtype=SCALE_FORMATS[config.b1], device=device),
+            torch.empty(1, device=device),
+            tuple(shape),
+            config,
+        )
 
     @classmethod
     def from_codes(cls, c: Codes) -> "QuantizedMatrix":

@@ -19,9 +19,7 @@ from safetensors.torch import save_model
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.models.layer_types import layer_type_of
 from lqlora_dagster.models.skeleton import assign, empty_model
-from lqlora_dagster.quant.bitpack import packed_nbytes
-from lqlora_dagster.quant.codec import padded_sizes
-from lqlora_dagster.quant.config import SCALE_FORMATS, QuantConfig
+from lqlora_dagster.quant.config import QuantConfig
 from lqlora_dagster.quant.matrix import QuantizedMatrix
 from lqlora_dagster.surgery.injector import lq_layers, set_submodule
 from lqlora_dagster.surgery.lq_linear import LQLinear
@@ -67,17 +65,8 @@ def _shell(spec: dict, kind: str) -> LQLinear:
     """An LQLinear of the recorded structure whose tensors live on the meta device:
     the file's tensors are assigned into it, nothing is allocated twice."""
     rows, cols = spec["shape"]
-    config = QuantConfig.parse(spec["config"])
-    n_blocks, n_groups = padded_sizes(rows * cols, config)
     meta = torch.device("meta")
-    quantized = QuantizedMatrix(
-        torch.empty(packed_nbytes(n_blocks * config.B0, config.b), dtype=torch.uint8, device=meta),
-        torch.empty(packed_nbytes(n_groups * config.B1, config.b0), dtype=torch.uint8, device=meta),
-        torch.empty(n_groups, dtype=SCALE_FORMATS[config.b1], device=meta),
-        torch.empty(1, device=meta),
-        (rows, cols),
-        config,
-    )
+    quantized = QuantizedMatrix.empty((rows, cols), QuantConfig.parse(spec["config"]), meta)
     rank = spec["rank"]
     bias = torch.empty(rows, device=meta) if spec["bias"] else None
     return LQLinear(quantized, torch.empty(rows, rank, device=meta), torch.empty(rank, cols, device=meta),
