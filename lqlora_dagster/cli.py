@@ -89,12 +89,20 @@ def _run(args: argparse.Namespace, home: Path, run_config: dict, job: str, stage
 def cmd_run(args: argparse.Namespace, home: Path) -> int:
     from lqlora_dagster.definitions import MAIN_ASSETS, MAIN_JOB
     from lqlora_dagster.pipeline.datasets import check_data
-    from lqlora_dagster.pipeline.feasibility import check_budgets, target_sizes
+    from lqlora_dagster.pipeline.feasibility import check_budgets, check_ranks, model_shape
 
-    settings = PipelineSettings().override(**stage_overrides(args))  # every knob checked before any work
+    overrides = stage_overrides(args)
+    if overrides.get("error_table", {}).get("ranks") == ():
+        raise LQLoRAInputError("--ranks needs at least one rank, e.g. --ranks 0 8 16 32 64 (leave it out for one --rank)")
+    plan = overrides.get("allocation_plan", {})
+    if plan.get("max_sizes") and "budgets" not in plan:  # --max-size alone: no bits/param plan as well
+        plan["budgets"] = ()
+    settings = PipelineSettings().override(**overrides)  # every knob checked before any work
     warehouse = _warehouse(home)
     _ensure_model(warehouse, args.model)
-    check_budgets(target_sizes(warehouse, args.model, home / "models"), settings, args.model)
+    shape = model_shape(warehouse, args.model, home / "models")
+    check_ranks(shape, settings, args.model)
+    check_budgets(shape, settings, args.model)
     check_data(warehouse, settings.task_data, args.model, lookup_model(warehouse, args.model)["task"])
     if not _run(args, home, settings.run_config(), MAIN_JOB, MAIN_ASSETS):
         return 1

@@ -73,10 +73,17 @@ class Method:
     def candidate_configs(self, grid: tuple[QuantConfig, ...]) -> tuple[QuantConfig, ...]:
         return self.configs if self.configs is not None else grid
 
+    @property
+    def allocates_rank(self) -> bool:
+        """Whether the ILP may pick this method's rank per matrix (a low-rank init the ILP plans)."""
+        return self.has_lowrank_init and self.ilp
+
     def decompose(
-        self, W: torch.Tensor, config: QuantConfig, settings: LQSettings, fisher: torch.Tensor | None = None
+        self, W: torch.Tensor, config: QuantConfig, settings: LQSettings, fisher: torch.Tensor | None = None,
+        rank: int | None = None,
     ) -> Decomposition:
-        return self.init.decompose(W, config, settings, fisher)
+        """The method's Q, L1, L2 for one matrix at `rank` (default: the settings' rank)."""
+        return self.init.decompose_at(W, config, settings.rank if rank is None else rank, settings, fisher)
 
     def label_for(self, bits: float | None = None) -> str:
         """'QLoRA NF4' for the fixed-config baselines, the label otherwise."""

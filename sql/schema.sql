@@ -91,9 +91,19 @@ CREATE TABLE IF NOT EXISTS plans (
     gap             DOUBLE NOT NULL,
     status          VARCHAR NOT NULL,
     solve_s         DOUBLE NOT NULL,
-    bits_per_param  DOUBLE NOT NULL,      -- achieved
-    created_at      TIMESTAMP DEFAULT current_timestamp
+    bits_per_param  DOUBLE NOT NULL,      -- achieved, quantized part
+    created_at      TIMESTAMP DEFAULT current_timestamp,
+    budget_kind     VARCHAR,              -- what `budget` counts: quantized | lowrank (bits/param) | total (bytes)
+    ranks           VARCHAR,              -- the ranks the plan chose from, e.g. '0,8,16,32,64'
+    factor_bits     INTEGER,              -- bits per L1, L2 entry in the figures below
+    bits_with_lowrank DOUBLE,             -- achieved, quantized part + factors, per target weight
+    total_bytes     BIGINT                -- achieved, the whole model: + the tensors that are not targets
 );
+ALTER TABLE plans ADD COLUMN IF NOT EXISTS budget_kind VARCHAR;
+ALTER TABLE plans ADD COLUMN IF NOT EXISTS ranks VARCHAR;
+ALTER TABLE plans ADD COLUMN IF NOT EXISTS factor_bits INTEGER;
+ALTER TABLE plans ADD COLUMN IF NOT EXISTS bits_with_lowrank DOUBLE;
+ALTER TABLE plans ADD COLUMN IF NOT EXISTS total_bytes BIGINT;
 
 CREATE TABLE IF NOT EXISTS plan_assignments (
     plan_id         VARCHAR NOT NULL,
@@ -106,8 +116,10 @@ CREATE TABLE IF NOT EXISTS plan_assignments (
     group_size      INTEGER NOT NULL,     -- the paper's B1: blocks per scale group
     bits_per_param  DOUBLE NOT NULL,
     error           DOUBLE NOT NULL,
+    rank            INTEGER,              -- of the matrix's factors (0: none)
     PRIMARY KEY (plan_id, matrix)
 );
+ALTER TABLE plan_assignments ADD COLUMN IF NOT EXISTS rank INTEGER;
 
 CREATE TABLE IF NOT EXISTS decompositions (
     decomp_key  VARCHAR NOT NULL,

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from lqlora_dagster.allocate.problem import Allocation
+from lqlora_dagster.allocate.problem import CANDIDATE, Allocation, Row, with_rank
 from lqlora_dagster.errors import LQLoRAInputError
 
-Row = tuple[str, str]  # (matrix, config)
 ExactRows = Callable[[list[Row]], dict[Row, float]]
 Solver = Callable[[pd.DataFrame, float], Allocation]
 
@@ -50,10 +49,11 @@ def confirm_plan(
 ) -> ConfirmedPlan:
     """Solve `table` (estimates in `error`) at `budget` until every pick is exact.
 
-    `exact_rows(rows)` returns the exact error of each requested (matrix, config);
+    `exact_rows(rows)` returns the exact error of each requested (matrix, config, rank);
     `progress(round, n_new, plan)` is called before each batch is computed."""
     check_margin(margin)
-    keys = list(zip(table["matrix"], table["config"]))
+    table = with_rank(table)
+    keys = [(m, c, int(r)) for m, c, r in table[CANDIDATE].itertuples(index=False)]
     optimistic = (table["error"].astype(float) * (1 - margin)).tolist()
     by_matrix: dict[str, list[tuple[Row, float, float]]] = {}
     for key, storage, value in zip(keys, table["storage_bits"].astype(float), optimistic):
@@ -73,20 +73,20 @@ def confirm_plan(
         rounds += 1
         values = table.assign(error=[exact.get(k, v) for k, v in zip(keys, optimistic)])
         plan = solve(values, budget)
-        new = [row for row in plan.assignment.items() if row not in exact]
+        new = [row for row in plan.rows() if row not in exact]
         if not new:
             return ConfirmedPlan(plan, values, exact, rounds)
         if progress is not None:
             progress(rounds, len(new), plan)
         confirm(new)
-        # a pick whose exact error came out above the optimistic value of a config that
-        # stores its matrix in no more bits would lose to that one in the next round:
-        # confirm such configs now, saving the ILP rounds that would find them one by one
+        # a pick whose exact error came out above the optimistic value of a candidate
+        # that stores its matrix in no more bits would lose to that one in the next round:
+        # confirm such candidates now, saving the ILP rounds that would find them one by one
         beaten = [
             key
-            for m, c in new
-            for key, storage, value in by_matrix[m]
-            if key not in exact and storage <= storage_of[(m, c)] and value < exact[(m, c)]
+            for row in new
+            for key, storage, value in by_matrix[row[0]]
+            if key not in exact and storage <= storage_of[row] and value < exact[row]
         ]
         if beaten:
             confirm(list(dict.fromkeys(beaten)))

@@ -4,6 +4,9 @@ min  sum_ic e[i,c] x[i,c]
 s.t. sum_c x[i,c] = 1                        for every matrix i
      sum_ic s[i,c] x[i,c] <= budget * sum_i numel_i
      x binary
+
+A candidate c of matrix i is a (config, rank) pair: with several ranks in the table
+the program picks bits and rank together, under one storage budget.
 """
 
 import time
@@ -13,6 +16,7 @@ import pyomo.environ as pyo
 from pyomo.contrib.solver.common.factory import SolverFactory
 
 from lqlora_dagster.allocate.problem import (
+    CANDIDATE,
     Allocation,
     check_budget,
     check_table,
@@ -23,7 +27,7 @@ from lqlora_dagster.errors import LQLoRAInputError
 
 
 def build_model(table: pd.DataFrame, budget: float) -> pyo.ConcreteModel:
-    pairs = list(zip(table["matrix"], table["config"]))
+    pairs = list(zip(table["matrix"], table["config"], table["rank"].astype(int)))
     error = dict(zip(pairs, table["error"].astype(float)))
     storage = dict(zip(pairs, table["storage_bits"].astype(float)))
     by_matrix: dict[str, list] = {}
@@ -44,8 +48,8 @@ def build_model(table: pd.DataFrame, budget: float) -> pyo.ConcreteModel:
 def solve_ilp(
     table: pd.DataFrame, budget: float, *, rel_gap: float = 0.0, time_limit_s: float = 120.0
 ) -> Allocation:
-    """Optimal config per matrix under `budget` bits/param (storage with padding)."""
-    check_table(table)
+    """Optimal (config, rank) per matrix under `budget` bits/param (storage with padding)."""
+    table = check_table(table)
     check_budget(table, budget)
     front = pareto_front(table)
     model = build_model(front, budget)
@@ -67,12 +71,12 @@ def solve_ilp(
         )
     result.solution_loader.load_vars()
     chosen = [p for p in model.x if pyo.value(model.x[p]) > 0.5]
-    assignment = dict(chosen)
-    picked = front.set_index(["matrix", "config"]).loc[chosen]
+    picked = front.set_index(CANDIDATE).loc[chosen]
     objective = float(picked["error"].sum())
     bound = float(result.objective_bound) * model.error_scale
     return Allocation(
-        assignment=assignment,
+        assignment={m: c for m, c, _ in chosen},
+        ranks={m: int(r) for m, _, r in chosen},
         objective=objective,
         bound=bound,
         gap=max(0.0, (objective - bound) / abs(objective)) if objective else 0.0,

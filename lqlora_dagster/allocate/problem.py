@@ -1,22 +1,28 @@
-"""The allocation problem: per-matrix candidate configs with their error and storage.
+"""The allocation problem: per-matrix candidates with their error and storage.
 
-Input is the error table in long form (one row per matrix x config). Validation
-and the feasibility check live here so the ILP and the uniform allocator share them.
+Input is the error table in long form, one row per candidate: a matrix, a config and
+the rank of its low-rank factors (`rank`, 0 when absent: a table of one rank). The
+`storage_bits` column is what counts against the budget (the planning stage adds the
+factors' bits when the budget kind counts them). Validation and the feasibility
+check live here so the ILP and the uniform allocator share them.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
 from lqlora_dagster.errors import LQLoRAInputError
 
 REQUIRED_COLUMNS = ("matrix", "config", "numel", "storage_bits", "error")
+CANDIDATE = ["matrix", "config", "rank"]  # what identifies a row of the problem
+
+Row = tuple[str, str, int]  # (matrix, config, rank): one candidate
 
 
 @dataclass(frozen=True)
 class Allocation:
-    """A solved plan: one config per matrix."""
+    """A solved plan: one (config, rank) per matrix."""
 
     assignment: dict[str, str]  # matrix -> config name
     objective: float  # total error of the assignment
@@ -27,12 +33,24 @@ class Allocation:
     budget: float
     bits_per_param: float  # achieved storage / total numel
 
+    ranks: dict[str, int] = field(default_factory=dict)  # matrix -> rank (empty: a table of one rank, 0)
+
     @property
     def meets_budget(self) -> bool:
         return self.bits_per_param <= self.budget + 1e-9
 
+    def rows(self) -> list[Row]:
+        """The picked candidates as (matrix, config, rank)."""
+        return [(m, c, self.ranks.get(m, 0)) for m, c in self.assignment.items()]
+
+
+def with_rank(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with a `rank` column (0 where it has none: one rank, no choice)."""
+    return table if "rank" in table.columns else table.assign(rank=0)
+
 
 def check_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The table, validated, with its `rank` column."""
     if not isinstance(table, pd.DataFrame) or table.empty:
         raise LQLoRAInputError("the error table is empty: there is no config to choose from")
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
@@ -44,10 +62,13 @@ def check_table(table: pd.DataFrame) -> pd.DataFrame:
         raise LQLoRAInputError(
             f"errors must be finite and >= 0; first bad rows:\n{bad.to_string(index=False)}"
         )
-    dup = table.duplicated(["matrix", "config"])
+    table = with_rank(table)
+    dup = table.duplicated(CANDIDATE)
     if dup.any():
         row = table.loc[dup].iloc[0]
-        raise LQLoRAInputError(f"matrix {row['matrix']!r} has config {row['config']!r} more than once")
+        raise LQLoRAInputError(
+            f"matrix {row['matrix']!r} has config {row['config']!r} at rank {row['rank']} more than once"
+        )
     return table
 
 
@@ -70,10 +91,10 @@ def check_budget(table: pd.DataFrame, budget: float) -> None:
 
 
 def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
-    """Per matrix, drop configs that another config beats on both storage and error.
+    """Per matrix, drop candidates that another candidate beats on both storage and error.
 
-    Exact for the ILP: a dominated config can always be swapped for its dominator
-    without raising cost or storage. Shrinks 432 candidates to about 20 per matrix.
+    Exact for the ILP: a dominated candidate can always be swapped for its dominator
+    without raising cost or storage. Shrinks 432 configs to about 20 per matrix.
     """
     keep = []
     for _, group in table.sort_values(["matrix", "storage_bits", "error"]).groupby("matrix", sort=False):

@@ -1,7 +1,8 @@
 """Uniform allocation: one config for every matrix (QLoRA, LoftQ, LQ-LoRA uniform).
 
-Among the allowed configs, the one with least total error whose storage fits the
-budget. With a single allowed config (QLoRA's NF4) this just checks the budget.
+Among the allowed (config, rank) candidates, the one with least total error whose
+storage fits the budget. With a single allowed config (QLoRA's NF4) this just checks
+the budget.
 """
 
 import time
@@ -13,11 +14,11 @@ from lqlora_dagster.errors import LQLoRAInputError
 
 
 def solve_uniform(table: pd.DataFrame, budget: float) -> Allocation:
-    check_table(table)
+    table = check_table(table)
     start = time.perf_counter()
     n_matrices = table["matrix"].nunique()
     numel = total_numel(table)
-    per_config = table.groupby("config").agg(
+    per_config = table.groupby(["config", "rank"]).agg(
         n=("matrix", "nunique"), error=("error", "sum"), storage=("storage_bits", "sum")
     )
     per_config = per_config[per_config["n"] == n_matrices]
@@ -26,15 +27,17 @@ def solve_uniform(table: pd.DataFrame, budget: float) -> Allocation:
     per_config["bits"] = per_config["storage"] / numel
     fits = per_config[per_config["bits"] <= budget + 1e-12]
     if fits.empty:
-        cheapest = per_config["bits"].idxmin()
+        config, rank = per_config["bits"].idxmin()
         raise LQLoRAInputError(
             f"budget {budget:g} bits/param is below the cheapest uniform plan, "
-            f"{per_config['bits'].min():.4f} ({cheapest}); raise the budget"
+            f"{per_config['bits'].min():.4f} ({config}, rank {rank}); raise the budget"
         )
-    best = fits["error"].idxmin()
-    row = fits.loc[best]
+    config, rank = fits["error"].idxmin()
+    row = fits.loc[(config, rank)]
+    matrices = sorted(table["matrix"].unique())
     return Allocation(
-        assignment={m: best for m in sorted(table["matrix"].unique())},
+        assignment={m: config for m in matrices},
+        ranks={m: int(rank) for m in matrices},
         objective=float(row["error"]),
         bound=float(row["error"]),
         gap=0.0,

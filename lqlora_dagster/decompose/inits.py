@@ -8,9 +8,12 @@
 
 An init knows how to decompose one matrix and how to compute the exact error-table
 rows of many configs of one matrix (the zero init prices them all in batched passes).
-A new init is one class here, one registry entry, and its tests.
+At rank 0 an init with a low-rank part has none: Q = q(W), and its rows are the
+(Fisher-weighted) quantization errors. A new init is one class here, one registry
+entry, and its tests.
 """
 
+import dataclasses
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from lqlora_dagster.decompose.lq import (
     loftq_decompose,
     lq_decompose,
     lq_error_estimate,
+    quantize_only,
 )
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.quant.batched_error import quantization_errors
@@ -54,6 +58,28 @@ class Init:
         self, W: torch.Tensor, config: QuantConfig, settings: LQSettings, fisher: torch.Tensor | None = None
     ) -> Decomposition:
         raise NotImplementedError
+
+    def decompose_at(
+        self, W: torch.Tensor, config: QuantConfig, rank: int, settings: LQSettings,
+        fisher: torch.Tensor | None = None,
+    ) -> Decomposition:
+        """The decomposition at `rank` (0: quantized only, for an init with a low-rank part)."""
+        if self.has_lowrank and rank == 0:
+            return quantize_only(W, config, fisher if self.fisher else None)
+        if self.has_lowrank and rank != settings.rank:
+            settings = dataclasses.replace(settings, rank=rank)
+        return self.decompose(W, config, settings, fisher)
+
+    def exact_errors_at(
+        self, W: torch.Tensor, configs: tuple[QuantConfig, ...], rank: int, settings: LQSettings,
+        fisher: torch.Tensor | None = None,
+    ) -> list[ConfigError]:
+        """Exact rows at `rank` (0: the quantization errors, for an init with a low-rank part)."""
+        if self.has_lowrank and rank == 0:
+            return quantization_rows(W, configs, fisher if self.fisher else None)
+        if self.has_lowrank and rank != settings.rank:
+            settings = dataclasses.replace(settings, rank=rank)
+        return self.exact_errors(W, configs, settings, fisher)
 
     def error(
         self, W: torch.Tensor, config: QuantConfig, settings: LQSettings, fisher: torch.Tensor | None
@@ -89,20 +115,25 @@ class ZeroInit(Init):
         return qlora_init(W, config, settings.rank, seed=settings.seed)
 
     def exact_errors(self, W, configs, settings, fisher=None):
-        """W - q(W) for every config; configs sharing (b, B0) share the blocking and
-        absmaxes, so they are priced together in one table-based pass each."""
-        weights = fisher if self.fisher else None
-        groups: dict[tuple[int, int], list[QuantConfig]] = defaultdict(list)
-        for c in configs:
-            groups[(c.b, c.B0)].append(c)
-        results: dict[QuantConfig, ConfigError] = {}
-        R = W.to(torch.float32)
-        for group in groups.values():
-            start = time.perf_counter()
-            errors = quantization_errors(R, group, weights)
-            per = (time.perf_counter() - start) / len(group)
-            results.update({c: ConfigError(c, e, 0, per) for c, e in zip(group, errors)})
-        return [results[c] for c in configs]
+        return quantization_rows(W, configs, fisher if self.fisher else None)
+
+
+def quantization_rows(
+    W: torch.Tensor, configs: tuple[QuantConfig, ...], weights: torch.Tensor | None = None
+) -> list[ConfigError]:
+    """W - q(W) for every config; configs sharing (b, B0) share the blocking and
+    absmaxes, so they are priced together in one table-based pass each."""
+    groups: dict[tuple[int, int], list[QuantConfig]] = defaultdict(list)
+    for c in configs:
+        groups[(c.b, c.B0)].append(c)
+    results: dict[QuantConfig, ConfigError] = {}
+    R = W.to(torch.float32)
+    for group in groups.values():
+        start = time.perf_counter()
+        errors = quantization_errors(R, group, weights)
+        per = (time.perf_counter() - start) / len(group)
+        results.update({c: ConfigError(c, e, 0, per) for c, e in zip(group, errors)})
+    return [results[c] for c in configs]
 
 
 @dataclass(frozen=True)

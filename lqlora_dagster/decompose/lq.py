@@ -237,6 +237,20 @@ def loftq_decompose(
     return _alternate(W, config, settings, None, "quantize_first", fixed_iters=iters)
 
 
+def quantize_only(W: torch.Tensor, config: QuantConfig, fisher: torch.Tensor | None = None) -> Decomposition:
+    """Rank 0: Q = quantize(W) and no low-rank part (empty L1, L2); the error is Fisher-
+    weighted when F is given, as a rank-0 row of an LQ-Fisher table is."""
+    check_matrix(W)
+    if fisher is not None:
+        check_fisher(fisher, tuple(W.shape))
+        fisher = fisher.to(W.device, torch.float32)
+    W = W.detach().to(torch.float32)
+    m, n = W.shape
+    codes = encode(W, config)
+    err = residual_error(W - decode(codes), fisher)
+    return Decomposition(codes, W.new_zeros(m, 0), W.new_zeros(0, n), err, (err,), 0)
+
+
 def qlora_init(W: torch.Tensor, config: QuantConfig, rank: int, seed: int = 0) -> Decomposition:
     """QLoRA: Q <- quantize(W) and LoRA's default init, L1 = 0 and L2 ~ U(+-1/sqrt(n))
     (PEFT's kaiming-uniform lora_A), so Q + L1 L2 = Q at step 0."""

@@ -8,6 +8,7 @@ each (`per_matrix_threads.py`), so a row is the same bits wherever it is compute
 the matrices in flight.
 """
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ import torch
 
 from lqlora_dagster.decompose.inits import ConfigError
 from lqlora_dagster.decompose.lq import LQSettings
-from lqlora_dagster.error_table.estimates import FastSettings, estimated_errors
+from lqlora_dagster.error_table.estimates import FastSettings, estimated_errors_by_rank
 from lqlora_dagster.methods import get_method
 from lqlora_dagster.models.targets import Target
 from lqlora_dagster.per_matrix_threads import one_thread_per_matrix
@@ -25,13 +26,17 @@ from lqlora_dagster.quant.config import QuantConfig
 
 @dataclass(frozen=True)
 class RowRequest:
-    """Rows of one matrix of one table: estimated by `fast`, or exact when it is None."""
+    """Rows of one matrix of one table: estimated by `fast`, or exact when it is None.
+
+    `lower` are requests of the same matrix at lower ranks of the same fast table
+    family: priced on this request's factors, truncated (`estimates.py`)."""
 
     ref: TableRef
     target: Target
     configs: tuple[str, ...]
     table_key: str  # where the rows belong: ref.table_key, or ref.exact_key for exact rows of a fast table
     fast: FastSettings | None = None
+    lower: tuple["RowRequest", ...] = ()
 
     @property
     def exact(self) -> bool:
@@ -40,14 +45,23 @@ class RowRequest:
 
 def request_rows(
     request: RowRequest, W: torch.Tensor, lq: LQSettings, fisher: torch.Tensor | None
-) -> list[ConfigError]:
-    """The rows of one request, in the order of its configs."""
+) -> list[tuple[RowRequest, list[ConfigError]]]:
+    """The rows of one request (and of its `lower` ones), each in the order of its configs."""
     init = get_method(request.ref.method).init
     F = fisher if init.fisher else None
+    rank = request.ref.rank
     configs = tuple(QuantConfig.parse(c) for c in request.configs)
-    if request.fast is not None:
-        return estimated_errors(W, configs, lq, F, request.fast)
-    return init.exact_errors(W, configs, lq, F)
+    if request.fast is None:
+        return [(request, init.exact_errors_at(W, configs, rank, lq, F))]
+    wanted = {low.ref.rank: low for low in request.lower}
+    if any(set(low.configs) - set(request.configs) for low in request.lower):
+        raise ValueError("lower-rank rows need their configs in the request they are priced on")
+    rows = estimated_errors_by_rank(W, configs, dataclasses.replace(lq, rank=rank), F, request.fast, tuple(wanted))
+    out = [(request, rows[rank])]
+    for r, low in wanted.items():
+        by_config = {e.config.name: e for e in rows[r]}
+        out.append((low, [by_config[c] for c in low.configs]))
+    return out
 
 
 def compute_rows(
@@ -62,13 +76,14 @@ def compute_rows(
     """Compute every request, `workers` matrices at a time; `commit` each as it
     finishes. Returns the number of rows computed."""
 
-    def rows_of(request: RowRequest) -> list[ConfigError]:
+    def rows_of(request: RowRequest) -> list[tuple[RowRequest, list[ConfigError]]]:
         return request_rows(request, weight_of(request.target), lq, fisher_of(request))
 
     written = 0
-    for i, (request, results) in enumerate(one_thread_per_matrix(rows_of, requests, workers), 1):
-        commit(request, results)
-        written += len(results)
+    for i, (request, parts) in enumerate(one_thread_per_matrix(rows_of, requests, workers), 1):
+        for part, results in parts:
+            commit(part, results)
+            written += len(results)
         if progress is not None:
             progress(i, len(requests), request)
     return written

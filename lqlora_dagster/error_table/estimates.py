@@ -9,7 +9,13 @@
      under 8-bit scales overprice them. Per (b0, B1), the most precisely stored member
      takes `refine_steps` alternating steps of its own from there, and its siblings that
      differ only in the group-scale format b1 are priced on the factors it ends with.
-3. All quantization in here is table-based (`quant/lut.py`): same error to ~1e-6.
+3. Lower ranks (`lower_ranks`): per rank r, the configs that shared factors above
+   start again from those factors truncated to their leading r components (the best
+   rank-r part of L1 L2, as the SVD ordered them); the set's leader takes
+   `LOWER_RANK_STEPS` alternating steps at rank r, the rest are priced on where it
+   ends. Truncated factors alone price lower ranks ~50% high; one step brings them
+   near the exact rows at a fraction of a decomposition's cost.
+4. All quantization in here is table-based (`quant/lut.py`): same error to ~1e-6.
 
 The rows are estimates, mostly a little high (factors fitted to a neighbouring
 config). Plans made on them are confirmed with exact rows (`allocate/confirm.py`);
@@ -45,6 +51,13 @@ class FastSettings:
     refine_by: tuple[str, ...] = ("b0", "B1")
 
 
+# lower ranks of a multi-rank table: alternating steps each factor set's leader takes at
+# that rank from its factors truncated (0: price on the truncated factors alone). Part
+# of the lower ranks' table keys (`tables.py`), not of FastSettings: single-rank tables
+# keep their keys.
+LOWER_RANK_STEPS = 1
+
+
 def anchor_of(group: list[QuantConfig]) -> QuantConfig:
     """The most precisely stored member: most scale bits, widest format, smallest groups."""
     return max(group, key=lambda c: (c.b0, SCALE_FORMAT_BITS[c.b1], c.b1 == "fp16", -c.B1))
@@ -59,12 +72,31 @@ def estimated_errors(
 ) -> list[ConfigError]:
     """Estimated errors of the LQ init (Fisher-weighted with `fisher`) for every
     config, in the order given."""
+    return estimated_errors_by_rank(W, configs, settings, fisher, fast)[settings.rank]
+
+
+def estimated_errors_by_rank(
+    W: torch.Tensor,
+    configs: tuple[QuantConfig, ...],
+    settings: LQSettings,
+    fisher: torch.Tensor | None = None,
+    fast: FastSettings = FastSettings(),
+    lower_ranks: tuple[int, ...] = (),
+    lower_rank_steps: int = LOWER_RANK_STEPS,
+) -> dict[int, list[ConfigError]]:
+    """{rank: estimated rows in the order of `configs`} at `settings.rank` and at each
+    of `lower_ranks` (each in 1..settings.rank - 1), the lower ones priced on the
+    settings' rank's factors, truncated."""
+    bad = [r for r in lower_ranks if not 0 < r < settings.rank]
+    if bad:
+        raise ValueError(f"lower ranks must lie in 1..{settings.rank - 1}, got {bad}")
     F = fisher
     groups: dict[tuple, list[QuantConfig]] = defaultdict(list)
     for c in configs:
         groups[tuple(getattr(c, f) for f in fast.anchor_fields)].append(c)
     refine = dataclasses.replace(settings, max_iters=max(1, fast.refine_steps))
     results: dict[QuantConfig, ConfigError] = {}
+    sets: list[tuple[QuantConfig, list[QuantConfig], LowRank]] = []  # (leader, members, factors)
     for key in sorted(groups, key=lambda k: tuple(-v if isinstance(v, int) else 0 for v in k)):
         group = groups[key]
         t0 = time.perf_counter()
@@ -75,6 +107,7 @@ def estimated_errors(
         siblings = [c for c in group if c != anchor]
         stepped = [c for c in siblings if fast.refine_steps and c.b0 <= fast.refine_max_b0]
         results.update(_priced(W, factors, [c for c in siblings if c not in stepped], F))
+        sets.append((anchor, [c for c in group if c not in stepped], factors))
         subgroups: dict[tuple, list[QuantConfig]] = defaultdict(list)
         for c in stepped:
             subgroups[tuple(getattr(c, f) for f in fast.refine_by)].append(c)
@@ -83,8 +116,36 @@ def estimated_errors(
             lead = anchor_of(sub)
             r = lq_error_estimate(W, lead, refine, F, start=factors)
             results[lead] = ConfigError(lead, r.error, len(r.trace) - 1, time.perf_counter() - t2)
-            results.update(_priced(W, LowRank(r.L1, r.L2), [c for c in sub if c != lead], F))
-    return [results[c] for c in configs]
+            lead_factors = LowRank(r.L1, r.L2)
+            results.update(_priced(W, lead_factors, [c for c in sub if c != lead], F))
+            sets.append((lead, sub, lead_factors))
+    out = {settings.rank: [results[c] for c in configs]}
+    for rank in lower_ranks:
+        out[rank] = _lower_rank_rows(W, configs, sets, rank, settings, lower_rank_steps, F)
+    return out
+
+
+def _lower_rank_rows(
+    W: torch.Tensor,
+    configs: tuple[QuantConfig, ...],
+    sets: list[tuple[QuantConfig, list[QuantConfig], LowRank]],
+    rank: int,
+    settings: LQSettings,
+    n_steps: int,
+    F: torch.Tensor | None,
+) -> list[ConfigError]:
+    steps = dataclasses.replace(settings, rank=rank, max_iters=max(1, n_steps))
+    priced: dict[QuantConfig, ConfigError] = {}
+    for leader, members, factors in sets:
+        start = LowRank(factors.L1[:, :rank], factors.L2[:rank])
+        if not n_steps:
+            priced.update(_priced(W, start, members, F))
+            continue
+        t0 = time.perf_counter()
+        r = lq_error_estimate(W, leader, steps, F, start=start)
+        priced[leader] = ConfigError(leader, r.error, len(r.trace) - 1, time.perf_counter() - t0)
+        priced.update(_priced(W, LowRank(r.L1, r.L2), [c for c in members if c != leader], F))
+    return [priced[c] for c in configs]
 
 
 def _priced(

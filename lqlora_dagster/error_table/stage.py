@@ -37,18 +37,36 @@ def _missing_requests(
     ctx: StageContext, refs: list[TableRef], targets: list[Target], s: ErrorTableSettings
 ) -> list[RowRequest]:
     """The rows the tables lack for `targets`; tables shared by several methods (same
-    init) are computed once, for the union of their candidate configs."""
+    init) are computed once, for the union of their candidate configs. The lower ranks
+    of a multi-rank fast table ride on the request of its highest rank: if any rank of
+    the family lacks a matrix, the whole family is computed for it (same bits again)."""
     by_key: dict[str, TableRef] = {}
     wanted: dict[str, list[str]] = defaultdict(list)
     for ref in refs:
         by_key.setdefault(ref.table_key, ref)
         wanted[ref.table_key] += [c for c in ref.configs if c not in wanted[ref.table_key]]
+    heads = {(r.method, r.rank): r.table_key for r in refs}
+    family: dict[str, list[TableRef]] = defaultdict(list)  # head key -> its lower-rank refs
+    for ref in by_key.values():
+        if ref.priced_on_rank is not None:
+            family[heads[(ref.method, ref.priced_on_rank)]].append(ref)
+    riders = {r.table_key for lows in family.values() for r in lows}
+    done = {key: _stored_pairs(ctx, key) for key in by_key}
     requests = []
     for key, ref in by_key.items():
-        done = _stored_pairs(ctx, key)
-        fast = fast_path(get_method(ref.method), s)
+        if key in riders:
+            continue
+        fast = fast_path(get_method(ref.method), s) if ref.exact_key is not None else None
+        lows = family.get(key, [])
+        configs = tuple(dict.fromkeys(wanted[key] + [c for low in lows for c in wanted[low.table_key]]))
         for t in targets:
-            missing = tuple(c for c in wanted[key] if (t.name, c) not in done)
+            if lows:
+                if all((t.name, c) in done[k] for k in [key, *(low.table_key for low in lows)] for c in wanted[k]):
+                    continue
+                lower = tuple(RowRequest(low, t, tuple(wanted[low.table_key]), low.table_key, fast) for low in lows)
+                requests.append(RowRequest(ref, t, configs, key, fast, lower))
+                continue
+            missing = tuple(c for c in wanted[key] if (t.name, c) not in done[key])
             if missing:
                 requests.append(RowRequest(ref, t, missing, key, fast))
     return requests
@@ -115,9 +133,8 @@ def compute_table_rows(
     all targets), `workers` at a time (default: the context's); returns the rows
     written. Safe to run concurrently on disjoint matrix sets (the chunk steps)."""
     all_targets = recorded_targets(ctx, model.model)
-    if any(get_method(m).has_lowrank_init for m in s.methods):
-        check_rank_fits(model, all_targets, s.rank)
     refs = table_refs(model, fisher, s)
+    check_rank_fits(model, all_targets, max(r.rank for r in refs))
     targets = [t for t in all_targets if matrices is None or t.name in set(matrices)]
     requests = _missing_requests(ctx, refs, targets, s)
     if not requests:
@@ -136,36 +153,45 @@ def compute_table_rows(
 def load_table(ctx: StageContext, ref: TableRef) -> pd.DataFrame:
     """The rows of one table restricted to its candidate configs (long form)."""
     frame = ctx.warehouse.query(
-        "SELECT matrix, config, numel, storage_bits, error, bits_per_param FROM quant_errors WHERE table_key = ?",
+        "SELECT matrix, config, rank, numel, storage_bits, error, bits_per_param FROM quant_errors WHERE table_key = ?",
         [ref.table_key],
     )
     return frame[frame["config"].isin(ref.configs)].reset_index(drop=True)
 
 
-def exact_rows(ctx: StageContext, model: ModelHandle, ref: TableRef, lq: LQSettings) -> ExactRows:
-    """For plan confirmation: the exact error of (matrix, config) rows of `ref`'s fast
-    table, looked up under its exact key (`ref.exact_key`) or computed and committed
+def exact_rows(ctx: StageContext, model: ModelHandle, refs: list[TableRef], lq: LQSettings) -> ExactRows:
+    """For plan confirmation: the exact error of (matrix, config, rank) rows of a
+    method's tables (`refs`, one per rank), looked up under each table's exact key
+    (`ref.exact_key`, or its own key when its rows are exact) or computed and committed
     there, so later plans and an exhaustive run of the table reuse them."""
-    if ref.exact_key is None:
-        raise ValueError(f"table {ref.table_key} of {ref.method} is exact already; nothing to confirm")
+    by_rank = {r.rank: r for r in refs}
     targets = {t.name: t for t in recorded_targets(ctx, model.model)}
 
+    def home(rank: int) -> str:
+        ref = by_rank[rank]
+        return ref.exact_key or ref.table_key
+
     def lookup(rows: list[Row]) -> dict[Row, float]:
-        names = sorted({m for m, _ in rows})
-        found = ctx.warehouse.query(
-            "SELECT matrix, config, error FROM quant_errors WHERE table_key = ? AND list_contains(?, matrix)",
-            [ref.exact_key, names],
-        )
-        known = dict(zip(zip(found["matrix"], found["config"]), found["error"].astype(float)))
-        return {row: known[row] for row in rows if row in known}
+        out: dict[Row, float] = {}
+        for rank in sorted({r for _, _, r in rows}):
+            names = sorted({m for m, _, r in rows if r == rank})
+            found = ctx.warehouse.query(
+                "SELECT matrix, config, error FROM quant_errors WHERE table_key = ? AND list_contains(?, matrix)",
+                [home(rank), names],
+            )
+            known = dict(zip(zip(found["matrix"], found["config"]), found["error"].astype(float)))
+            out.update({row: known[row[:2]] for row in rows if row[2] == rank and row[:2] in known})
+        return out
 
     def compute(rows: list[Row]) -> dict[Row, float]:
         out = lookup(rows)
-        todo: dict[str, list[str]] = defaultdict(list)
-        for m, c in rows:
-            if (m, c) not in out:
-                todo[m].append(c)
-        requests = [RowRequest(ref, targets[m], tuple(cs), ref.exact_key) for m, cs in sorted(todo.items())]
+        todo: dict[tuple[str, int], list[str]] = defaultdict(list)
+        for m, c, r in rows:
+            if (m, c, r) not in out:
+                todo[(m, r)].append(c)
+        requests = [
+            RowRequest(by_rank[r], targets[m], tuple(cs), home(r)) for (m, r), cs in sorted(todo.items())
+        ]
         if not requests:
             return out
         weight_of, fisher_of = _sources(ctx, model, requests)
@@ -173,13 +199,14 @@ def exact_rows(ctx: StageContext, model: ModelHandle, ref: TableRef, lq: LQSetti
 
         def commit(request: RowRequest, results: list[ConfigError]) -> None:
             commit_to_db(request, results)
-            out.update({(request.target.name, r.config.name): float(r.error) for r in results})
+            out.update({(request.target.name, r.config.name, request.ref.rank): float(r.error) for r in results})
 
         start = time.perf_counter()
+        method = refs[0].method
 
         def progress(i: int, n: int, request: RowRequest) -> None:
             if i % max(1, n // 20) == 0 or i == n:
-                ctx.progress(f"confirm {ref.method}", i, n, "matrices", f"exact rows, {time.perf_counter() - start:.0f}s")
+                ctx.progress(f"confirm {method}", i, n, "matrices", f"exact rows, {time.perf_counter() - start:.0f}s")
 
         compute_rows(requests, lq, weight_of, fisher_of, commit, ctx.matrix_workers, progress)
         return out

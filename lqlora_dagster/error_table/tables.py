@@ -5,12 +5,18 @@ code version). Methods with the same init share one table (qlora and qlora-ilp, 
 and lqlora-uniform). A fast table also names its exact twin (`TableRef.exact_key`):
 the key an exhaustive run of the same table has, where plan confirmation stores the
 exact rows it computes, so both share them.
+
+A method that allocates rank (`ranks` knob) has one table per rank. On the fast path
+its lower nonzero ranks are priced on the highest rank's factors (`priced_on_rank`,
+part of their key); rank 0 rows are quantization errors, exact and cheap.
 """
+
+import dataclasses
 
 import pandas as pd
 
 from lqlora_dagster.decompose.inits import ConfigError
-from lqlora_dagster.error_table.estimates import FastSettings
+from lqlora_dagster.error_table.estimates import LOWER_RANK_STEPS, FastSettings
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.methods import Method, get_method
 from lqlora_dagster.models.targets import Target
@@ -32,26 +38,32 @@ def fast_path(method: Method, s: ErrorTableSettings) -> FastSettings | None:
 
 
 def table_refs(model: ModelHandle, fisher: FisherHandle | None, s: ErrorTableSettings) -> list[TableRef]:
+    """One ref per (method, rank), the ranks of a method in increasing order."""
     refs = []
     for name in s.methods:
         method = get_method(name)
         if method.fisher and fisher is None:
             raise LQLoRAInputError(f"method {name!r} needs Fisher diagonals, but none were computed")
-        rank = s.rank if method.has_lowrank_init else 0
         fisher_key = fisher.key if method.fisher else None
-        recipe = s.lq() if method.has_lowrank_init else None
-        fast = fast_path(method, s)
-        recipe_key = (model.key, method.init.name, method.fisher, rank, recipe, fisher_key)
-        key = stable_key(*recipe_key, fast, TABLE_VERSION)
-        exact_key = stable_key(*recipe_key, None, TABLE_VERSION) if fast is not None else None
         configs = [c.name for c in method.candidate_configs(s.configs)]
-        refs.append(TableRef(name, key, rank, fisher_key, configs, len(configs) * model.n_targets, exact_key))
+        ranks = s.ranks_for(method)
+        for rank in ranks:
+            lowrank = method.has_lowrank_init and rank > 0
+            recipe = dataclasses.replace(s.lq(), rank=rank) if lowrank else None
+            fast = fast_path(method, s) if lowrank else None
+            priced_on = max(ranks) if fast is not None and rank < max(ranks) else None
+            recipe_key = (model.key, method.init.name, method.fisher, rank, recipe, fisher_key)
+            derived = () if priced_on is None else (("priced on rank", priced_on, LOWER_RANK_STEPS),)
+            key = stable_key(*recipe_key, fast, *derived, TABLE_VERSION)
+            exact_key = stable_key(*recipe_key, None, TABLE_VERSION) if fast is not None else None
+            refs.append(TableRef(name, key, rank, fisher_key, configs, len(configs) * model.n_targets, exact_key,
+                                 priced_on))
     return refs
 
 
 def check_rank_fits(model: ModelHandle, targets: list[Target], rank: int) -> None:
     """The low-rank part must be thinner than every target matrix."""
-    if not targets:
+    if not targets or rank == 0:
         return
     thinnest = min(targets, key=lambda t: min(t.rows, t.cols))
     limit = min(thinnest.rows, thinnest.cols)

@@ -47,3 +47,37 @@ def read_target_weights(folder: Path, targets: list[Target]) -> dict[str, torch.
         for h in handles.values():
             h.__exit__(None, None, None)
     return out
+
+
+def nontarget_bytes(folder: Path, targets: list[Target]) -> int:
+    """Bytes of every stored tensor that is not a target's weight (embeddings, norms,
+    heads, the targets' biases) at the precision the checkpoint stores it; read from
+    the safetensors headers, nothing is loaded. A tensor stored once counts once (tied
+    embeddings). A checkpoint whose names do not match module names is counted from
+    the model, at its parameters' precision."""
+    folder = Path(folder)
+    files = key_to_file(folder)
+    weights = {f"{t.name}.weight" for t in targets}
+    if not weights <= set(files):
+        from lqlora_dagster.models.loading import load_model
+        from lqlora_dagster.models.source import task_of_folder
+
+        model = load_model(folder, task_of_folder(folder))
+        seen = {p.data_ptr() for n, p in model.named_parameters() if n in weights}
+        tensors = {p.data_ptr(): p for p in model.state_dict().values() if p.data_ptr() not in seen}
+        return sum(p.numel() * p.element_size() for p in tensors.values())
+    total = 0
+    for path in sorted(set(files.values())):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                if key not in weights:
+                    piece = f.get_slice(key)
+                    numel = 1
+                    for n in piece.get_shape():
+                        numel *= n
+                    total += numel * _DTYPE_BYTES[piece.get_dtype()]
+    return total
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}

@@ -22,7 +22,7 @@ from lqlora_dagster.pipeline.handles import (
     ModelHandle,
     PlanHandle,
 )
-from lqlora_dagster.pipeline.planning import plan_configs
+from lqlora_dagster.pipeline.planning import plan_choices
 from lqlora_dagster.store.keys import stable_key
 from lqlora_dagster.surgery.decompose_model import apply_decompositions, decompose_targets
 from lqlora_dagster.surgery.injector import lq_layers
@@ -85,7 +85,9 @@ def _base_and_reader(ctx: StageContext, model: ModelHandle):
 
 def _decompose(ctx, model, plan, method, settings, fisher_tensors, key):
     base, targets, read = _base_and_reader(ctx, model)
-    configs = plan_configs(ctx, plan.plan_id)
+    choices = plan_choices(ctx, plan.plan_id, settings.rank)
+    configs = {name: config for name, (config, _) in choices.items()}
+    ranks = {name: rank for name, (_, rank) in choices.items()}
     start = time.perf_counter()
     every = max(1, len(targets) // 10)
     seconds: dict[str, float] = {}
@@ -101,7 +103,7 @@ def _decompose(ctx, model, plan, method, settings, fisher_tensors, key):
         results[t.name] = (d.error, len(d.trace))
 
     decompose_targets(base, targets, configs, method, settings, fisher_tensors, progress, ctx.matrix_workers,
-                      weight_of=read, on_result=install)
+                      weight_of=read, on_result=install, ranks=ranks)
     tokenizer = load_tokenizer(model.folder)
     art = ctx.store.save_folder(
         ASSET, model.model, key, lambda d: save_lq_model(base.cpu(), d, tokenizer, model.task)
@@ -114,7 +116,7 @@ def _decompose(ctx, model, plan, method, settings, fisher_tensors, key):
                 "model": model.model,
                 "matrix": t.name,
                 "config": configs[t.name].name,
-                "rank": settings.rank,
+                "rank": ranks[t.name],
                 "error": results[t.name][0],
                 "iters": results[t.name][1],
                 "seconds": seconds[t.name],

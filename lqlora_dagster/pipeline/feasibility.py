@@ -1,15 +1,22 @@
-"""Budgets no plan can meet, refused before any work: the cheapest plan of a method
-follows from the target shapes and its candidate configs alone (every matrix at its
-cheapest config for the ILP, the cheapest single config for a uniform method)."""
+"""Budgets and ranks no plan can meet, refused before any work.
 
+The cheapest plan of a method follows from the target shapes and its candidates alone
+(every matrix at its cheapest config and rank for the ILP, the cheapest single
+(config, rank) for a uniform method); a total size must also leave room above the
+tensors that are not targets, which the checkpoint's headers tell without loading.
+"""
+
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lqlora_dagster.allocate.budget import Budget, capacity, factor_bits
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.methods import get_method
 from lqlora_dagster.models.source import resolve_model_folder
-from lqlora_dagster.models.targets import find_targets
+from lqlora_dagster.models.targets import Target, find_targets
+from lqlora_dagster.models.weights import nontarget_bytes
 from lqlora_dagster.pipeline.registry import lookup_model
 from lqlora_dagster.pipeline.settings import PipelineSettings
 from lqlora_dagster.quant.config import storage_bits
@@ -17,37 +24,84 @@ from lqlora_dagster.store.warehouse import Warehouse
 from lqlora_dagster.tasks import get_task
 
 
-def target_sizes(warehouse: Warehouse, model: str, cache: Path) -> list[int]:
-    """Weights per target matrix: as `base_model` recorded them, or else from the model's
-    module tree built on the meta device (no weight is read or allocated)."""
-    rows = warehouse.query("SELECT numel FROM matrices WHERE model = ?", [model])
-    if not rows.empty:
-        return [int(n) for n in rows["numel"]]
+@dataclass(frozen=True)
+class ModelShape:
+    """What the checks need of a model: its targets' shapes and the bytes of the rest."""
+
+    shapes: list[tuple[int, int]]  # (rows, cols) per target
+    nontarget_bytes: int
+
+    @property
+    def target_numel(self) -> int:
+        return sum(r * c for r, c in self.shapes)
+
+
+def model_shape(warehouse: Warehouse, model: str, cache: Path) -> ModelShape:
+    """Target shapes as `base_model` recorded them, or else from the model's module tree
+    built on the meta device; no weight is read or allocated."""
     from transformers import AutoConfig
 
     record = lookup_model(warehouse, model)
     folder, task = resolve_model_folder(record["source"], cache)
-    with torch.device("meta"):
-        net = get_task(task).from_config(AutoConfig.from_pretrained(folder))
-    return [t.numel for t in find_targets(net, record["pattern"])]
+    rows = warehouse.query("SELECT name, rows, cols, layer, kind, transposed FROM matrices WHERE model = ?", [model])
+    if not rows.empty:
+        targets = [Target(r.name, int(r.rows), int(r.cols), int(r.layer), r.kind, bool(r.transposed))
+                   for r in rows.itertuples()]
+    else:
+        with torch.device("meta"):
+            net = get_task(task).from_config(AutoConfig.from_pretrained(folder))
+        targets = find_targets(net, record["pattern"])
+    return ModelShape([(t.rows, t.cols) for t in targets], nontarget_bytes(folder, targets))
 
 
-def cheapest_bits(method: str, sizes: list[int], settings: PipelineSettings) -> float:
-    configs = get_method(method).candidate_configs(settings.error_table.configs)
-    total = sum(sizes)
-    if get_method(method).ilp:
-        return sum(min(storage_bits(n, c) for c in configs) for n in sizes) / total
-    return min(sum(storage_bits(n, c) for n in sizes) for c in configs) / total
+def check_ranks(shape: ModelShape, settings: PipelineSettings, model: str) -> None:
+    """Every rank a run decomposes at fits under every target: rank < min(rows, cols)."""
+    ranks = {settings.error_table.rank, *settings.error_table.ranks}
+    thinnest = min(min(r, c) for r, c in shape.shapes)
+    too_big = sorted(r for r in ranks if r >= thinnest)
+    if too_big:
+        raise LQLoRAInputError(
+            f"rank {too_big[-1]} is too large for {model!r}: its thinnest target matrix is {thinnest} wide, so a "
+            f"rank must be below {thinnest}; lower `rank`/`ranks`"
+        )
 
 
-def check_budgets(sizes: list[int], settings: PipelineSettings, model: str) -> None:
+def cheapest(method: str, shape: ModelShape, settings: PipelineSettings, budget: Budget) -> float:
+    """The least storage any plan of `method` takes, in bits per target weight as the
+    budget counts it."""
+    m = get_method(method)
+    configs = m.candidate_configs(settings.error_table.configs)
+    ranks = settings.error_table.ranks_for(m) if m.has_lowrank_init else (settings.error_table.rank,)
+    bits = settings.allocation_plan.factor_bits
+
+    def cost(rows: int, cols: int, config, rank: int) -> float:
+        extra = factor_bits(rank, rows, cols, bits) if budget.counts_factors else 0
+        return storage_bits(rows * cols, config) + extra
+
+    if m.ilp:
+        total = sum(min(cost(r, c, q, k) for q in configs for k in ranks) for r, c in shape.shapes)
+    else:
+        total = min(sum(cost(r, c, q, k) for r, c in shape.shapes) for q in configs for k in ranks)
+    return total / shape.target_numel
+
+
+def check_budgets(shape: ModelShape, settings: PipelineSettings, model: str) -> None:
     """Every (method, budget) of a run meets at least the method's cheapest plan."""
     for method in settings.error_table.methods:
-        floor = cheapest_bits(method, sizes, settings)
-        low = [b for b in settings.allocation_plan.budgets_for(method) if b < floor - 1e-12]
-        if low:
+        for budget in settings.allocation_plan.budgets_for(method):
+            cap = capacity(budget, shape.target_numel, shape.nontarget_bytes)
+            floor = cheapest(method, shape, settings, budget)
+            if cap >= floor - 1e-12:
+                continue
+            if budget.kind == "total":
+                need = shape.nontarget_bytes + floor * shape.target_numel / 8
+                raise LQLoRAInputError(
+                    f"a total size of {budget.value / 1e6:.2f} MB is below the smallest {method} model of {model!r}, "
+                    f"{need / 1e6:.2f} MB: {shape.nontarget_bytes / 1e6:.2f} MB of tensors that are not targets "
+                    f"plus the targets at their cheapest; ask for at least {need / 1e6 + 0.01:.2f}MB"
+                )
             raise LQLoRAInputError(
-                f"budget {min(low):g} bits/param is below the cheapest plan of {method} on {model!r}, "
+                f"budget {budget.describe()} is below the cheapest plan of {method} on {model!r}, "
                 f"{floor:.4f} bits/param ({settings.error_table.grid} grid); raise the budget to at least "
                 f"{int(floor * 1000 + 1) / 1000:.3f}"
             )

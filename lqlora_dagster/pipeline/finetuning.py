@@ -81,12 +81,17 @@ def run_finetuning(
     """One adapter per selected decomposition, then the reference LoRA at the same rank."""
     recipe = dataclasses.asdict(s) | {"methods": None, "budgets": None}
     data_ids = (data.content_id("train"), data.content_id("val"))
+    selected = [ref for ref in decomposed.items if s.selects(ref.method, ref.budget)]
+    for ref in selected:
+        if ref.rank == 0:
+            ctx.log(f"finetune {label(ref)}: its plan gave every matrix rank 0, so it has no factors to train; "
+                    "skipped (its before-finetune evaluation stands)")
     runs = [
         (AdapterRef(ref.plan_id, ref.method, ref.budget, ref.decomp_key, "", rank=ref.rank),
          stable_key(ref.decomp_key, recipe, *data_ids, FINETUNE_VERSION))
-        for ref in decomposed.items if s.selects(ref.method, ref.budget)
+        for ref in selected if ref.rank > 0
     ]
-    ranks = {ref.rank for ref in decomposed.items if s.selects(ref.method, ref.budget)}
+    ranks = {ref.rank for ref in selected if ref.rank > 0}
     if s.reference and ranks:
         rank = max(ranks)
         runs.append((AdapterRef(REFERENCE, REFERENCE, None, model.key, "", rank=rank),
@@ -170,6 +175,8 @@ def load_finetuned(
     tensors = load_file(str(adapter.path / "adapter_model.safetensors"))
     with torch.no_grad():
         for name, layer in factor_layers(net).items():
+            if layer.rank == 0:  # no factors, no adapter (export leaves it out)
+                continue
             layer.L2.copy_(tensors[f"base_model.model.{name}.lora_A.weight"])
             layer.L1.copy_(tensors[f"base_model.model.{name}.lora_B.weight"])
         head = get_task(model.task).head(net)

@@ -52,6 +52,9 @@ class TableRef:
     # for an estimated (fast) table: the key of the exhaustive table whose rows it
     # estimates (where plan confirmation stores the exact rows it computes); else None
     exact_key: str | None = None
+    # a lower rank of a multi-rank fast table: the rank whose factors its rows are
+    # priced on (truncated); None when its rows come from decompositions at its own rank
+    priced_on_rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -66,10 +69,12 @@ class ErrorTableHandle:
 class PlanRef:
     plan_id: str
     method: str
-    budget: float
-    bits_per_param: float
+    budget: float  # in the unit of its kind: bits/param, or bytes for "total"
+    bits_per_param: float  # of the quantized part, achieved
     objective: float
-    table_key: str
+    table_key: str  # the table of its highest rank
+    budget_kind: str = "quantized"
+    ranks: tuple[int, ...] = ()  # the ranks it chose from (empty: the run's one rank)
 
 
 @dataclass(frozen=True)

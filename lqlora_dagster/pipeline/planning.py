@@ -1,4 +1,9 @@
-"""Stage `allocation_plan`: one plan per (method, budget) from the method's error table.
+"""Stage `allocation_plan`: one plan per (method, budget[, rank set]) from the method's tables.
+
+The problem a plan solves has one row per candidate (matrix, config, rank): the union
+of the method's tables, one per rank. A rank is the factors' rank (for a zero-init
+method, the LoRA adapter's), and the budget kind (`allocate/budget.py`) says whether
+the factors and the tensors that are not targets count.
 
 On a fast (estimated) table each plan is confirmed (`allocate/confirm.py`): the rows
 it picks are replaced by their exact values, computed here, until it picks exact rows
@@ -6,13 +11,17 @@ only, so its objective is the error the decomposition stage will realize.
 """
 
 import time
+from dataclasses import dataclass
 
 import pandas as pd
 
+from lqlora_dagster.allocate.budget import Budget, capacity, counted_bits, figures
 from lqlora_dagster.allocate.confirm import Solver, confirm_plan
-from lqlora_dagster.allocate.problem import Allocation
+from lqlora_dagster.allocate.problem import CANDIDATE, Allocation
 from lqlora_dagster.error_table.stage import exact_rows, load_table
 from lqlora_dagster.methods import get_method
+from lqlora_dagster.models.weights import nontarget_bytes
+from lqlora_dagster.pipeline.base_model import recorded_targets
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.handles import ErrorTableHandle, ModelHandle, PlanHandle, PlanRef, TableRef
 from lqlora_dagster.pipeline.settings import PlanSettings
@@ -23,13 +32,39 @@ from lqlora_dagster.store.schemas import PLAN_ASSIGNMENTS, PLANS
 PLAN_VERSION = "2"
 
 
-def confirm_margin(ref: TableRef, s: PlanSettings) -> float | None:
-    """The margin this table's plans are confirmed with; None for exact tables."""
-    return s.margin if ref.exact_key is not None else None
+def confirm_margin(refs: list[TableRef], s: PlanSettings) -> float | None:
+    """The margin these tables' plans are confirmed with; None when all are exact."""
+    return s.margin if any(r.exact_key is not None for r in refs) else None
 
 
-def plan_id(ref: TableRef, budget: float, margin: float | None = None) -> str:
-    return stable_key(ref.table_key, ref.method, sorted(ref.configs), float(budget), margin, PLAN_VERSION)
+def plan_id(refs: list[TableRef], budget: Budget, margin: float | None = None, factor_bits: int = 16) -> str:
+    """The plan's content key. A one-table plan under a quantized-part budget keeps the
+    key it had before budget kinds and rank sets existed, so stored plans stay valid."""
+    top = refs[-1]
+    if len(refs) == 1 and budget.kind == "quantized":
+        return stable_key(top.table_key, top.method, sorted(top.configs), float(budget.value), margin, PLAN_VERSION)
+    return stable_key([r.table_key for r in refs], top.method, sorted(top.configs), budget.kind, float(budget.value),
+                      margin, factor_bits, PLAN_VERSION)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One method's candidates with everything a budget needs to count them."""
+
+    table: pd.DataFrame  # matrix, config, rank, numel, rows, cols, storage_bits (Q only), error, bits_per_param
+    nontarget_bytes: int
+
+    @property
+    def target_numel(self) -> int:
+        return int(self.table.groupby("matrix")["numel"].first().sum())
+
+    def with_ranks(self, ranks: list[int]) -> "Problem":
+        return Problem(self.table[self.table["rank"].isin(ranks)].reset_index(drop=True), self.nontarget_bytes)
+
+    def for_budget(self, budget: Budget, factor_bits: int) -> tuple[pd.DataFrame, float]:
+        """The solver's table (storage as the budget counts it) and its bits/param cap."""
+        counted = self.table.assign(storage_bits=counted_bits(self.table, budget, factor_bits))
+        return counted, capacity(budget, self.target_numel, self.nontarget_bytes)
 
 
 def _existing(ctx: StageContext, pid: str) -> PlanRef | None:
@@ -37,37 +72,40 @@ def _existing(ctx: StageContext, pid: str) -> PlanRef | None:
     if rows.empty:
         return None
     r = rows.iloc[0]
-    return PlanRef(
-        pid,
-        r["method"],
-        float(r["budget"]),
-        float(r["bits_per_param"]),
-        float(r["objective"]),
-        r["table_key"],
-    )
+    ranks = tuple(int(x) for x in str(r["ranks"]).split(",")) if isinstance(r["ranks"], str) and r["ranks"] else ()
+    return PlanRef(pid, r["method"], float(r["budget"]), float(r["bits_per_param"]), float(r["objective"]),
+                   r["table_key"], r["budget_kind"] if isinstance(r["budget_kind"], str) else "quantized", ranks)
 
 
 def _frames(
-    pid: str, model: str, ref: TableRef, table: pd.DataFrame, plan: Allocation
+    pid: str, model: str, method: str, refs: list[TableRef], budget: Budget, problem: Problem, values: pd.DataFrame,
+    plan: Allocation, factor_bits: int,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    chosen = values.set_index(CANDIDATE).loc[plan.rows()].reset_index()
+    picked = problem.table.set_index(CANDIDATE).loc[plan.rows()].reset_index()
+    fig = figures(picked, problem.nontarget_bytes, factor_bits)
     head = pd.DataFrame(
         [
             {
                 "plan_id": pid,
                 "model": model,
-                "method": ref.method,
-                "budget": float(plan.budget),
-                "table_key": ref.table_key,
+                "method": method,
+                "budget": float(budget.value),
+                "table_key": refs[-1].table_key,
                 "objective": plan.objective,
                 "bound": plan.bound,
                 "gap": plan.gap,
                 "status": plan.status,
                 "solve_s": plan.solve_s,
-                "bits_per_param": plan.bits_per_param,
+                "bits_per_param": fig.bits_quantized,
+                "budget_kind": budget.kind,
+                "ranks": ",".join(str(r.rank) for r in refs),
+                "factor_bits": int(factor_bits),
+                "bits_with_lowrank": fig.bits_with_lowrank,
+                "total_bytes": int(fig.total_bytes),
             }
         ]
     )
-    chosen = table.set_index(["matrix", "config"]).loc[list(plan.assignment.items())].reset_index()
     rows = []
     for r in chosen.itertuples():
         c = QuantConfig.parse(r.config)
@@ -81,6 +119,7 @@ def _frames(
                 "b1": c.b1,
                 "block_size": c.B0,
                 "group_size": c.B1,
+                "rank": int(r.rank),
                 "bits_per_param": float(r.bits_per_param),
                 "error": float(r.error),
             }
@@ -88,66 +127,104 @@ def _frames(
     return PLANS.validate(head), PLAN_ASSIGNMENTS.validate(pd.DataFrame(rows))
 
 
+def _problem(ctx: StageContext, model: ModelHandle, tables: ErrorTableHandle, refs: list[TableRef]) -> Problem:
+    """The union of a method's tables; a zero-init method's rank is its LoRA rank."""
+    method = get_method(refs[0].method)
+    shapes = pd.DataFrame(
+        [(t.name, t.rows, t.cols) for t in recorded_targets(ctx, model.model)], columns=["matrix", "rows", "cols"]
+    )
+    parts = [
+        load_table(ctx, ref).assign(rank=ref.rank if method.has_lowrank_init else tables.lq.rank) for ref in refs
+    ]
+    table = pd.concat(parts, ignore_index=True).merge(shapes, on="matrix", how="left")
+    return Problem(table, nontarget_bytes(model.folder, recorded_targets(ctx, model.model)))
+
+
+def rank_sets(refs: list[TableRef], s: PlanSettings) -> list[list[TableRef]]:
+    """The tables each plan chooses from: all of the method's ranks, and with
+    `fixed_rank_plans` each nonzero rank alone as well."""
+    sets = [refs]
+    if s.fixed_rank_plans and len(refs) > 1:
+        sets += [[r] for r in refs if r.rank > 0]
+    return sets
+
+
 def run_planning(
     ctx: StageContext, tables: ErrorTableHandle, s: PlanSettings, model: ModelHandle
 ) -> PlanHandle:
-    refs = []
+    out = []
+    by_method: dict[str, list[TableRef]] = {}
     for ref in tables.tables:
-        solve = get_method(ref.method).allocation.solve
-        margin = confirm_margin(ref, s)
-        table = None
-        for budget in s.budgets_for(ref.method):
-            pid = plan_id(ref, budget, margin)
-            cached = _existing(ctx, pid)
-            if cached is not None:
-                refs.append(cached)
-                continue
-            if table is None:
-                table = load_table(ctx, ref)
-            if margin is None:
-                plan, values = solve(table, budget), table
-            else:
-                plan, values = _confirmed(ctx, model, tables, ref, table, budget, solve, margin)
-            head, assignments = _frames(pid, tables.model, ref, values, plan)
-            ctx.warehouse.replace_rows("plan_assignments", assignments, {"plan_id": pid})
-            ctx.warehouse.upsert("plans", head, ["plan_id"])  # written last: marks the plan complete
-            ctx.log(
-                f"plan {ref.method} @ {budget:g}: {plan.bits_per_param:.4f} bits/param, "
-                f"objective {plan.objective:.4g}, gap {plan.gap:.1e}, {plan.status}"
-            )
-            refs.append(
-                PlanRef(pid, ref.method, float(budget), plan.bits_per_param, plan.objective, ref.table_key)
-            )
-    return PlanHandle(tables.model, refs, tables.lq)
+        by_method.setdefault(ref.method, []).append(ref)
+    for method, method_refs in by_method.items():
+        solve = get_method(method).allocation.solve
+        lowrank = get_method(method).has_lowrank_init
+        problem = None
+        for refs in rank_sets(sorted(method_refs, key=lambda r: r.rank), s):
+            margin = confirm_margin(refs, s)
+            ranks = tuple(r.rank for r in refs) if len(method_refs) > 1 else ()
+            for budget in s.budgets_for(method):
+                pid = plan_id(refs, budget, margin, s.factor_bits)
+                cached = _existing(ctx, pid)
+                if cached is not None:
+                    out.append(cached)
+                    continue
+                if problem is None:
+                    problem = _problem(ctx, model, tables, method_refs)
+                sub = problem.with_ranks([r.rank for r in refs]) if lowrank else problem
+                table, cap = sub.for_budget(budget, s.factor_bits)
+                what = f"{method} @ {budget.describe()}" + (f", ranks {list(ranks)}" if ranks else "")
+                if margin is None:
+                    plan, values = solve(table, cap), table
+                else:
+                    plan, values = _confirmed(ctx, model, tables, refs, table, cap, solve, margin, what)
+                head, assignments = _frames(pid, tables.model, method, refs, budget, sub, values, plan, s.factor_bits)
+                ctx.warehouse.replace_rows("plan_assignments", assignments, {"plan_id": pid})
+                ctx.warehouse.upsert("plans", head, ["plan_id"])  # written last: marks the plan complete
+                h = head.iloc[0]
+                ctx.log(
+                    f"plan {what}: {h.bits_per_param:.4f} bits/param quantized, {h.bits_with_lowrank:.4f} with "
+                    f"the factors, {h.total_bytes / 1e6:.2f} MB in all; objective {plan.objective:.4g}, "
+                    f"gap {plan.gap:.1e}, {plan.status}"
+                )
+                out.append(PlanRef(pid, method, float(budget.value), float(h.bits_per_param), plan.objective,
+                                   refs[-1].table_key, budget.kind, ranks))
+    return PlanHandle(tables.model, out, tables.lq)
 
 
 def _confirmed(
     ctx: StageContext,
     model: ModelHandle,
     tables: ErrorTableHandle,
-    ref: TableRef,
+    refs: list[TableRef],
     table: pd.DataFrame,
-    budget: float,
+    cap: float,
     solve: Solver,
     margin: float,
+    what: str,
 ) -> tuple[Allocation, pd.DataFrame]:
     start = time.perf_counter()
 
     def progress(round_: int, n_new: int, plan: Allocation) -> None:
         ctx.log(
-            f"confirm {ref.method} @ {budget:g}: round {round_}, {n_new} picks not yet exact "
+            f"confirm {what}: round {round_}, {n_new} picks not yet exact "
             f"(optimistic objective {plan.objective:.4g}), {time.perf_counter() - start:.0f}s"
         )
 
-    exact = exact_rows(ctx, model, ref, tables.lq)
-    done = confirm_plan(table, budget, exact, solve, margin, progress)
+    exact = exact_rows(ctx, model, refs, tables.lq)
+    done = confirm_plan(table, cap, exact, solve, margin, progress)
     ctx.log(
-        f"confirm {ref.method} @ {budget:g}: every pick exact after {done.rounds} rounds, "
+        f"confirm {what}: every pick exact after {done.rounds} rounds, "
         f"{len(done.exact)} exact rows, {time.perf_counter() - start:.0f}s"
     )
     return done.plan, done.table
 
 
-def plan_configs(ctx: StageContext, pid: str) -> dict[str, QuantConfig]:
-    rows = ctx.warehouse.query("SELECT matrix, config FROM plan_assignments WHERE plan_id = ?", [pid])
-    return {r.matrix: QuantConfig.parse(r.config) for r in rows.itertuples()}
+def plan_choices(ctx: StageContext, pid: str, default_rank: int) -> dict[str, tuple[QuantConfig, int]]:
+    """{matrix: (config, rank)} of a stored plan (plans stored before ranks were
+    chosen carry none: `default_rank`)."""
+    rows = ctx.warehouse.query("SELECT matrix, config, rank FROM plan_assignments WHERE plan_id = ?", [pid])
+    return {
+        r.matrix: (QuantConfig.parse(r.config), default_rank if pd.isna(r.rank) else int(r.rank))
+        for r in rows.itertuples()
+    }

@@ -12,10 +12,11 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from lqlora_dagster.allocate.budget import Budget, parse_size
 from lqlora_dagster.decompose.lq import LQSettings
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.knobs import check_knobs, from_values, knob, knob_values
-from lqlora_dagster.methods import METHODS
+from lqlora_dagster.methods import METHODS, Method
 from lqlora_dagster.quant.config import CONFIG_GRID, REDUCED_GRID, QuantConfig
 from lqlora_dagster.training.finetune import TrainSettings
 
@@ -77,6 +78,12 @@ class ErrorTableSettings(LQSettings):
         2, "fast path: own alternating steps for configs with coarse block-scale codes (0: none)", ge=0
     )
     refine_max_b0: int = knob(3, "fast path: block-scale codes of at most this many bits count as coarse", ge=0)
+    ranks: tuple[int, ...] = knob(
+        (),
+        "ranks the ILP picks from per matrix, with the bits (0: no low-rank part); empty: the one `rank` "
+        "for every matrix",
+        ge=0,
+    )
     threads_per_chunk: int = knob(
         1, "matrices each of the table's parallel steps computes at a time, one torch thread each (0: one per core)", ge=0
     )
@@ -89,13 +96,39 @@ class ErrorTableSettings(LQSettings):
         """The decomposition's own knobs (what the table rows depend on)."""
         return LQSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LQSettings)})
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(set(self.ranks)) != len(self.ranks):
+            raise LQLoRAInputError(f"ranks lists a rank twice: {list(self.ranks)}")
+
+    def ranks_for(self, method: Method) -> tuple[int, ...]:
+        """The ranks a method's table is computed at: the `ranks` list for a method that
+        allocates rank (low-rank init, ILP), else the one `rank` (0 without a low-rank init)."""
+        if not method.has_lowrank_init:
+            return (0,)
+        return tuple(sorted(self.ranks)) if self.ranks and method.ilp else (self.rank,)
+
 
 @dataclass(frozen=True)
 class PlanSettings:
     cli_prefix: ClassVar[str] = ""
 
     budgets: tuple[float, ...] = knob(
-        (3.25,), "target bits per parameter of the quantized part; one plan per budget", nonempty=True, flags=("--budget",)
+        (3.25,), "target bits per parameter (see budget_kind); one plan per budget", flags=("--budget",)
+    )
+    budget_kind: str = knob(
+        "quantized",
+        "what `budgets` count: quantized (the packed matrices, the paper's) or lowrank (also the factors)",
+        choices=("quantized", "lowrank"),
+    )
+    max_sizes: tuple[str, ...] = knob(
+        (),
+        "total-size budgets for the whole saved model, non-target tensors included (e.g. 80MB); one plan each",
+        flags=("--max-size",),
+    )
+    factor_bits: int = knob(16, "bits per entry of L1, L2 wherever a budget counts them (16: bf16/fp16)", ge=1, le=32)
+    fixed_rank_plans: bool = knob(
+        False, "with several `ranks`: also plan at each nonzero rank alone (the fixed-rank baselines)"
     )
     budgets_by_method: dict[str, tuple[float, ...]] = knob(
         {}, "budgets for particular methods instead of `budgets` (e.g. qlora: [3.15, 4.15] for NF3, NF4)", flags=()
@@ -119,6 +152,10 @@ class PlanSettings:
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not (0 < b < 64) or not math.isfinite(b):
                 raise LQLoRAInputError(f"budget {b!r} is not a sensible number of bits per parameter (0 < b < 64)")
         check_knobs(self)
+        if not self.budgets and not self.max_sizes:
+            raise LQLoRAInputError("give at least one budget (--budget) or total size (--max-size)")
+        for size in self.max_sizes:
+            parse_size(size)
         for method, budgets in self.budgets_by_method.items():
             if method not in METHODS:
                 raise LQLoRAInputError(
@@ -132,8 +169,11 @@ class PlanSettings:
         """The confirmation margin, or None when plans are not confirmed."""
         return self.confirm_margin if self.confirm else None
 
-    def budgets_for(self, method: str) -> tuple[float, ...]:
-        return self.budgets_by_method.get(method, self.budgets)
+    def budgets_for(self, method: str) -> tuple[Budget, ...]:
+        bits = self.budgets_by_method.get(method, self.budgets)
+        return tuple(Budget(self.budget_kind, float(b)) for b in bits) + tuple(
+            Budget("total", float(parse_size(s))) for s in self.max_sizes
+        )
 
 
 @dataclass(frozen=True)

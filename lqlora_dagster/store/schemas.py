@@ -2,6 +2,7 @@
 so a NaN error or a config outside the grid never reaches the ILP or a user's SQL."""
 
 import numpy as np
+import pandas as pd
 import pandera.pandas as pa
 
 from lqlora_dagster.decompose.inits import INITS
@@ -66,8 +67,24 @@ PLANS = pa.DataFrameSchema(
         "status": pa.Column(str),
         "solve_s": pa.Column(float, pa.Check.ge(0)),
         "bits_per_param": pa.Column(float, pa.Check.gt(0)),
+        "budget_kind": pa.Column(str, pa.Check.isin(["quantized", "lowrank", "total"])),
+        "ranks": pa.Column(str),
+        "factor_bits": pa.Column(int, pa.Check.in_range(1, 32)),
+        "bits_with_lowrank": pa.Column(float, pa.Check.gt(0)),
+        "total_bytes": pa.Column(int, pa.Check.gt(0)),
     },
-    checks=pa.Check(lambda df: df["bits_per_param"] <= df["budget"] + 1e-9, error="plan exceeds its budget"),
+    checks=pa.Check(
+        lambda df: pd.Series(
+            [
+                (b if k == "quantized" else lr if k == "lowrank" else t) <= budget * (1 + 1e-9)
+                for b, lr, t, k, budget in zip(
+                    df["bits_per_param"], df["bits_with_lowrank"], df["total_bytes"], df["budget_kind"], df["budget"]
+                )
+            ],
+            index=df.index,
+        ),
+        error="plan exceeds its budget",
+    ),
     strict=True,
 )
 
@@ -76,6 +93,7 @@ PLAN_ASSIGNMENTS = pa.DataFrameSchema(
         "plan_id": pa.Column(str),
         "matrix": pa.Column(str),
         **_config_columns,
+        "rank": pa.Column(int, pa.Check.ge(0)),
         "bits_per_param": pa.Column(float, pa.Check.gt(0)),
         "error": pa.Column(float, _finite_nonneg),
     },

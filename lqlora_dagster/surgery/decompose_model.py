@@ -26,6 +26,7 @@ def decompose_targets(
     workers: int | None = None,
     weight_of: Callable[[Target], torch.Tensor] | None = None,
     on_result: Callable[[Target, Decomposition], None] | None = None,
+    ranks: dict[str, int] | None = None,
 ) -> dict[str, Decomposition]:
     """{target name: Decomposition} for every target, in order; `workers` matrices at a
     time (default: one per core, one on a GPU), each on one torch thread
@@ -34,7 +35,8 @@ def decompose_targets(
 
     `weight_of(target)` supplies each dense weight (default: read from `model`), so a
     caller can read it from disk when its turn comes; with `on_result(target, d)` each
-    result goes there as it finishes and is not kept (the returned dict is empty)."""
+    result goes there as it finishes and is not kept (the returned dict is empty).
+    `ranks` gives a matrix its own rank (default: `settings.rank`; 0: no low-rank part)."""
     unplanned = [t.name for t in targets if t.name not in plan]
     if unplanned:
         raise LQLoRAInputError(
@@ -52,7 +54,8 @@ def decompose_targets(
         start = time.perf_counter()
         W = weight_of(t)
         f = fisher[t.name] if (method.fisher and fisher is not None) else None
-        return method.decompose(W, plan[t.name], settings, f), time.perf_counter() - start
+        rank = settings.rank if ranks is None else ranks.get(t.name, settings.rank)
+        return method.decompose(W, plan[t.name], settings, f, rank), time.perf_counter() - start
 
     out = {}
     for i, (t, (d, seconds)) in enumerate(one_thread_per_matrix(decompose, targets, workers), 1):

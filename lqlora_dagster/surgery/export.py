@@ -3,6 +3,8 @@
 PEFT's LoRA computes base(x) + (alpha / r) * lora_B(lora_A(x)); ours computes
 deq(Q) x + scaling * L1 L2 x. So lora_A = L2, lora_B = L1 and lora_alpha =
 scaling * r: the adapter over the *dequantized* base reproduces our forward.
+Ranks chosen per matrix travel as PEFT's `rank_pattern`/`alpha_pattern`; a rank-0
+layer has no adapter (it is left out of `target_modules`).
 """
 
 import copy
@@ -24,22 +26,22 @@ def export_peft_adapter(
     task: str = "causal-lm",
     head: str | None = None,
 ) -> Path:
-    layers = factor_layers(model)
+    layers = {n: m for n, m in factor_layers(model).items() if m.rank > 0}
     if not layers:
-        raise LQLoRAInputError("the model has no LQLinear or LoRALinear layers to export as a LoRA adapter")
-    ranks = {m.rank for m in layers.values()}
-    scalings = {m.scaling for m in layers.values()}
-    if len(ranks) != 1 or len(scalings) != 1:
-        raise LQLoRAInputError(
-            f"PEFT export needs one rank and scaling for all layers, got {ranks}, {scalings}"
-        )
-    rank, scaling = ranks.pop(), scalings.pop()
+        raise LQLoRAInputError("the model has no LQLinear or LoRALinear layers with factors to export as a LoRA adapter")
+    ranks = [m.rank for m in layers.values()]
+    rank = max(set(ranks), key=ranks.count)  # the most common; the others go in rank_pattern
+    scaling = next(m.scaling for m in layers.values() if m.rank == rank)
+    rank_pattern = {n: m.rank for n, m in layers.items() if m.rank != rank}
+    alpha_pattern = {n: m.scaling * m.rank for n, m in layers.items() if m.scaling * m.rank != scaling * rank}
     transposed = {m.transposed for m in layers.values()}
     config = {
         "peft_type": "LORA",
         "task_type": get_task(task).peft_type,
         "r": rank,
         "lora_alpha": scaling * rank,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "lora_dropout": 0.0,
         "target_modules": sorted(layers),
         "bias": "none",

@@ -170,6 +170,27 @@ def test_a_budget_no_plan_can_meet_is_refused_before_any_work(ran):
     assert len(list((home / "logs").iterdir())) == runs_before  # no run was started
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ranks"], "--ranks needs at least one rank"),
+        (["--ranks", "0", "-4"], "ranks must be an integer >= 0, got -4"),
+        (["--ranks", "8", "8"], "ranks lists a rank twice: [8, 8]"),
+        (["--ranks", "0", "8", "32"], "rank 32 is too large for 'tiny': its thinnest target matrix is 32 wide"),
+        (["--max-size", "12MB"], "12.00 MB is below the smallest lqlora-fisher model of 'tiny', 12.60 MB: 12.58 MB "
+                                 "of tensors that are not targets"),
+        (["--max-size", "12 parsecs"], "cannot read the size '12 parsecs'; write it like 80MB"),
+        (["--budget-kind", "lowrank", "--budget", "2.5"], "budget 2.5 bits/param incl. low-rank is below the cheapest"),
+    ],
+)
+def test_bad_ranks_and_sizes_are_refused_before_any_work(ran, argv, message):
+    home, _ = ran
+    runs_before = len(list((home / "logs").iterdir()))
+    run = lqlora(home, "run", *TINY_RUN, *argv)
+    assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]
+    assert len(list((home / "logs").iterdir())) == runs_before
+
+
 def test_bad_input_exits_2_with_the_fix(ran):
     home, _ = ran
     run = lqlora(home, "run", "--model", "not-registered")

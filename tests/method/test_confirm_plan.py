@@ -29,24 +29,24 @@ def lookup(exact: dict, asked: list):
 @pytest.mark.parametrize("budget", [2.6, 3.2])
 def test_lower_bound_estimates_give_the_exhaustive_plan(seed, budget):
     exact_table = random_table(seed, n_matrices=8, n_configs=6)
-    exact = dict(zip(zip(exact_table["matrix"], exact_table["config"]), exact_table["error"]))
+    exact = dict(zip(zip(exact_table["matrix"], exact_table["config"], [0] * len(exact_table)), exact_table["error"]))
     # estimates up to 30% too high: lowered by 25% they are lower bounds everywhere
     over = np.random.default_rng(seed + 100).uniform(1.0, 1.3, len(exact_table))
     estimated = exact_table.assign(error=exact_table["error"] * over)
     asked: list = []
     done = confirm_plan(estimated, budget, lookup(exact, asked), solve_ilp, margin=0.25)
     assert done.plan.objective == pytest.approx(solve_ilp(exact_table, budget).objective, rel=1e-9)
-    assert all(row in done.exact for row in done.plan.assignment.items())
+    assert all(row in done.exact for row in done.plan.rows())
     assert len(set(asked)) == len(asked) < len(exact_table)  # nothing asked twice, not everything
 
 
 @pytest.mark.parametrize("solve", [solve_ilp, solve_uniform])
 def test_every_pick_is_exact_even_with_estimates_off_both_ways(solve):
     exact_table = random_table(7, n_matrices=8, n_configs=6)
-    exact = dict(zip(zip(exact_table["matrix"], exact_table["config"]), exact_table["error"]))
+    exact = dict(zip(zip(exact_table["matrix"], exact_table["config"], [0] * len(exact_table)), exact_table["error"]))
     noise = np.random.default_rng(1).uniform(0.7, 1.3, len(exact_table))
     done = confirm_plan(exact_table.assign(error=exact_table["error"] * noise), 3.0, lookup(exact, []), solve, 0.0)
-    picks = list(done.plan.assignment.items())
+    picks = list(done.plan.rows())
     assert done.plan.objective == pytest.approx(sum(exact[p] for p in picks), rel=1e-12)
     assert done.plan.meets_budget and done.rounds >= 1
 
@@ -70,7 +70,7 @@ def test_on_real_decompositions_the_plan_is_the_exhaustive_one(gaussian):
 
     exhaustive = table(lambda W: [lq_error_estimate(W, c, settings).error for c in configs])
     fast = table(lambda W: [r.error for r in estimated_errors(W, configs, settings)])
-    exact = dict(zip(zip(exhaustive["matrix"], exhaustive["config"]), exhaustive["error"]))
+    exact = dict(zip(zip(exhaustive["matrix"], exhaustive["config"], [0] * len(exhaustive)), exhaustive["error"]))
     asked: list = []
     done = confirm_plan(fast, 3.3, lookup(exact, asked), solve_ilp, margin=0.1)
     best = solve_ilp(exhaustive, 3.3).objective
