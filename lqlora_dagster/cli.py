@@ -113,7 +113,7 @@ def cmd_run(args: argparse.Namespace, home: Path) -> int:
 def cmd_compare(args: argparse.Namespace, home: Path) -> int:
     """The comparison job: every method at the paper's budgets, then the report."""
     from assets.runs import stored_handle
-    from lqlora_dagster.comparison import COMPARISONS
+    from lqlora_dagster.comparison import COMPARISONS, RANK_COMPARISON
     from lqlora_dagster.definitions import COMPARISON_JOB, MAIN_ASSETS
     from lqlora_dagster.pipeline.datasets import check_data
     from lqlora_dagster.store.artifacts import ArtifactStore
@@ -121,7 +121,10 @@ def cmd_compare(args: argparse.Namespace, home: Path) -> int:
     warehouse = _warehouse(home)
     _ensure_model(warehouse, args.model)
     kind = lookup_model(warehouse, args.model)["task"]
-    comparison = COMPARISONS[kind].with_stages(**stage_overrides(args))
+    if args.view == "ranks" and kind != "causal-lm":
+        raise LQLoRAInputError("--view ranks compares language models; this model is a classifier")
+    chosen = RANK_COMPARISON if args.view == "ranks" else COMPARISONS[kind]
+    comparison = chosen.with_stages(**stage_overrides(args))
     check_data(warehouse, comparison.stages.task_data, args.model, kind)
     if not _run(args, home, comparison.run_config(), COMPARISON_JOB, MAIN_ASSETS + ["comparison_report"]):
         return 1
@@ -292,6 +295,11 @@ def parser() -> argparse.ArgumentParser:
         "what all methods share",
     )
     _run_flags(c)
+    c.add_argument(
+        "--view", choices=["methods", "ranks"], default="methods",
+        help="methods: every method at the paper's budgets; ranks: rank chosen per matrix vs fixed ranks 8/16/64 and "
+        "QLoRA/LoftQ + LoRA-16, at budgets that count the factors (3.5, 4.0, 4.5 bits/param)",
+    )
     add_knob_flags(
         c,
         ["task_data", "calibration_batches", "error_table", "finetuned_adapters", "evaluation"],

@@ -3,8 +3,9 @@
 Users pick a method by its numbers, so the table puts every method and budget on one
 line with both bit counts (the quantized part alone, and with the 16-bit low-rank
 factors) next to perplexity (a classifier: accuracy) before and after finetuning; the
-Pareto plot shows that metric against total memory; the heatmap shows where one ILP
-plan spent its bits.
+Pareto plot shows that metric against total memory; the heatmaps show where one ILP
+plan spent its bits (and, when it chose ranks, which rank each matrix got). A plan
+that chose ranks is labelled by how (`rank_variants`) wherever one run holds several.
 """
 
 from pathlib import Path
@@ -18,11 +19,29 @@ from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.methods import METHODS, method_label
 
 
+def rank_variants(evals: pd.DataFrame) -> pd.Series:
+    """How a row's plan chose ranks, where a run has several kinds for one method:
+    'ranks 0,8,16 allocated' or 'rank 16'; '' otherwise (one rank for all, as usual)."""
+    if "plan_ranks" not in evals.columns:
+        return pd.Series("", index=evals.index)
+    ranks = evals["plan_ranks"].fillna("").astype(str)
+    kinds = ranks.groupby(evals["method"]).transform("nunique")
+    return pd.Series(
+        [
+            "" if not r or (n < 2 and "," not in r) else f"ranks {r} allocated" if "," in r else f"rank {r}"
+            for r, n in zip(ranks, kinds)
+        ],
+        index=evals.index,
+    )
+
+
 def comparison_frame(evals: pd.DataFrame) -> pd.DataFrame:
-    """One row per (method, budget): the metric before/after finetuning and the bits.
+    """One row per (method, rank variant, budget): the metric before/after finetuning
+    and the bits.
 
     `evals` has the columns of DuckDB `evaluations` (method, budget, stage, metric,
-    value, bits_per_param, bits_incl_lowrank); `frame.attrs["metric"]` names the metric."""
+    value, bits_per_param, bits_incl_lowrank) and optionally the plan's `plan_ranks`
+    and `total_bytes`; `frame.attrs["metric"]` names the metric."""
     if evals.empty:
         raise LQLoRAInputError("no evaluations to report; materialize `evaluation` first")
     metrics = set(evals["metric"])
@@ -31,17 +50,22 @@ def comparison_frame(evals: pd.DataFrame) -> pd.DataFrame:
     ref = evals[evals["stage"] == "reference"]
     ref_tuned = evals[(evals["method"] == "reference") & (evals["stage"] == "after_finetune")]
     rest = evals[(evals["stage"] != "reference") & (evals["method"] != "reference")]
-    wide = rest.pivot_table(
-        index=["method", "budget"], columns="stage", values="value", aggfunc="last"
-    ).reindex(columns=["before_finetune", "after_finetune"])
-    bits = rest.groupby(["method", "budget"])[["bits_per_param", "bits_incl_lowrank"]].last()
+    rest = rest.assign(variant=rank_variants(rest))
+    if "total_bytes" not in rest.columns:
+        rest = rest.assign(total_bytes=np.nan)
+    keys = ["method", "variant", "budget"]
+    wide = rest.pivot_table(index=keys, columns="stage", values="value", aggfunc="last").reindex(
+        columns=["before_finetune", "after_finetune"]
+    )
+    bits = rest.groupby(keys)[["bits_per_param", "bits_incl_lowrank", "total_bytes"]].last()
     frame = wide.join(bits).reset_index()
     frame["label"] = [
-        method_label(m, q) for m, q in zip(frame["method"], frame["bits_per_param"])
+        method_label(m, q) + (f", {v}" if v else "")
+        for m, q, v in zip(frame["method"], frame["bits_per_param"], frame["variant"])
     ]
     order = {m: i for i, m in enumerate(METHODS)}
     frame["_order"] = frame["method"].map(order).fillna(len(order))
-    frame = frame.sort_values(["budget", "_order"]).drop(columns="_order").reset_index(drop=True)
+    frame = frame.sort_values(["budget", "_order", "variant"]).drop(columns="_order").reset_index(drop=True)
     if not ref.empty or not ref_tuned.empty:
         top = pd.DataFrame(
             [
@@ -53,6 +77,8 @@ def comparison_frame(evals: pd.DataFrame) -> pd.DataFrame:
                     "after_finetune": float(ref_tuned["value"].iloc[-1]) if not ref_tuned.empty else np.nan,
                     "bits_per_param": 32.0,
                     "bits_incl_lowrank": 32.0,
+                    "total_bytes": np.nan,
+                    "variant": "",
                     "label": method_label("reference"),
                 }
             ]
@@ -67,15 +93,18 @@ def markdown_table(frame: pd.DataFrame) -> str:
         return "" if pd.isna(v) else format(v, fmt)
 
     metric = frame.attrs.get("metric", "perplexity")
+    sizes = "total_bytes" in frame.columns and frame["total_bytes"].notna().any()
     lines = [
-        f"| method | budget | bits/param (Q) | bits/param incl. low rank | {metric} before finetune | after finetune |",
-        "|---|---|---|---|---|---|",
+        f"| method | budget | bits/param (Q) | bits/param incl. low rank |{' MB in all |' if sizes else ''} "
+        f"{metric} before finetune | after finetune |",
+        "|---|---|---|---|" + ("---|" if sizes else "") + "---|---|",
     ]
     fmt = ".2f" if metric == "perplexity" else ".3f"
     for r in frame.itertuples():
+        size = f" {num(r.total_bytes / 1e6, '.2f')} |" if sizes else ""
         lines.append(
             f"| {r.label} | {num(r.budget, 'g')} | {num(r.bits_per_param, '.3f')} | "
-            f"{num(r.bits_incl_lowrank, '.3f')} | {num(r.before_finetune, fmt)} | {num(r.after_finetune, fmt)} |"
+            f"{num(r.bits_incl_lowrank, '.3f')} |{size} {num(r.before_finetune, fmt)} | {num(r.after_finetune, fmt)} |"
         )
     return "\n".join(lines)
 
@@ -94,10 +123,11 @@ def pareto_figure(frame: pd.DataFrame, title: str = "") -> Figure:
     fig = Figure(figsize=(7.5, 4.8), dpi=110)
     ax = fig.subplots()
     colors = rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (method, g) in enumerate(rows.groupby("method", sort=False)):
+    variant = rows["variant"] if "variant" in rows.columns else pd.Series("", index=rows.index)
+    for i, ((method, kind), g) in enumerate(rows.groupby([rows["method"], variant], sort=False)):
         g = g.sort_values("bits_incl_lowrank")
         c = colors[i % len(colors)]
-        label = method_label(method)
+        label = method_label(method) + (f", {kind}" if kind else "")
         ax.plot(
             g["bits_incl_lowrank"], g["before_finetune"], "o--", color=c, mfc="none", label=f"{label}, before"
         )
@@ -133,18 +163,18 @@ def matrix_role(name: str) -> str:
     return ".".join(parts[index + 1 :]) if index is not None else name
 
 
-def allocation_grid(assignments: pd.DataFrame) -> pd.DataFrame:
-    """bits/param per (layer, matrix) of one plan, from rows (layer, matrix, position,
-    bits_per_param); columns in the model's order of modules."""
+def allocation_grid(assignments: pd.DataFrame, value: str = "bits_per_param") -> pd.DataFrame:
+    """`value` (bits/param, or rank) per (layer, matrix) of one plan, from rows (layer,
+    matrix, position, value); columns in the model's order of modules."""
     if assignments.empty:
         raise LQLoRAInputError("the plan has no assignments to draw")
     rows = assignments.assign(role=assignments["matrix"].map(matrix_role))
-    grid = rows.pivot_table(index="layer", columns="role", values="bits_per_param", aggfunc="mean")
+    grid = rows.pivot_table(index="layer", columns="role", values=value, aggfunc="mean")
     order = rows.groupby("role")["position"].min().sort_values().index
     return grid[list(order)].sort_index()
 
 
-def heatmap_figure(grid: pd.DataFrame, title: str = "") -> Figure:
+def heatmap_figure(grid: pd.DataFrame, title: str = "", label: str = "bits per parameter") -> Figure:
     fig = Figure(figsize=(6.5, max(3.0, 0.22 * len(grid) + 1.5)), dpi=110)
     ax = fig.subplots()
     image = ax.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
@@ -153,6 +183,6 @@ def heatmap_figure(grid: pd.DataFrame, title: str = "") -> Figure:
     ax.set_xlabel("matrix type")
     ax.set_ylabel("layer")
     ax.set_title(title or "bits/param per matrix")
-    fig.colorbar(image, ax=ax, label="bits per parameter")
+    fig.colorbar(image, ax=ax, label=label)
     fig.tight_layout()
     return fig

@@ -112,10 +112,14 @@ def run_evaluation(
 
 
 def evaluation_table(ctx: StageContext, keys: list[str]) -> pd.DataFrame:
+    """The evaluation rows with their plan's rank set and total size (NULL for the
+    reference, and for plans stored before those existed)."""
     frame = ctx.warehouse.query(
-        "SELECT method, budget, stage, metric, value, perplexity, macro_f1, bits_per_param, bits_incl_lowrank "
-        "FROM evaluations "
-        "WHERE eval_key IN (SELECT unnest(?::VARCHAR[])) ORDER BY stage <> 'reference', method, budget, stage DESC",
+        "SELECT e.method, e.budget, e.stage, e.metric, e.value, e.perplexity, e.macro_f1, e.bits_per_param, "
+        "e.bits_incl_lowrank, p.ranks AS plan_ranks, p.total_bytes "
+        "FROM evaluations e LEFT JOIN plans p ON p.plan_id = e.plan_id "
+        "WHERE e.eval_key IN (SELECT unnest(?::VARCHAR[])) "
+        "ORDER BY e.stage <> 'reference', e.method, e.budget, e.stage DESC",
         [keys],
     )
     return frame

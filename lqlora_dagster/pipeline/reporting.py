@@ -19,22 +19,23 @@ from lqlora_dagster.report import (
 )
 from lqlora_dagster.store.keys import stable_key
 
-REPORT_VERSION = "2"
+REPORT_VERSION = "3"
 HEATMAP_PLAN = ("lqlora-fisher", 3.0)  # the plan whose bits per matrix the heatmap shows
 ASSET = "comparison_report"
-TABLE, PARETO, HEATMAP = "comparison.md", "pareto.png", "allocation.png"
+TABLE, PARETO, HEATMAP, RANKS = "comparison.md", "pareto.png", "allocation.png", "allocation_rank.png"
 
 
 def heatmap_plan(plans: PlanHandle, wanted: tuple[str, float] = HEATMAP_PLAN) -> PlanRef | None:
-    """The wanted (method, budget) plan if the run made it, else its first ILP plan."""
-    ilp = [p for p in plans.plans if get_method(p.method).ilp]
+    """The wanted (method, budget) plan if the run made it, else its first ILP plan;
+    among those, one that chose ranks first."""
+    ilp = sorted((p for p in plans.plans if get_method(p.method).ilp), key=lambda p: len(p.ranks) < 2)
     exact = [p for p in ilp if p.method == wanted[0] and abs(p.budget - wanted[1]) < 1e-9]
     return (exact or ilp or [None])[0]
 
 
 def plan_allocation(ctx: StageContext, model: str, plan_id: str) -> pd.DataFrame:
     return ctx.warehouse.query(
-        "SELECT m.layer, a.matrix, m.position, a.bits_per_param FROM plan_assignments a "
+        "SELECT m.layer, a.matrix, m.position, a.bits_per_param, a.rank FROM plan_assignments a "
         "JOIN matrices m ON m.model = ? AND m.name = a.matrix WHERE a.plan_id = ?",
         [model, plan_id],
     )
@@ -43,7 +44,7 @@ def plan_allocation(ctx: StageContext, model: str, plan_id: str) -> pd.DataFrame
 def run_report(ctx: StageContext, evaluation: EvaluationHandle, plans: PlanHandle) -> ReportHandle:
     plan = heatmap_plan(plans)
     key = stable_key(sorted(evaluation.eval_keys), plan.plan_id if plan else None, REPORT_VERSION)
-    files = [TABLE, PARETO] + ([HEATMAP] if plan else [])
+    files = [TABLE, PARETO] + ([HEATMAP] if plan else []) + ([RANKS] if plan and len(plan.ranks) > 1 else [])
     if ctx.store.find(ASSET, evaluation.model, key) is not None:
         ctx.log("comparison report: cached")
         return ReportHandle(evaluation.model, key, files, plan.plan_id if plan else None)
@@ -54,9 +55,13 @@ def run_report(ctx: StageContext, evaluation: EvaluationHandle, plans: PlanHandl
         metric = frame.attrs["metric"]
         save_png(pareto_figure(frame, f"{evaluation.model}: {metric} vs memory"), folder / PARETO)
         if plan is not None:
-            grid = allocation_grid(plan_allocation(ctx, evaluation.model, plan.plan_id))
-            title = f"{plan.method} @ {plan.budget:g} bits: bits/param per matrix"
-            save_png(heatmap_figure(grid, title), folder / HEATMAP)
+            rows = plan_allocation(ctx, evaluation.model, plan.plan_id)
+            size = f"{plan.budget / 1e6:g} MB" if plan.budget_kind == "total" else f"{plan.budget:g} bits"
+            what = f"{plan.method} @ {size}"
+            save_png(heatmap_figure(allocation_grid(rows), f"{what}: bits/param per matrix"), folder / HEATMAP)
+            if RANKS in files:
+                grid = allocation_grid(rows.fillna({"rank": 0}), "rank")
+                save_png(heatmap_figure(grid, f"{what}: rank per matrix", "rank of L1 L2"), folder / RANKS)
 
     ctx.store.save_folder(ASSET, evaluation.model, key, write)
     ctx.log(f"comparison report: {len(frame)} rows, {len(files)} files")

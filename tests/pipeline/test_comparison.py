@@ -13,7 +13,13 @@ from assets.runs import stored_handle
 from lqlora_dagster.comparison import LM_COMPARISON
 from lqlora_dagster.definitions import COMPARISON_JOB, build_definitions, comparison_run_config
 from lqlora_dagster.errors import LQLoRAInputError
-from lqlora_dagster.report import allocation_grid, comparison_frame, heatmap_figure, pareto_figure
+from lqlora_dagster.report import (
+    allocation_grid,
+    comparison_frame,
+    heatmap_figure,
+    markdown_table,
+    pareto_figure,
+)
 from tests.conftest import registered_home
 
 MODEL = "tiny-llama"
@@ -144,3 +150,30 @@ def test_empty_inputs_say_what_to_do():
         comparison_frame(ROWS.iloc[0:0])
     with pytest.raises(LQLoRAInputError, match="no assignments"):
         allocation_grid(pd.DataFrame(columns=["layer", "matrix", "position", "bits_per_param"]))
+
+
+def test_rank_variants_keep_plans_of_one_method_apart():
+    """A run with a rank-allocated plan and fixed-rank plans of the same method at the
+    same budget: one row and one line each, labelled by how the plan chose ranks, and
+    the whole model's size in the table."""
+    rows = pd.DataFrame(
+        [
+            ("lqlora-fisher", 4.0, "before_finetune", 30.0, 3.1, 4.0, "0,8,16", 9.0e7),
+            ("lqlora-fisher", 4.0, "before_finetune", 33.0, 3.2, 3.9, "8", 8.9e7),
+            ("lqlora-fisher", 4.0, "before_finetune", 35.0, 2.4, 3.9, "16", 8.9e7),
+            ("lqlora-fisher", 4.0, "after_finetune", 25.0, 3.1, 4.0, "0,8,16", 9.0e7),
+        ],
+        columns=["method", "budget", "stage", "value", "bits_per_param", "bits_incl_lowrank", "plan_ranks",
+                 "total_bytes"],
+    ).assign(metric="perplexity")
+    frame = comparison_frame(rows).set_index("label")
+    allocated = "LQ-LoRA (ILP + Fisher), ranks 0,8,16 allocated"
+    assert frame.loc[allocated, "before_finetune"] == 30.0 and frame.loc[allocated, "after_finetune"] == 25.0
+    assert frame.loc["LQ-LoRA (ILP + Fisher), rank 16", "before_finetune"] == 35.0
+    table = markdown_table(comparison_frame(rows))
+    assert "MB in all" in table and "| 90.00 |" in table
+    lines = {line.get_label() for line in pareto_figure(comparison_frame(rows)).axes[0].get_lines()}
+    assert f"{allocated}, before" in lines and "LQ-LoRA (ILP + Fisher), rank 8, before" in lines
+    # one rank for all, as a run without --ranks makes: no label change
+    single = rows[rows["plan_ranks"] == "16"].assign(plan_ranks="16")
+    assert list(comparison_frame(single)["label"]) == ["LQ-LoRA (ILP + Fisher)"]
