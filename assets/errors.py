@@ -74,8 +74,8 @@ def error_table_summary(
         metadata={
             "rows": sum(t.n_rows for t in handle.tables),
             "new_rows": sum(c["written"] for c in chunks),
-            "tables": dg.MetadataValue.json({t.method: t.table_key for t in handle.tables}),
-            "rank": handle.lq.rank,
+            "tables": dg.MetadataValue.json({f"{t.method} rank {t.rank}": t.table_key for t in handle.tables}),
+            "ranks": dg.MetadataValue.json(sorted({t.rank for t in handle.tables})),
             "summary": summary(
                 [f"{sum(t.n_rows for t in handle.tables):,} rows for {len(handle.tables)} method(s), "
                  f"{sum(c['written'] for c in chunks):,} computed now"]

@@ -38,9 +38,10 @@ def allocation_plan(
         data_version=dg.DataVersion("-".join(p.plan_id for p in handle.plans)),
         metadata={
             "plans": dg.MetadataValue.md(
-                "| method | budget | bits/param | objective |\n|---|---|---|---|\n"
+                "| method | budget | kind | ranks | bits/param (Q) | objective |\n|---|---|---|---|---|---|\n"
                 + "\n".join(
-                    f"| {p.method} | {p.budget:g} | {p.bits_per_param:.4f} | {p.objective:.4g} |"
+                    f"| {p.method} | {p.budget:g} | {p.budget_kind} | {','.join(map(str, p.ranks))} | "
+                    f"{p.bits_per_param:.4f} | {p.objective:.4g} |"
                     for p in handle.plans
                 )
             ),
@@ -52,7 +53,9 @@ def allocation_plan(
 
 
 @dg.asset_check(
-    asset=allocation_plan, description="Each plan meets its budget and assigns every matrix exactly once."
+    asset=allocation_plan,
+    description="Each plan meets its budget, recounted from its assignments in the budget's kind, and assigns "
+    "every matrix exactly once.",
 )
 def plans_meet_budget(allocation_plan: PlanHandle, warehouse: WarehouseResource) -> dg.AssetCheckResult:
     w = warehouse.warehouse()
@@ -62,13 +65,21 @@ def plans_meet_budget(allocation_plan: PlanHandle, warehouse: WarehouseResource)
     )
     for p in allocation_plan.plans:
         r = w.query(
-            "SELECT count(*) AS n, count(DISTINCT matrix) AS d, "
-            "sum(a.bits_per_param * m.numel) / sum(m.numel) AS bits "
-            "FROM plan_assignments a JOIN matrices m ON m.name = a.matrix AND m.model = ? WHERE plan_id = ?",
+            "SELECT count(*) AS n, count(DISTINCT a.matrix) AS d, "
+            "sum(a.bits_per_param * m.numel) / sum(m.numel) AS bits, "
+            "sum(coalesce(a.rank, 0) * (m.rows + m.cols) * coalesce(p.factor_bits, 16)) "
+            "  / sum(m.numel) AS factor_bits, any_value(p.total_bytes) AS total_bytes "
+            "FROM plan_assignments a JOIN matrices m ON m.name = a.matrix AND m.model = ? "
+            "JOIN plans p ON p.plan_id = a.plan_id WHERE a.plan_id = ?",
             [allocation_plan.model, p.plan_id],
         ).iloc[0]
         if not (int(r["n"]) == int(r["d"]) == n_matrices):
             problems.append(f"{p.method}@{p.budget:g}: {int(r['n'])} assignments for {n_matrices} matrices")
-        if float(r["bits"]) > p.budget + 1e-9:
-            problems.append(f"{p.method}@{p.budget:g}: {float(r['bits']):.4f} bits/param over budget")
+        spent = {
+            "quantized": float(r["bits"]),
+            "lowrank": float(r["bits"]) + float(r["factor_bits"]),
+            "total": float(r["total_bytes"] or 0),
+        }[p.budget_kind]
+        if spent > p.budget * (1 + 1e-9):
+            problems.append(f"{p.method}@{p.budget:g} ({p.budget_kind}): {spent:.4f} over budget")
     return dg.AssetCheckResult(passed=not problems, metadata={"problems": dg.MetadataValue.json(problems)})

@@ -16,6 +16,7 @@ so this says how many rows confirmation will have to compute, not what plans cos
 """
 
 import argparse
+import random
 import statistics
 import time
 
@@ -30,7 +31,12 @@ except ImportError:  # run as a module from the repo root
 
 from lqlora_dagster.decompose.inits import INITS, quantization_rows
 from lqlora_dagster.decompose.lq import LQSettings
-from lqlora_dagster.error_table.estimates import FastSettings, estimated_errors, estimated_errors_by_rank
+from lqlora_dagster.error_table.estimates import (
+    LOWER_RANK_STEPS,
+    FastSettings,
+    estimated_errors,
+    estimated_errors_by_rank,
+)
 from lqlora_dagster.quant.config import CONFIG_GRID
 
 N_LAYERS = 30
@@ -49,18 +55,22 @@ def main() -> None:
     p.add_argument("--ranks", type=int, nargs="+", default=[0, 8, 16, 32, 64])
     p.add_argument("--accuracy-layer", type=int, default=15)
     p.add_argument("--accuracy-configs", type=int, default=4, help="configs per matrix compared with exact rows")
+    p.add_argument("--lower-rank-steps", type=int, default=LOWER_RANK_STEPS,
+                   help="alternating steps at each lower rank (the product's default: LOWER_RANK_STEPS)")
     args = p.parse_args()
     torch.set_num_threads(1)
     print(stamp())
     top, lower = max(args.ranks), tuple(r for r in args.ranks if 0 < r < max(args.ranks))
     fast = FastSettings()
     mats = layer_matrices(args.layers)
-    print(f"\n# {len(mats)} matrices (layers {args.layers}), {len(CONFIG_GRID)} configs, one thread\n")
+    print(f"\n# {len(mats)} matrices (layers {args.layers}), {len(CONFIG_GRID)} configs, one thread, "
+          f"{args.lower_rank_steps} step(s) at each lower rank\n")
     print("| matrix | shape | single rank s | multi rank s | ratio |\n|---|---|---:|---:|---:|")
     single_s, multi_s, estimates = [], [], {}
     for name, W in mats.items():
         _, t1 = timed(estimated_errors, W, CONFIG_GRID, LQSettings(rank=args.rank), None, fast)
-        by_rank, t2 = timed(estimated_errors_by_rank, W, CONFIG_GRID, LQSettings(rank=top), None, fast, lower)
+        by_rank, t2 = timed(estimated_errors_by_rank, W, CONFIG_GRID, LQSettings(rank=top), None, fast, lower,
+                            args.lower_rank_steps)
         if 0 in args.ranks:
             rows0, t3 = timed(quantization_rows, W, CONFIG_GRID)
             by_rank[0] = rows0
@@ -77,8 +87,7 @@ def main() -> None:
 
     print(f"\n# estimate / exact, layer {args.accuracy_layer}, {args.accuracy_configs} configs per matrix\n")
     print("| rank | n | median | min | max | estimates below exact |\n|---:|---:|---:|---:|---:|---:|")
-    step = max(1, len(CONFIG_GRID) // args.accuracy_configs)
-    sample = CONFIG_GRID[::step][: args.accuracy_configs]
+    sample = tuple(random.Random(0).sample(CONFIG_GRID, args.accuracy_configs))
     index = {c: i for i, c in enumerate(CONFIG_GRID)}
     prefix = f"model.layers.{args.accuracy_layer}."
     for rank in sorted(r for r in args.ranks if r > 0):

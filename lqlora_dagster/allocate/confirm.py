@@ -11,7 +11,12 @@ any other plan costs at least its optimistic total, which is at least this plan'
 exact one. The fast table mostly overestimates (factors fitted to a neighbouring
 config, few steps of their own), so a margin of a few percent makes its rows lower
 bounds nearly everywhere; how close the plans come is measured in
-bench/bench_error_table.py, not promised here.
+bench/bench_error_table.py, not promised here. Rows whose estimates run higher (lower
+ranks priced on a higher rank's factors) carry their own margin in a `margin` column.
+
+Exact rows known before the first round (`known`) count as exact from the start: a plan
+confirmed after others on the same candidates can then never end worse than any of
+them, since each of those is a feasible choice at its exact values.
 """
 
 from collections.abc import Callable
@@ -46,20 +51,24 @@ def confirm_plan(
     solve: Solver,
     margin: float,
     progress: Callable[[int, int, Allocation], None] | None = None,
+    known: dict[Row, float] | None = None,
 ) -> ConfirmedPlan:
     """Solve `table` (estimates in `error`) at `budget` until every pick is exact.
 
     `exact_rows(rows)` returns the exact error of each requested (matrix, config, rank);
-    `progress(round, n_new, plan)` is called before each batch is computed."""
+    `progress(round, n_new, plan)` is called before each batch is computed; `known`
+    holds exact rows already computed."""
     check_margin(margin)
     table = with_rank(table)
     keys = [(m, c, int(r)) for m, c, r in table[CANDIDATE].itertuples(index=False)]
-    optimistic = (table["error"].astype(float) * (1 - margin)).tolist()
+    margins = table["margin"].astype(float) if "margin" in table.columns else margin
+    optimistic = (table["error"].astype(float) * (1 - margins)).tolist()
     by_matrix: dict[str, list[tuple[Row, float, float]]] = {}
     for key, storage, value in zip(keys, table["storage_bits"].astype(float), optimistic):
         by_matrix.setdefault(key[0], []).append((key, storage, value))
     storage_of = dict(zip(keys, table["storage_bits"].astype(float)))
-    exact: dict[Row, float] = {}
+    candidates = set(keys)
+    exact: dict[Row, float] = {row: v for row, v in (known or {}).items() if row in candidates}
     rounds = 0
 
     def confirm(rows: list[Row]) -> None:
@@ -71,7 +80,9 @@ def confirm_plan(
 
     while True:
         rounds += 1
-        values = table.assign(error=[exact.get(k, v) for k, v in zip(keys, optimistic)])
+        values = table.assign(error=[exact.get(k, v) for k, v in zip(keys, optimistic)]).drop(
+            columns=["margin"], errors="ignore"
+        )
         plan = solve(values, budget)
         new = [row for row in plan.rows() if row not in exact]
         if not new:

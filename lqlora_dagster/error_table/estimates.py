@@ -11,10 +11,12 @@
      differ only in the group-scale format b1 are priced on the factors it ends with.
 3. Lower ranks (`lower_ranks`): per rank r, the configs that shared factors above
    start again from those factors truncated to their leading r components (the best
-   rank-r part of L1 L2, as the SVD ordered them); the set's leader takes
-   `LOWER_RANK_STEPS` alternating steps at rank r, the rest are priced on where it
-   ends. Truncated factors alone price lower ranks ~50% high; one step brings them
-   near the exact rows at a fraction of a decomposition's cost.
+   rank-r part of L1 L2, as the SVD ordered them) and are priced there; with
+   `LOWER_RANK_STEPS` > 0 the set's leader first takes that many alternating steps at
+   rank r. Either way these rows run high (10-60% on SmolLM2, more where the error
+   is tiny), so plans confirm them with a wider margin (`lower_rank_margin`); one
+   step narrows the gap a little at 1.5x the table's cost, so the default is none
+   (bench/results/multirank_table.md).
 4. All quantization in here is table-based (`quant/lut.py`): same error to ~1e-6.
 
 The rows are estimates, mostly a little high (factors fitted to a neighbouring
@@ -55,7 +57,7 @@ class FastSettings:
 # that rank from its factors truncated (0: price on the truncated factors alone). Part
 # of the lower ranks' table keys (`tables.py`), not of FastSettings: single-rank tables
 # keep their keys.
-LOWER_RANK_STEPS = 1
+LOWER_RANK_STEPS = 0
 
 
 def anchor_of(group: list[QuantConfig]) -> QuantConfig:

@@ -159,6 +159,22 @@ def load_table(ctx: StageContext, ref: TableRef) -> pd.DataFrame:
     return frame[frame["config"].isin(ref.configs)].reset_index(drop=True)
 
 
+def exact_home(ref: TableRef) -> str:
+    """The key exact rows of `ref` live under: its exact twin's, or its own when exact."""
+    return ref.exact_key or ref.table_key
+
+
+def known_exact_rows(ctx: StageContext, refs: list[TableRef]) -> dict[Row, float]:
+    """Every exact row already stored for these tables (one per rank), as (matrix, config, rank)."""
+    out: dict[Row, float] = {}
+    for ref in refs:
+        found = ctx.warehouse.query(
+            "SELECT matrix, config, error FROM quant_errors WHERE table_key = ?", [exact_home(ref)]
+        )
+        out.update({(m, c, ref.rank): float(e) for m, c, e in zip(found["matrix"], found["config"], found["error"])})
+    return out
+
+
 def exact_rows(ctx: StageContext, model: ModelHandle, refs: list[TableRef], lq: LQSettings) -> ExactRows:
     """For plan confirmation: the exact error of (matrix, config, rank) rows of a
     method's tables (`refs`, one per rank), looked up under each table's exact key
@@ -168,8 +184,7 @@ def exact_rows(ctx: StageContext, model: ModelHandle, refs: list[TableRef], lq: 
     targets = {t.name: t for t in recorded_targets(ctx, model.model)}
 
     def home(rank: int) -> str:
-        ref = by_rank[rank]
-        return ref.exact_key or ref.table_key
+        return exact_home(by_rank[rank])
 
     def lookup(rows: list[Row]) -> dict[Row, float]:
         out: dict[Row, float] = {}

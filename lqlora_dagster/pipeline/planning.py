@@ -18,7 +18,7 @@ import pandas as pd
 from lqlora_dagster.allocate.budget import Budget, capacity, counted_bits, figures
 from lqlora_dagster.allocate.confirm import Solver, confirm_plan
 from lqlora_dagster.allocate.problem import CANDIDATE, Allocation
-from lqlora_dagster.error_table.stage import exact_rows, load_table
+from lqlora_dagster.error_table.stage import exact_rows, known_exact_rows, load_table
 from lqlora_dagster.methods import get_method
 from lqlora_dagster.models.weights import nontarget_bytes
 from lqlora_dagster.pipeline.base_model import recorded_targets
@@ -37,14 +37,17 @@ def confirm_margin(refs: list[TableRef], s: PlanSettings) -> float | None:
     return s.margin if any(r.exact_key is not None for r in refs) else None
 
 
-def plan_id(refs: list[TableRef], budget: Budget, margin: float | None = None, factor_bits: int = 16) -> str:
+def plan_id(refs: list[TableRef], budget: Budget, margin: float | None = None, s: PlanSettings | None = None) -> str:
     """The plan's content key. A one-table plan under a quantized-part budget keeps the
     key it had before budget kinds and rank sets existed, so stored plans stay valid."""
     top = refs[-1]
-    if len(refs) == 1 and budget.kind == "quantized":
+    if len(refs) == 1 and budget.kind == "quantized" and top.priced_on_rank is None:
         return stable_key(top.table_key, top.method, sorted(top.configs), float(budget.value), margin, PLAN_VERSION)
+    s = s or PlanSettings()
+    lower = s.lower_rank_margin if margin is not None and any(r.priced_on_rank for r in refs) else None
+    after_fixed = s.fixed_rank_plans and len(refs) > 1  # started from the fixed-rank plans' exact rows
     return stable_key([r.table_key for r in refs], top.method, sorted(top.configs), budget.kind, float(budget.value),
-                      margin, factor_bits, PLAN_VERSION)
+                      margin, s.factor_bits, lower, after_fixed, PLAN_VERSION)
 
 
 @dataclass(frozen=True)
@@ -127,14 +130,21 @@ def _frames(
     return PLANS.validate(head), PLAN_ASSIGNMENTS.validate(pd.DataFrame(rows))
 
 
-def _problem(ctx: StageContext, model: ModelHandle, tables: ErrorTableHandle, refs: list[TableRef]) -> Problem:
-    """The union of a method's tables; a zero-init method's rank is its LoRA rank."""
+def _problem(
+    ctx: StageContext, model: ModelHandle, tables: ErrorTableHandle, refs: list[TableRef], s: PlanSettings
+) -> Problem:
+    """The union of a method's tables; a zero-init method's rank is its LoRA rank. Rows
+    priced on a higher rank's factors carry the confirmation margin for them."""
     method = get_method(refs[0].method)
     shapes = pd.DataFrame(
         [(t.name, t.rows, t.cols) for t in recorded_targets(ctx, model.model)], columns=["matrix", "rows", "cols"]
     )
     parts = [
-        load_table(ctx, ref).assign(rank=ref.rank if method.has_lowrank_init else tables.lq.rank) for ref in refs
+        load_table(ctx, ref).assign(
+            rank=ref.rank if method.has_lowrank_init else tables.lq.rank,
+            margin=s.lower_rank_margin if ref.priced_on_rank is not None else s.confirm_margin,
+        )
+        for ref in refs
     ]
     table = pd.concat(parts, ignore_index=True).merge(shapes, on="matrix", how="left")
     return Problem(table, nontarget_bytes(model.folder, recorded_targets(ctx, model.model)))
@@ -142,11 +152,11 @@ def _problem(ctx: StageContext, model: ModelHandle, tables: ErrorTableHandle, re
 
 def rank_sets(refs: list[TableRef], s: PlanSettings) -> list[list[TableRef]]:
     """The tables each plan chooses from: all of the method's ranks, and with
-    `fixed_rank_plans` each nonzero rank alone as well."""
-    sets = [refs]
-    if s.fixed_rank_plans and len(refs) > 1:
-        sets += [[r] for r in refs if r.rank > 0]
-    return sets
+    `fixed_rank_plans` each nonzero rank alone as well, those first: the rank-allocated
+    plan starts from every exact row they computed (`confirm_plan(known=...)`), so its
+    exact error is never above theirs."""
+    sets = [[r] for r in refs if r.rank > 0] if s.fixed_rank_plans and len(refs) > 1 else []
+    return sets + [refs]
 
 
 def run_planning(
@@ -164,20 +174,21 @@ def run_planning(
             margin = confirm_margin(refs, s)
             ranks = tuple(r.rank for r in refs) if len(method_refs) > 1 else ()
             for budget in s.budgets_for(method):
-                pid = plan_id(refs, budget, margin, s.factor_bits)
+                pid = plan_id(refs, budget, margin, s)
                 cached = _existing(ctx, pid)
                 if cached is not None:
                     out.append(cached)
                     continue
                 if problem is None:
-                    problem = _problem(ctx, model, tables, method_refs)
+                    problem = _problem(ctx, model, tables, method_refs, s)
                 sub = problem.with_ranks([r.rank for r in refs]) if lowrank else problem
                 table, cap = sub.for_budget(budget, s.factor_bits)
                 what = f"{method} @ {budget.describe()}" + (f", ranks {list(ranks)}" if ranks else "")
                 if margin is None:
                     plan, values = solve(table, cap), table
                 else:
-                    plan, values = _confirmed(ctx, model, tables, refs, table, cap, solve, margin, what)
+                    known = known_exact_rows(ctx, refs) if len(refs) > 1 else None
+                    plan, values = _confirmed(ctx, model, tables, refs, table, cap, solve, margin, what, known)
                 head, assignments = _frames(pid, tables.model, method, refs, budget, sub, values, plan, s.factor_bits)
                 ctx.warehouse.replace_rows("plan_assignments", assignments, {"plan_id": pid})
                 ctx.warehouse.upsert("plans", head, ["plan_id"])  # written last: marks the plan complete
@@ -202,6 +213,7 @@ def _confirmed(
     solve: Solver,
     margin: float,
     what: str,
+    known: dict | None = None,
 ) -> tuple[Allocation, pd.DataFrame]:
     start = time.perf_counter()
 
@@ -212,7 +224,7 @@ def _confirmed(
         )
 
     exact = exact_rows(ctx, model, refs, tables.lq)
-    done = confirm_plan(table, cap, exact, solve, margin, progress)
+    done = confirm_plan(table, cap, exact, solve, margin, progress, known)
     ctx.log(
         f"confirm {what}: every pick exact after {done.rounds} rounds, "
         f"{len(done.exact)} exact rows, {time.perf_counter() - start:.0f}s"

@@ -147,6 +147,14 @@ class PlanSettings:
         lt=1,
     )
 
+    lower_rank_margin: float = knob(
+        0.35,
+        "confirmation: the margin of lower-rank rows priced on the top rank's factors, which run ~10-60% high "
+        "(bench/results/multirank_table.md)",
+        ge=0,
+        lt=1,
+    )
+
     def __post_init__(self) -> None:
         for b in self.budgets + tuple(b for bs in dict(self.budgets_by_method).values() for b in bs):
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not (0 < b < 64) or not math.isfinite(b):

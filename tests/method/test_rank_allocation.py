@@ -4,6 +4,7 @@ real decompositions, the multi-rank estimates, and what the budget kinds count."
 import itertools
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -91,9 +92,10 @@ def test_estimates_by_rank_keep_the_top_rank_and_price_lower_ranks_on_truncated_
     for rank in (2, 4):
         exact = [e.error for e in INITS["lq"].exact_errors_at(W, CONFIGS, rank, settings)]
         for est, ex in zip(by_rank[rank], exact):
-            # priced on the rank-8 fit, truncated: above the quantization-only error's
-            # scale of failure, close to what a decomposition at that rank reaches
-            assert 0.8 * ex <= est.error <= 1.5 * ex, (rank, est.config.name, est.error, ex)
+            # priced on the rank-8 fit, truncated: a feasible rank-r decomposition that
+            # was not optimised at rank r, so high, by up to ~70% here (plans confirm
+            # these rows with a wider margin and exact rows)
+            assert 0.95 * ex <= est.error <= 2.0 * ex, (rank, est.config.name, est.error, ex)
     with pytest.raises(ValueError, match="lower ranks must lie in 1..7"):
         estimated_errors_by_rank(W, CONFIGS, settings, None, fast, (8,))
 
@@ -155,3 +157,37 @@ def test_rank_lists_and_budget_settings_are_checked():
     assert s.ranks_for(METHODS["qlora"]) == (0,)  # no low-rank init
     kinds = [b.kind for b in PlanSettings(budgets=(3.0,), budget_kind="lowrank", max_sizes=("80MB",)).budgets_for("x")]
     assert kinds == ["lowrank", "total"]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_confirmed_allocated_plan_starting_from_the_fixed_plans_rows_is_no_worse(exact_table, seed):
+    """As the planning stage runs them: fixed-rank plans confirmed first, the
+    rank-allocated plan confirmed from their exact rows. Estimates here are high by up
+    to 70% (as lower-rank rows are), so without those rows the allocated plan could
+    miss a fixed-rank plan's choice; with them it cannot end worse."""
+    from lqlora_dagster.allocate.confirm import confirm_plan
+
+    rng = np.random.default_rng(seed)
+    table = exact_table.assign(storage_bits=counted_bits(exact_table, Budget("lowrank", 1), 16))
+    exact = {(m, c, int(r)): e for m, c, r, e in table[["matrix", "config", "rank", "error"]].itertuples(index=False)}
+    # the top rank's rows far too high, the rest a little: alone, the allocated plan
+    # would shun the top rank even where it is the best choice
+    high = np.where(table["rank"] == RANKS[-1], 3.0, rng.uniform(1.0, 1.1, len(table)))
+    estimated = table.assign(error=table["error"] * high)
+
+    def rows(new):
+        return {r: exact[r] for r in new}
+
+    for budget in (6.0, 9.0, 14.0):
+        known, fixed = {}, []
+        for rank in RANKS:
+            try:
+                done = confirm_plan(estimated[estimated["rank"] == rank], budget, rows, solve_ilp, 0.08)
+            except LQLoRAInputError:  # this rank alone cannot meet the budget
+                continue
+            known.update(done.exact)
+            fixed.append(done.plan.objective)
+        allocated = confirm_plan(estimated, budget, rows, solve_ilp, 0.08, known=known)
+        assert fixed
+        assert allocated.plan.objective <= min(fixed) * (1 + 1e-12)
+        assert allocated.plan.objective == pytest.approx(sum(exact[r] for r in allocated.plan.rows()))

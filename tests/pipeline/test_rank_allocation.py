@@ -29,6 +29,8 @@ def ranked(tmp_path_factory, tiny_llama_folder):
 def test_plans_record_their_kind_and_all_three_figures(ranked):
     home, result = ranked
     assert result.success
+    failed = [(c.check_name, c.metadata) for c in result.get_asset_check_evaluations() if not c.passed]
+    assert not failed  # plans_meet_budget recounts each plan in its kind
     w = Warehouse(home / "lqlora.duckdb")
     plans = w.query(
         "SELECT p.*, sum(a.rank * (m.rows + m.cols) * 16) / sum(m.numel) AS factor_bits_per_param "
