@@ -52,7 +52,7 @@ def cmd_register(args: argparse.Namespace, home: Path) -> int:
     from assets.runs import add_partition, prepare_dagster_home
     from lqlora_dagster.models.inspect import inspect_targets
 
-    default = Path(args.source.removeprefix("hub:")).name.lower().removesuffix(".gguf")
+    default = Path(args.source.removeprefix("hub:").partition("@")[0]).name.lower().removesuffix(".gguf")
     name = check_model_name(args.name or default)
     summary = inspect_targets(args.source, args.pattern, home / "models")
     print("\n".join(summary.lines()))

@@ -27,7 +27,7 @@ from pathlib import Path
 from lqlora_dagster.errors import LQLoRAInputError
 
 HUB_PREFIX = "hub:"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?$")
 _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
@@ -114,9 +114,23 @@ def hub_cache_dir() -> Path:
 
 
 def hub_snapshot(repo_id: str) -> Path:
-    """The cached snapshot of `org/name`: refs/main's revision, else the newest one."""
+    """The cached snapshot of `org/name[@revision]`: the revision's (a commit, a prefix of
+    one, or a branch/tag under refs/), else refs/main's, else the newest one."""
+    repo_id, _, revision = repo_id.partition("@")
     repo = hub_cache_dir() / f"models--{repo_id.replace('/', '--')}"
     snapshots = repo / "snapshots"
+    if revision:
+        ref = repo / "refs" / revision
+        commit = ref.read_text().strip() if ref.is_file() else revision
+        matches = sorted(p for p in snapshots.glob(f"{commit}*") if p.is_dir()) if snapshots.is_dir() else []
+        if len(matches) != 1:
+            have = sorted(p.name for p in snapshots.iterdir()) if snapshots.is_dir() else []
+            raise LQLoRAInputError(
+                f"revision {revision!r} of hub model {repo_id!r} is {'ambiguous' if matches else 'not'} in the local "
+                f"Hugging Face cache ({snapshots} holds {have or 'nothing'}); name a cached commit, or fetch it on a "
+                f"machine with network (`huggingface-cli download {repo_id} --revision {revision}`)"
+            )
+        return matches[0]
     ref = repo / "refs" / "main"
     if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
         return snapshots / ref.read_text().strip()
@@ -136,7 +150,7 @@ def _hub_id(source: str) -> str | None:
         repo_id = source[len(HUB_PREFIX) :]
         if not _HUB_ID.match(repo_id):
             raise LQLoRAInputError(
-                f"hub id {repo_id!r} is not of the form org/name; write it as hub:org/name"
+                f"hub id {repo_id!r} is not of the form org/name[@revision]; write it as hub:org/name"
             )
         return repo_id
     if _HUB_ID.match(source) and not Path(source).exists():
@@ -177,7 +191,10 @@ def parse_source(source: str) -> ParsedSource:
                 f"{err}. If {source!r} was meant as a local path: nothing exists there"
             ) from None
         check_hf_folder(folder)
-        return ParsedSource(HUB_PREFIX + repo_id, folder, task_of_folder(folder))
+        # pinned to the commit found now: a later download into the cache never swaps
+        # the weights of a registered model
+        pinned = f"{HUB_PREFIX}{repo_id.partition('@')[0]}@{folder.name}"
+        return ParsedSource(pinned, folder, task_of_folder(folder))
     path = Path(source).expanduser()
     if not path.exists():
         raise LQLoRAInputError(

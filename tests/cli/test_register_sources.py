@@ -161,10 +161,23 @@ def test_hub_id_from_the_local_cache(home, tmp_path, monkeypatch, capsys, given)
     monkeypatch.chdir(tmp_path)
     code, out, err = register(home, given, capsys=capsys)
     assert code == 0, err
-    assert "LlamaForCausalLM: 14 target matrices" in out and "registered 'tiny' from hub:org/tiny" in out
+    assert "LlamaForCausalLM: 14 target matrices" in out and "registered 'tiny' from hub:org/tiny@abc" in out
     [row] = models_table(home)
-    assert row["source"] == "hub:org/tiny"
+    assert row["source"] == "hub:org/tiny@abc"  # pinned to the commit refs/main named at registration
+    (tmp_path / "hf" / "models--org--tiny" / "refs" / "main").write_text("old")  # a later download moves main
     assert resolve_model_folder(row["source"], home / "models") == (snapshot, "causal-lm")
+
+
+def test_hub_revision_names_a_cached_commit(home, tmp_path, monkeypatch, capsys):
+    make_hub_cache(tmp_path / "hf", tiny_llama_config())
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = register(home, "hub:org/tiny@old", capsys=capsys)
+    assert code == 0, err
+    assert models_table(home)[0]["source"] == "hub:org/tiny@old"
+    code, _, err = register(home, "hub:org/tiny@f00d", "--name", "other", capsys=capsys)
+    assert code == 2 and "revision 'f00d' of hub model 'org/tiny' is not in the local Hugging Face cache" in err
+    assert "holds ['abc', 'old']" in err
 
 
 def test_missing_hub_id_names_the_cache_searched(home, tmp_path, monkeypatch, capsys):
