@@ -3,9 +3,10 @@ SmolLM2 matrices, the way the table's chunk steps compute them (one torch thread
 matrix, the full 432-config grid).
 
 - single rank: the fast table at `--rank` (16, today's default);
-- multi rank: `--ranks` (default 0 8 16 32 64): the fast table at the highest rank,
-  the lower nonzero ranks from its factors (truncated, one step each), rank 0 as the
-  exact quantization errors.
+- multi rank: `--ranks` (default 0 8 16 32 64): the fast table at the base rank (the
+  listed rank nearest `--rank`: the single-rank table itself), the other nonzero ranks
+  priced on its factors (lower: truncated; higher: one step up per anchor), rank 0 as
+  the exact quantization errors. Its time includes the base table's.
 Both are timed per matrix on the sampled layers; the whole model's time is the
 per-matrix time times 30 layers (every layer has the same seven shapes). Accuracy:
 estimate / exact for a few configs per matrix at each rank (exact = the cold-start
@@ -37,6 +38,7 @@ from lqlora_dagster.error_table.estimates import (
     estimated_errors,
     estimated_errors_by_rank,
 )
+from lqlora_dagster.error_table.tables import base_rank
 from lqlora_dagster.quant.config import CONFIG_GRID
 
 N_LAYERS = 30
@@ -60,7 +62,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     print(stamp())
-    top, lower = max(args.ranks), tuple(r for r in args.ranks if 0 < r < max(args.ranks))
+    base = base_rank(tuple(args.ranks), args.rank)  # what the product prices the other ranks on
+    others = tuple(r for r in args.ranks if r > 0 and r != base)
     fast = FastSettings()
     mats = layer_matrices(args.layers)
     print(f"\n# {len(mats)} matrices (layers {args.layers}), {len(CONFIG_GRID)} configs, one thread, "
@@ -69,7 +72,7 @@ def main() -> None:
     single_s, multi_s, estimates = [], [], {}
     for name, W in mats.items():
         _, t1 = timed(estimated_errors, W, CONFIG_GRID, LQSettings(rank=args.rank), None, fast)
-        by_rank, t2 = timed(estimated_errors_by_rank, W, CONFIG_GRID, LQSettings(rank=top), None, fast, lower,
+        by_rank, t2 = timed(estimated_errors_by_rank, W, CONFIG_GRID, LQSettings(rank=base), None, fast, others,
                             args.lower_rank_steps)
         if 0 in args.ranks:
             rows0, t3 = timed(quantization_rows, W, CONFIG_GRID)
@@ -95,7 +98,7 @@ def main() -> None:
         for name, W in mats.items():
             if not name.startswith(prefix):
                 continue
-            exact = INITS["lq"].exact_errors_at(W, sample, rank, LQSettings(rank=top))
+            exact = INITS["lq"].exact_errors_at(W, sample, rank, LQSettings(rank=rank))
             ratios += [estimates[name][rank][index[e.config]].error / e.error for e in exact]
         print(f"| {rank} | {len(ratios)} | {statistics.median(ratios):.3f} | {min(ratios):.3f} | {max(ratios):.3f} | "
               f"{sum(r < 1 for r in ratios)} |", flush=True)

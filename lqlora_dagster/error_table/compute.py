@@ -28,15 +28,15 @@ from lqlora_dagster.quant.config import QuantConfig
 class RowRequest:
     """Rows of one matrix of one table: estimated by `fast`, or exact when it is None.
 
-    `lower` are requests of the same matrix at lower ranks of the same fast table
-    family: priced on this request's factors, truncated (`estimates.py`)."""
+    `riders` are requests of the same matrix at the other ranks of the same fast table
+    family: priced on this request's factors (`estimates.py`)."""
 
     ref: TableRef
     target: Target
     configs: tuple[str, ...]
     table_key: str  # where the rows belong: ref.table_key, or ref.exact_key for exact rows of a fast table
     fast: FastSettings | None = None
-    lower: tuple["RowRequest", ...] = ()
+    riders: tuple["RowRequest", ...] = ()
 
     @property
     def exact(self) -> bool:
@@ -46,16 +46,16 @@ class RowRequest:
 def request_rows(
     request: RowRequest, W: torch.Tensor, lq: LQSettings, fisher: torch.Tensor | None
 ) -> list[tuple[RowRequest, list[ConfigError]]]:
-    """The rows of one request (and of its `lower` ones), each in the order of its configs."""
+    """The rows of one request (and of its riders), each in the order of its configs."""
     init = get_method(request.ref.method).init
     F = fisher if init.fisher else None
     rank = request.ref.rank
     configs = tuple(QuantConfig.parse(c) for c in request.configs)
     if request.fast is None:
         return [(request, init.exact_errors_at(W, configs, rank, lq, F))]
-    wanted = {low.ref.rank: low for low in request.lower}
-    if any(set(low.configs) - set(request.configs) for low in request.lower):
-        raise ValueError("lower-rank rows need their configs in the request they are priced on")
+    wanted = {low.ref.rank: low for low in request.riders}
+    if any(set(low.configs) - set(request.configs) for low in request.riders):
+        raise ValueError("rows of other ranks need their configs in the request they are priced on")
     rows = estimated_errors_by_rank(W, configs, dataclasses.replace(lq, rank=rank), F, request.fast, tuple(wanted))
     out = [(request, rows[rank])]
     for r, low in wanted.items():

@@ -9,14 +9,17 @@
      under 8-bit scales overprice them. Per (b0, B1), the most precisely stored member
      takes `refine_steps` alternating steps of its own from there, and its siblings that
      differ only in the group-scale format b1 are priced on the factors it ends with.
-3. Lower ranks (`lower_ranks`): per rank r, the configs that shared factors above
-   start again from those factors truncated to their leading r components (the best
-   rank-r part of L1 L2, as the SVD ordered them) and are priced there; with
-   `LOWER_RANK_STEPS` > 0 the set's leader first takes that many alternating steps at
-   rank r. Either way these rows run high (10-60% on SmolLM2, more where the error
-   is tiny), so plans confirm them with a wider margin (`lower_rank_margin`); one
-   step narrows the gap a little at 1.5x the table's cost, so the default is none
-   (bench/results/multirank_table.md).
+3. Other ranks (`other_ranks`), from the base rank's factors, so the base rank's rows
+   are the single-rank table's own:
+   - a lower rank r: the configs that shared factors above are priced on those factors
+     truncated to their leading r components (the best rank-r part of L1 L2, as the
+     SVD ordered them); with `LOWER_RANK_STEPS` > 0 the set's leader first takes that
+     many alternating steps at rank r;
+   - a higher rank r: each anchor takes one alternating step at rank r from its base
+     factors and its whole (b, B0) group is priced on where it ends.
+   These rows run high (not optimised at their own rank), so plans confirm them with a
+   wider margin (`other_rank_margin`); bench/results/multirank_table.md measures how
+   high and what the extra ranks cost.
 4. All quantization in here is table-based (`quant/lut.py`): same error to ~1e-6.
 
 The rows are estimates, mostly a little high (factors fitted to a neighbouring
@@ -83,15 +86,15 @@ def estimated_errors_by_rank(
     settings: LQSettings,
     fisher: torch.Tensor | None = None,
     fast: FastSettings = FastSettings(),
-    lower_ranks: tuple[int, ...] = (),
+    other_ranks: tuple[int, ...] = (),
     lower_rank_steps: int = LOWER_RANK_STEPS,
 ) -> dict[int, list[ConfigError]]:
-    """{rank: estimated rows in the order of `configs`} at `settings.rank` and at each
-    of `lower_ranks` (each in 1..settings.rank - 1), the lower ones priced on the
-    settings' rank's factors, truncated."""
-    bad = [r for r in lower_ranks if not 0 < r < settings.rank]
+    """{rank: estimated rows in the order of `configs`} at `settings.rank` (the base:
+    the single-rank table's rows, bit for bit) and at each of `other_ranks`, priced on
+    the base's factors: truncated for a lower rank, one step up for a higher one."""
+    bad = [r for r in other_ranks if r <= 0 or r == settings.rank]
     if bad:
-        raise ValueError(f"lower ranks must lie in 1..{settings.rank - 1}, got {bad}")
+        raise ValueError(f"other ranks must be positive and differ from the base rank {settings.rank}, got {bad}")
     F = fisher
     groups: dict[tuple, list[QuantConfig]] = defaultdict(list)
     for c in configs:
@@ -99,6 +102,7 @@ def estimated_errors_by_rank(
     refine = dataclasses.replace(settings, max_iters=max(1, fast.refine_steps))
     results: dict[QuantConfig, ConfigError] = {}
     sets: list[tuple[QuantConfig, list[QuantConfig], LowRank]] = []  # (leader, members, factors)
+    anchors: list[tuple[QuantConfig, list[QuantConfig], LowRank]] = []  # (anchor, its whole group, factors)
     for key in sorted(groups, key=lambda k: tuple(-v if isinstance(v, int) else 0 for v in k)):
         group = groups[key]
         t0 = time.perf_counter()
@@ -106,6 +110,7 @@ def estimated_errors_by_rank(
         d = lq_error_estimate(W, anchor, settings, F)
         factors = LowRank(d.L1, d.L2)
         results[anchor] = ConfigError(anchor, d.error, len(d.trace), time.perf_counter() - t0)
+        anchors.append((anchor, group, factors))
         siblings = [c for c in group if c != anchor]
         stepped = [c for c in siblings if fast.refine_steps and c.b0 <= fast.refine_max_b0]
         results.update(_priced(W, factors, [c for c in siblings if c not in stepped], F))
@@ -122,9 +127,32 @@ def estimated_errors_by_rank(
             results.update(_priced(W, lead_factors, [c for c in sub if c != lead], F))
             sets.append((lead, sub, lead_factors))
     out = {settings.rank: [results[c] for c in configs]}
-    for rank in lower_ranks:
-        out[rank] = _lower_rank_rows(W, configs, sets, rank, settings, lower_rank_steps, F)
+    for rank in other_ranks:
+        if rank < settings.rank:
+            out[rank] = _lower_rank_rows(W, configs, sets, rank, settings, lower_rank_steps, F)
+        else:
+            out[rank] = _higher_rank_rows(W, configs, anchors, rank, settings, F)
     return out
+
+
+def _higher_rank_rows(
+    W: torch.Tensor,
+    configs: tuple[QuantConfig, ...],
+    anchors: list[tuple[QuantConfig, list[QuantConfig], LowRank]],
+    rank: int,
+    settings: LQSettings,
+    F: torch.Tensor | None,
+) -> list[ConfigError]:
+    """Each anchor takes one step at `rank` from its base factors (Q <- q(W - L), L <-
+    the rank-r fit of W - Q, keep the better); its whole group is priced there."""
+    step = dataclasses.replace(settings, rank=rank, max_iters=1)
+    priced: dict[QuantConfig, ConfigError] = {}
+    for anchor, group, factors in anchors:
+        t0 = time.perf_counter()
+        r = lq_error_estimate(W, anchor, step, F, start=factors)
+        priced[anchor] = ConfigError(anchor, r.error, len(r.trace) - 1, time.perf_counter() - t0)
+        priced.update(_priced(W, LowRank(r.L1, r.L2), [c for c in group if c != anchor], F))
+    return [priced[c] for c in configs]
 
 
 def _lower_rank_rows(

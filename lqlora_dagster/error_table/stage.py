@@ -37,16 +37,16 @@ def _missing_requests(
     ctx: StageContext, refs: list[TableRef], targets: list[Target], s: ErrorTableSettings
 ) -> list[RowRequest]:
     """The rows the tables lack for `targets`; tables shared by several methods (same
-    init) are computed once, for the union of their candidate configs. The lower ranks
-    of a multi-rank fast table ride on the request of its highest rank: if any rank of
-    the family lacks a matrix, the whole family is computed for it (same bits again)."""
+    init) are computed once, for the union of their candidate configs. The other ranks
+    of a multi-rank fast table ride on the request of its base rank: if any rank of the
+    family lacks a matrix, the whole family is computed for it (same bits again)."""
     by_key: dict[str, TableRef] = {}
     wanted: dict[str, list[str]] = defaultdict(list)
     for ref in refs:
         by_key.setdefault(ref.table_key, ref)
         wanted[ref.table_key] += [c for c in ref.configs if c not in wanted[ref.table_key]]
     heads = {(r.method, r.rank): r.table_key for r in refs}
-    family: dict[str, list[TableRef]] = defaultdict(list)  # head key -> its lower-rank refs
+    family: dict[str, list[TableRef]] = defaultdict(list)  # base key -> the refs priced on it
     for ref in by_key.values():
         if ref.priced_on_rank is not None:
             family[heads[(ref.method, ref.priced_on_rank)]].append(ref)
@@ -63,8 +63,8 @@ def _missing_requests(
             if lows:
                 if all((t.name, c) in done[k] for k in [key, *(low.table_key for low in lows)] for c in wanted[k]):
                     continue
-                lower = tuple(RowRequest(low, t, tuple(wanted[low.table_key]), low.table_key, fast) for low in lows)
-                requests.append(RowRequest(ref, t, configs, key, fast, lower))
+                riders = tuple(RowRequest(low, t, tuple(wanted[low.table_key]), low.table_key, fast) for low in lows)
+                requests.append(RowRequest(ref, t, configs, key, fast, riders))
                 continue
             missing = tuple(c for c in wanted[key] if (t.name, c) not in done[key])
             if missing:

@@ -7,8 +7,10 @@ the key an exhaustive run of the same table has, where plan confirmation stores 
 exact rows it computes, so both share them.
 
 A method that allocates rank (`ranks` knob) has one table per rank. On the fast path
-its lower nonzero ranks are priced on the highest rank's factors (`priced_on_rank`,
-part of their key); rank 0 rows are quantization errors, exact and cheap.
+one nonzero rank is the base (`base_rank`: the listed rank nearest the `rank` knob):
+its table is the single-rank table, key and rows, and the other nonzero ranks are
+priced on its factors (`priced_on_rank`, part of their key); rank 0 rows are
+quantization errors, exact and cheap.
 """
 
 import dataclasses
@@ -51,14 +53,22 @@ def table_refs(model: ModelHandle, fisher: FisherHandle | None, s: ErrorTableSet
             lowrank = method.has_lowrank_init and rank > 0
             recipe = dataclasses.replace(s.lq(), rank=rank) if lowrank else None
             fast = fast_path(method, s) if lowrank else None
-            priced_on = max(ranks) if fast is not None and rank < max(ranks) else None
+            base = base_rank(ranks, s.rank)
+            priced_on = base if fast is not None and rank != base else None
             recipe_key = (model.key, method.init.name, method.fisher, rank, recipe, fisher_key)
-            derived = () if priced_on is None else (("priced on rank", priced_on, LOWER_RANK_STEPS),)
+            derived = () if priced_on is None else (("priced on rank", priced_on, LOWER_RANK_STEPS, "v2"),)
             key = stable_key(*recipe_key, fast, *derived, TABLE_VERSION)
             exact_key = stable_key(*recipe_key, None, TABLE_VERSION) if fast is not None else None
             refs.append(TableRef(name, key, rank, fisher_key, configs, len(configs) * model.n_targets, exact_key,
                                  priced_on))
     return refs
+
+
+def base_rank(ranks: tuple[int, ...], rank: int) -> int:
+    """The rank other ranks are priced on: the listed nonzero rank nearest `rank` (the
+    lower on a tie), so the default lists reuse the single-rank table."""
+    nonzero = [r for r in ranks if r > 0] or [rank]
+    return min(nonzero, key=lambda r: (abs(r - rank), r))
 
 
 def check_rank_fits(model: ModelHandle, targets: list[Target], rank: int) -> None:

@@ -44,7 +44,7 @@ def plan_id(refs: list[TableRef], budget: Budget, margin: float | None = None, s
     if len(refs) == 1 and budget.kind == "quantized" and top.priced_on_rank is None:
         return stable_key(top.table_key, top.method, sorted(top.configs), float(budget.value), margin, PLAN_VERSION)
     s = s or PlanSettings()
-    lower = s.lower_rank_margin if margin is not None and any(r.priced_on_rank for r in refs) else None
+    lower = s.other_rank_margin if margin is not None and any(r.priced_on_rank for r in refs) else None
     after_fixed = s.fixed_rank_plans and len(refs) > 1  # started from the fixed-rank plans' exact rows
     return stable_key([r.table_key for r in refs], top.method, sorted(top.configs), budget.kind, float(budget.value),
                       margin, s.factor_bits, lower, after_fixed, PLAN_VERSION)
@@ -142,7 +142,7 @@ def _problem(
     parts = [
         load_table(ctx, ref).assign(
             rank=ref.rank if method.has_lowrank_init else tables.lq.rank,
-            margin=s.lower_rank_margin if ref.priced_on_rank is not None else s.confirm_margin,
+            margin=s.other_rank_margin if ref.priced_on_rank is not None else s.confirm_margin,
         )
         for ref in refs
     ]

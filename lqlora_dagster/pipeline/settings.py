@@ -147,9 +147,9 @@ class PlanSettings:
         lt=1,
     )
 
-    lower_rank_margin: float = knob(
+    other_rank_margin: float = knob(
         0.35,
-        "confirmation: the margin of lower-rank rows priced on the top rank's factors, which run ~10-60% high "
+        "confirmation: the margin of rows at ranks priced on the base rank's factors (`ranks`), which run high "
         "(bench/results/multirank_table.md)",
         ge=0,
         lt=1,

@@ -83,7 +83,7 @@ def test_the_choice_uses_more_than_one_rank_somewhere(exact_table):
     assert len(picked) >= 2, picked
 
 
-def test_estimates_by_rank_keep_the_top_rank_and_price_lower_ranks_on_truncated_factors():
+def test_estimates_by_rank_keep_the_base_rank_and_price_the_others_on_its_factors():
     W = low_rank_plus_noise(48, 64, 1)
     settings = LQSettings(rank=8, max_iters=20)
     fast = FastSettings()
@@ -96,8 +96,14 @@ def test_estimates_by_rank_keep_the_top_rank_and_price_lower_ranks_on_truncated_
             # was not optimised at rank r, so high, by up to ~70% here (plans confirm
             # these rows with a wider margin and exact rows)
             assert 0.95 * ex <= est.error <= 2.0 * ex, (rank, est.config.name, est.error, ex)
-    with pytest.raises(ValueError, match="lower ranks must lie in 1..7"):
+    with pytest.raises(ValueError, match="differ from the base rank 8"):
         estimated_errors_by_rank(W, CONFIGS, settings, None, fast, (8,))
+    # a higher rank: one step up from the base factors, at most the base rank's error
+    # (more factors, and the step keeps the better iterate)
+    up = estimated_errors_by_rank(W, CONFIGS, LQSettings(rank=4, max_iters=20), None, fast, (8,))
+    exact8 = [e.error for e in INITS["lq"].exact_errors_at(W, CONFIGS, 8, settings)]
+    for base, est, ex in zip(up[4], up[8], exact8):
+        assert est.error <= base.error * (1 + 1e-6) and est.error >= 0.95 * ex
 
 
 def test_rank_zero_is_quantization_only_and_a_working_layer():
