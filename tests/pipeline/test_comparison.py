@@ -10,7 +10,7 @@ import pytest
 from matplotlib.image import imread
 
 from assets.runs import stored_handle
-from lqlora_dagster.comparison import LM_COMPARISON
+from lqlora_dagster.comparison import LM_COMPARISON, RANK_COMPARISON
 from lqlora_dagster.definitions import COMPARISON_JOB, build_definitions, comparison_run_config
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.report import (
@@ -177,3 +177,34 @@ def test_rank_variants_keep_plans_of_one_method_apart():
     # one rank for all, as a run without --ranks makes: no label change
     single = rows[rows["plan_ranks"] == "16"].assign(plan_ranks="16")
     assert list(comparison_frame(single)["label"]) == ["LQ-LoRA (ILP + Fisher)"]
+
+
+def test_the_rank_view_on_the_tiny_model(tmp_path_factory, tiny_llama_folder):
+    """`lqlora compare --view ranks` in small: rank-allocated LQ-LoRA-Fisher beside
+    each fixed rank and the baselines, budgets counting the factors; the report keeps
+    them apart and draws the ranks the allocated plan chose."""
+    view = dataclasses.replace(
+        RANK_COMPARISON.with_stages(
+            error_table={"rank": 2, "ranks": (0, 2, 4), "grid": "reduced"},
+            calibration_batches={"n_sequences": 4, "seq_len": 64},
+            finetuned_adapters={"steps": 2, "batch_size": 2, "seq_len": 64},
+            evaluation={"n_windows": 2, "seq_len": 64},
+        ),
+        budgets=(6.0,),
+        finetuned_budgets=(6.0,),
+        uniform_budgets=(5.0,),  # NF3 (3.5 bits here) + LoRA-2 (1 bit on 64-wide matrices)
+    )
+    home = tmp_path_factory.mktemp("rank-view-home")
+    with registered_home(home, {MODEL: tiny_llama_folder}) as (w, instance):
+        job = build_definitions(home, executor="in_process").resolve_job_def(COMPARISON_JOB)
+        result = job.execute_in_process(run_config=comparison_run_config(view), instance=instance, partition_key=MODEL)
+        assert result.success
+        plans = w.query("SELECT method, ranks, budget_kind, bits_with_lowrank, objective FROM plans")
+        assert set(plans["budget_kind"]) == {"lowrank"} and (plans["bits_with_lowrank"] <= 6.0 + 1e-9).all()
+        lq = plans[plans["method"] == "lqlora-fisher"].set_index("ranks")["objective"]
+        assert sorted(lq.index) == ["0,2,4", "2", "4"] and lq["0,2,4"] <= lq.drop("0,2,4").min()
+        handle = stored_handle(home, "comparison_report", MODEL)
+        folder = home / "artifacts" / "comparison_report" / MODEL / handle.key
+        table = (folder / "comparison.md").read_text()
+        assert "ranks 0,2,4 allocated" in table and "rank 4 |" in table and "MB in all" in table
+        assert (folder / "allocation_rank.png").read_bytes().startswith(PNG_MAGIC)  # the allocated plan's ranks
