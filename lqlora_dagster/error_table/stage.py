@@ -73,16 +73,22 @@ def _missing_requests(
 
 
 def _table_progress(ctx: StageContext, refs: list[TableRef]) -> tuple[int, int]:
-    """(matrices whose rows are all stored, matrices in all tables), across processes."""
-    keys = {r.table_key: len(r.configs) for r in refs}
-    rows = ctx.warehouse.query(
-        "SELECT table_key, count(*) AS n FROM quant_errors WHERE table_key IN (SELECT unnest(?::VARCHAR[])) "
-        "GROUP BY table_key",
-        [list(keys)],
-    )
-    stored = dict(zip(rows["table_key"], rows["n"].astype(int)))
-    total = sum(r.n_rows // len(r.configs) for r in {r.table_key: r for r in refs}.values())
-    return sum(stored.get(k, 0) // n for k, n in keys.items()), total
+    """(matrices whose wanted rows are all stored, matrices in all tables), across
+    processes. A key may hold more configs than this run wants (shared by methods
+    with other candidates): only the wanted ones count."""
+    wanted: dict[str, set[str]] = defaultdict(set)
+    for r in refs:
+        wanted[r.table_key] |= set(r.configs)
+    done = 0
+    for key, configs in wanted.items():
+        rows = ctx.warehouse.query(
+            "SELECT count(*) AS n FROM (SELECT matrix FROM quant_errors WHERE table_key = ? AND list_contains(?, config) "
+            "GROUP BY matrix HAVING count(*) = ?)",
+            [key, sorted(configs), len(configs)],
+        )
+        done += int(rows["n"].iloc[0])
+    n_matrices = max((r.n_rows // len(r.configs) for r in refs), default=0)
+    return done, n_matrices * len(wanted)
 
 
 def _committer(ctx: StageContext, model: ModelHandle):
