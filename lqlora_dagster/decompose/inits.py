@@ -66,9 +66,7 @@ class Init:
         """The decomposition at `rank` (0: quantized only, for an init with a low-rank part)."""
         if self.has_lowrank and rank == 0:
             return quantize_only(W, config, fisher if self.fisher else None)
-        if self.has_lowrank and rank != settings.rank:
-            settings = dataclasses.replace(settings, rank=rank)
-        return self.decompose(W, config, settings, fisher)
+        return self.decompose(W, config, self._at(rank, settings), fisher)
 
     def exact_errors_at(
         self, W: torch.Tensor, configs: tuple[QuantConfig, ...], rank: int, settings: LQSettings,
@@ -77,9 +75,13 @@ class Init:
         """Exact rows at `rank` (0: the quantization errors, for an init with a low-rank part)."""
         if self.has_lowrank and rank == 0:
             return quantization_rows(W, configs, fisher if self.fisher else None)
+        return self.exact_errors(W, configs, self._at(rank, settings), fisher)
+
+    def _at(self, rank: int, settings: LQSettings) -> LQSettings:
+        """The settings at `rank`; an init without a low-rank fit keeps its own (LoRA's rank)."""
         if self.has_lowrank and rank != settings.rank:
-            settings = dataclasses.replace(settings, rank=rank)
-        return self.exact_errors(W, configs, settings, fisher)
+            return dataclasses.replace(settings, rank=rank)
+        return settings
 
     def error(
         self, W: torch.Tensor, config: QuantConfig, settings: LQSettings, fisher: torch.Tensor | None

@@ -119,12 +119,9 @@ def estimated_errors_by_rank(
         for c in stepped:
             subgroups[tuple(getattr(c, f) for f in fast.refine_by)].append(c)
         for sub in subgroups.values():  # start at q_c(W - L_anchor), alternate, keep the best
-            t2 = time.perf_counter()
             lead = anchor_of(sub)
-            r = lq_error_estimate(W, lead, refine, F, start=factors)
-            results[lead] = ConfigError(lead, r.error, len(r.trace) - 1, time.perf_counter() - t2)
-            lead_factors = LowRank(r.L1, r.L2)
-            results.update(_priced(W, lead_factors, [c for c in sub if c != lead], F))
+            rows, lead_factors = _stepped(W, lead, sub, refine, factors, F)
+            results.update(rows)
             sets.append((lead, sub, lead_factors))
     out = {settings.rank: [results[c] for c in configs]}
     for rank in other_ranks:
@@ -148,10 +145,7 @@ def _higher_rank_rows(
     step = dataclasses.replace(settings, rank=rank, max_iters=1)
     priced: dict[QuantConfig, ConfigError] = {}
     for anchor, group, factors in anchors:
-        t0 = time.perf_counter()
-        r = lq_error_estimate(W, anchor, step, F, start=factors)
-        priced[anchor] = ConfigError(anchor, r.error, len(r.trace) - 1, time.perf_counter() - t0)
-        priced.update(_priced(W, LowRank(r.L1, r.L2), [c for c in group if c != anchor], F))
+        priced.update(_stepped(W, anchor, group, step, factors, F)[0])
     return [priced[c] for c in configs]
 
 
@@ -168,14 +162,22 @@ def _lower_rank_rows(
     priced: dict[QuantConfig, ConfigError] = {}
     for leader, members, factors in sets:
         start = LowRank(factors.L1[:, :rank], factors.L2[:rank])
-        if not n_steps:
-            priced.update(_priced(W, start, members, F))
-            continue
-        t0 = time.perf_counter()
-        r = lq_error_estimate(W, leader, steps, F, start=start)
-        priced[leader] = ConfigError(leader, r.error, len(r.trace) - 1, time.perf_counter() - t0)
-        priced.update(_priced(W, LowRank(r.L1, r.L2), [c for c in members if c != leader], F))
+        priced.update(_stepped(W, leader, members, steps, start, F)[0] if n_steps else _priced(W, start, members, F))
     return [priced[c] for c in configs]
+
+
+def _stepped(
+    W: torch.Tensor, leader: QuantConfig, members: list[QuantConfig], settings: LQSettings, start: LowRank,
+    F: torch.Tensor | None,
+) -> tuple[dict[QuantConfig, ConfigError], LowRank]:
+    """The leader alternates from `start` (`settings.max_iters` steps, keeping the best);
+    the other members are priced on the factors it ends with (returned too)."""
+    t0 = time.perf_counter()
+    r = lq_error_estimate(W, leader, settings, F, start=start)
+    out = {leader: ConfigError(leader, r.error, len(r.trace) - 1, time.perf_counter() - t0)}
+    factors = LowRank(r.L1, r.L2)
+    out.update(_priced(W, factors, [c for c in members if c != leader], F))
+    return out, factors
 
 
 def _priced(

@@ -44,10 +44,10 @@ def plan_id(refs: list[TableRef], budget: Budget, margin: float | None = None, s
     if len(refs) == 1 and budget.kind == "quantized" and top.priced_on_rank is None:
         return stable_key(top.table_key, top.method, sorted(top.configs), float(budget.value), margin, PLAN_VERSION)
     s = s or PlanSettings()
-    lower = s.other_rank_margin if margin is not None and any(r.priced_on_rank for r in refs) else None
+    other = s.other_rank_margin if margin is not None and any(r.priced_on_rank for r in refs) else None
     after_fixed = s.fixed_rank_plans and len(refs) > 1  # started from the fixed-rank plans' exact rows
     return stable_key([r.table_key for r in refs], top.method, sorted(top.configs), budget.kind, float(budget.value),
-                      margin, s.factor_bits, lower, after_fixed, PLAN_VERSION)
+                      margin, s.factor_bits, other, after_fixed, PLAN_VERSION)
 
 
 @dataclass(frozen=True)
@@ -136,9 +136,8 @@ def _problem(
     """The union of a method's tables; a zero-init method's rank is its LoRA rank. Rows
     priced on a higher rank's factors carry the confirmation margin for them."""
     method = get_method(refs[0].method)
-    shapes = pd.DataFrame(
-        [(t.name, t.rows, t.cols) for t in recorded_targets(ctx, model.model)], columns=["matrix", "rows", "cols"]
-    )
+    targets = recorded_targets(ctx, model.model)
+    shapes = pd.DataFrame([(t.name, t.rows, t.cols) for t in targets], columns=["matrix", "rows", "cols"])
     parts = [
         load_table(ctx, ref).assign(
             rank=ref.rank if method.has_lowrank_init else tables.lq.rank,
@@ -147,7 +146,7 @@ def _problem(
         for ref in refs
     ]
     table = pd.concat(parts, ignore_index=True).merge(shapes, on="matrix", how="left")
-    return Problem(table, nontarget_bytes(model.folder, recorded_targets(ctx, model.model)))
+    return Problem(table, nontarget_bytes(model.folder, targets))
 
 
 def rank_sets(refs: list[TableRef], s: PlanSettings) -> list[list[TableRef]]:
