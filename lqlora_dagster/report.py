@@ -58,7 +58,10 @@ def comparison_frame(evals: pd.DataFrame) -> pd.DataFrame:
         columns=["before_finetune", "after_finetune"]
     )
     bits = rest.groupby(keys)[["bits_per_param", "bits_incl_lowrank", "total_bytes"]].last()
-    frame = wide.join(bits).reset_index()
+    if "lr" not in rest.columns:
+        rest = rest.assign(lr=np.nan)
+    lrs = rest.assign(lr=rest["lr"].where(rest["stage"] == "after_finetune")).groupby(keys)["lr"].last()
+    frame = wide.join(bits).join(lrs).reset_index()
     frame["label"] = [
         method_label(m, q) + (f", {v}" if v else "")
         for m, q, v in zip(frame["method"], frame["bits_per_param"], frame["variant"])
@@ -78,6 +81,7 @@ def comparison_frame(evals: pd.DataFrame) -> pd.DataFrame:
                     "bits_per_param": 32.0,
                     "bits_incl_lowrank": 32.0,
                     "total_bytes": np.nan,
+                    "lr": _last(ref_tuned, "lr"),
                     "variant": "",
                     "label": method_label("reference"),
                 }
@@ -88,23 +92,32 @@ def comparison_frame(evals: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def _last(rows: pd.DataFrame, column: str) -> float:
+    return float(rows[column].iloc[-1]) if column in rows.columns and not rows.empty else np.nan
+
+
 def markdown_table(frame: pd.DataFrame) -> str:
+    """The report's table; 'MB in all' when plans recorded sizes, 'lr kept' when the
+    learning rate was chosen per adapter (more than one rate among the rows)."""
     def num(v, fmt):
         return "" if pd.isna(v) else format(v, fmt)
 
     metric = frame.attrs.get("metric", "perplexity")
     sizes = "total_bytes" in frame.columns and frame["total_bytes"].notna().any()
+    rates = "lr" in frame.columns and frame["lr"].dropna().nunique() > 1
     lines = [
         f"| method | budget | bits/param (Q) | bits/param incl. low rank |{' MB in all |' if sizes else ''} "
-        f"{metric} before finetune | after finetune |",
-        "|---|---|---|---|" + ("---|" if sizes else "") + "---|---|",
+        f"{metric} before finetune | after finetune |{' lr kept |' if rates else ''}",
+        "|---|---|---|---|" + ("---|" if sizes else "") + "---|---|" + ("---|" if rates else ""),
     ]
     fmt = ".2f" if metric == "perplexity" else ".3f"
     for r in frame.itertuples():
         size = f" {num(r.total_bytes / 1e6, '.2f')} |" if sizes else ""
+        rate = f" {num(r.lr, 'g')} |" if rates else ""
         lines.append(
             f"| {r.label} | {num(r.budget, 'g')} | {num(r.bits_per_param, '.3f')} | "
-            f"{num(r.bits_incl_lowrank, '.3f')} |{size} {num(r.before_finetune, fmt)} | {num(r.after_finetune, fmt)} |"
+            f"{num(r.bits_incl_lowrank, '.3f')} |{size} {num(r.before_finetune, fmt)} | "
+            f"{num(r.after_finetune, fmt)} |{rate}"
         )
     return "\n".join(lines)
 

@@ -163,10 +163,12 @@ CREATE TABLE IF NOT EXISTS evaluations (
     plan_id            VARCHAR,
     created_at         TIMESTAMP DEFAULT current_timestamp,
     macro_f1           DOUBLE,            -- classification
-    dataset            VARCHAR            -- the held-out data scored (dataset name and part)
+    dataset            VARCHAR,           -- the held-out data scored (dataset name and part)
+    lr                 DOUBLE             -- after_finetune: the peak learning rate of the adapter kept
 );
 ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS macro_f1 DOUBLE;
 ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS dataset VARCHAR;
+ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS lr DOUBLE;
 
 -- One row per successful stage run (pipeline/stage_runs.py): wall time and memory.
 CREATE TABLE IF NOT EXISTS stage_runs (

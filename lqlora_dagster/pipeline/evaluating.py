@@ -72,6 +72,8 @@ def run_evaluation(
     for key, stage, ref, plan_id, load in jobs:
         keys.append(key)
         if _done(ctx, key):
+            if stage == "after_finetune" and ref.lr is not None:  # rows scored before `lr` was recorded
+                ctx.warehouse.execute("UPDATE evaluations SET lr = ? WHERE eval_key = ? AND lr IS NULL", [ref.lr, key])
             continue
         if examples is None:
             encoded = task.examples(load_tokenizer(Path(model.folder)), data, "eval", s.seq_len)
@@ -103,6 +105,7 @@ def run_evaluation(
             "plan_id": plan_id,
             "macro_f1": scores.get("macro_f1"),
             "dataset": "{} ({})".format(data.source("eval")[0].name, data.source("eval")[1]),
+            "lr": ref.lr if stage == "after_finetune" else None,
         }
         ctx.warehouse.upsert("evaluations", EVALUATIONS.validate(pd.DataFrame([row])), ["eval_key"])
         what = "reference" if ref is None else f"{label(ref)} {stage}"
@@ -116,7 +119,7 @@ def evaluation_table(ctx: StageContext, keys: list[str]) -> pd.DataFrame:
     reference, and for plans stored before those existed)."""
     frame = ctx.warehouse.query(
         "SELECT e.method, e.budget, e.stage, e.metric, e.value, e.perplexity, e.macro_f1, e.bits_per_param, "
-        "e.bits_incl_lowrank, p.ranks AS plan_ranks, p.total_bytes "
+        "e.bits_incl_lowrank, e.lr, p.ranks AS plan_ranks, p.total_bytes "
         "FROM evaluations e LEFT JOIN plans p ON p.plan_id = e.plan_id "
         "WHERE e.eval_key IN (SELECT unnest(?::VARCHAR[])) "
         "ORDER BY e.stage <> 'reference', e.method, e.budget, e.stage DESC",

@@ -1,13 +1,16 @@
 """Stage `finetuned_adapters`: train L1, L2 of each decomposed model (and a
 classifier's fresh head) on the train part of the run's data, validating on its val
 part every few steps and keeping the best adapter; export PEFT adapters; log every
-step (and each validation loss) to DuckDB `train_steps`.
+step (and each validation loss) to DuckDB `train_steps`. With `lr_grid` each adapter
+is trained once per rate (each run its own key, so a rate shared with an earlier run
+is not trained twice) and the run with the lowest validation loss is the one handed on.
 
 Training checkpoints go to LQLORA_HOME/checkpoints/<run key>, so a killed run
 resumes from its last checkpoint instead of from step 0.
 """
 
 import dataclasses
+import math
 import shutil
 from pathlib import Path
 
@@ -29,7 +32,7 @@ from lqlora_dagster.surgery.injector import factor_layers, mark_trainable
 from lqlora_dagster.surgery.lora_linear import add_lora
 from lqlora_dagster.surgery.lq_model_io import load_lq_model
 from lqlora_dagster.tasks import get_task, task_of_data
-from lqlora_dagster.training.finetune import best_step, finetune
+from lqlora_dagster.training.finetune import TrainingDiverged, best_step, finetune
 from lqlora_dagster.training.state import checkpoint_step
 
 FINETUNE_VERSION = "2"
@@ -78,40 +81,75 @@ def label(ref) -> str:
 def run_finetuning(
     ctx: StageContext, model: ModelHandle, decomposed: DecomposedHandle, data: TaskData, s: FinetuneSettings
 ) -> FinetunedHandle:
-    """One adapter per selected decomposition, then the reference LoRA at the same rank."""
-    recipe = dataclasses.asdict(s) | {"methods": None, "budgets": None}
+    """One adapter per selected decomposition, then the reference LoRA at the same rank;
+    with `lr_grid`, one run per rate each, keeping the lowest validation loss."""
     data_ids = (data.content_id("train"), data.content_id("val"))
     selected = [ref for ref in decomposed.items if s.selects(ref.method, ref.budget)]
     for ref in selected:
         if ref.rank == 0:
             ctx.log(f"finetune {label(ref)}: its plan gave every matrix rank 0, so it has no factors to train; "
                     "skipped (its before-finetune evaluation stands)")
-    runs = [
+    adapters = [
         (AdapterRef(ref.plan_id, ref.method, ref.budget, ref.decomp_key, "", rank=ref.rank),
-         stable_key(ref.decomp_key, recipe, *data_ids, FINETUNE_VERSION))
+         lambda lr, ref=ref: stable_key(ref.decomp_key, s.recipe(lr), *data_ids, FINETUNE_VERSION))
         for ref in selected if ref.rank > 0
     ]
     ranks = {ref.rank for ref in selected if ref.rank > 0}
     if s.reference and ranks:
         rank = max(ranks)
-        runs.append((AdapterRef(REFERENCE, REFERENCE, None, model.key, "", rank=rank),
-                     stable_key(model.key, "lora", rank, recipe, *data_ids, FINETUNE_VERSION)))
+        adapters.append((AdapterRef(REFERENCE, REFERENCE, None, model.key, "", rank=rank),
+                         lambda lr: stable_key(model.key, "lora", rank, s.recipe(lr), *data_ids, FINETUNE_VERSION)))
     examples = _Examples(model, data, s, ctx.log)
     items = []
-    for ref, run_key in runs:
-        if ctx.store.find(ASSET, model.model, run_key) is None:
-            _train(ctx, model, ref, data, s, run_key, examples.get())
-        else:
-            ctx.log(f"finetune {label(ref)}: cached")
-        steps = ctx.warehouse.query("SELECT step, loss, val_loss FROM train_steps WHERE run = ? ORDER BY step", [run_key])
-        final = float(steps["loss"].iloc[-1]) if not steps.empty else float("nan")
-        vals = steps.dropna(subset=["val_loss"])
-        best = vals.loc[vals["val_loss"].idxmin()] if not vals.empty else None
-        items.append(dataclasses.replace(
-            ref, run_key=run_key, final_loss=final, best_step=None if best is None else int(best["step"]),
-            best_val_loss=None if best is None else float(best["val_loss"]),
-        ))
+    for ref, key_at in adapters:
+        tried = []
+        for lr in s.learning_rates():
+            run_key = key_at(lr)
+            tag = label(ref) + (f" (lr {lr:g})" if s.lr_grid else "")
+            if ctx.store.find(ASSET, model.model, run_key) is None:
+                try:
+                    _train(ctx, model, ref, tag, data, dataclasses.replace(s, lr=lr, lr_grid=()), run_key,
+                           examples.get())
+                except TrainingDiverged as exc:
+                    if not s.lr_grid:
+                        raise
+                    ctx.log(f"finetune {tag}: {exc}; not a candidate")
+                    continue
+            else:
+                ctx.log(f"finetune {tag}: cached")
+            tried.append(_outcome(ctx, ref, run_key, lr))
+        if not tried:
+            raise TrainingDiverged(f"finetune {label(ref)}: training diverged at every rate of lr_grid "
+                                   f"{list(s.lr_grid)}; try lower ones")
+        chosen = min(tried, key=_validation_rank)
+        if s.lr_grid:
+            losses = ", ".join(f"{t.lr:g}: {_loss_text(t.best_val_loss)}" for t in tried)
+            ctx.log(f"finetune {label(ref)}: lr {chosen.lr:g} kept (best validation loss per lr: {losses})")
+        items.append(chosen)
     return FinetunedHandle(model.model, items)
+
+
+def _outcome(ctx: StageContext, ref: AdapterRef, run_key: str, lr: float) -> AdapterRef:
+    """`ref` with what its run at `lr` recorded in `train_steps`."""
+    steps = ctx.warehouse.query("SELECT step, loss, val_loss FROM train_steps WHERE run = ? ORDER BY step", [run_key])
+    final = float(steps["loss"].iloc[-1]) if not steps.empty else float("nan")
+    vals = steps.dropna(subset=["val_loss"])
+    best = vals.loc[vals["val_loss"].idxmin()] if not vals.empty else None
+    return dataclasses.replace(
+        ref, run_key=run_key, final_loss=final, best_step=None if best is None else int(best["step"]),
+        best_val_loss=None if best is None else float(best["val_loss"]), lr=lr,
+    )
+
+
+def _loss_text(loss: float | None) -> str:
+    return "none" if loss is None else f"{loss:.4f}"
+
+
+def _validation_rank(ref: AdapterRef) -> tuple[bool, float]:
+    """Lowest best validation loss first; runs that never validated (or diverged) last."""
+    loss = ref.best_val_loss
+    bad = loss is None or not math.isfinite(loss)
+    return bad, ref.final_loss if bad else loss
 
 
 def trainable_model(ctx: StageContext, model: ModelHandle, ref: AdapterRef, labels, device) -> torch.nn.Module:
@@ -126,7 +164,7 @@ def trainable_model(ctx: StageContext, model: ModelHandle, ref: AdapterRef, labe
     return kind.fit_head(net, labels)
 
 
-def _train(ctx, model, ref, data: TaskData, s: FinetuneSettings, run_key, examples):
+def _train(ctx, model, ref, tag: str, data: TaskData, s: FinetuneSettings, run_key, examples):
     train, val = examples
     task, kind = task_of_data(data.task), get_task(model.task)
     net = trainable_model(ctx, model, ref, data.labels, ctx.device)
@@ -137,11 +175,11 @@ def _train(ctx, model, ref, data: TaskData, s: FinetuneSettings, run_key, exampl
 
     resumed = checkpoint_step(checkpoint)
     if resumed is not None:
-        ctx.log(f"finetune {label(ref)}: resuming from the checkpoint at step {resumed}")
+        ctx.log(f"finetune {tag}: resuming from the checkpoint at step {resumed}")
 
     def on_step(step) -> None:
         note = f"loss {step.loss:.4f}" + (f", val {step.val_loss:.4f}" if step.val_loss is not None else "")
-        ctx.progress(f"finetune {label(ref)}", step.step, settings.steps, "steps", note)
+        ctx.progress(f"finetune {tag}", step.step, settings.steps, "steps", note)
 
     history = finetune(
         net, task.batches(train, settings), settings, checkpoint_dir=checkpoint, on_step=on_step,
@@ -149,7 +187,7 @@ def _train(ctx, model, ref, data: TaskData, s: FinetuneSettings, run_key, exampl
     )
     best = best_step(history)
     if best is not None and best != history[-1].step:
-        ctx.log(f"finetune {label(ref)}: kept the adapter of step {best} (lowest validation loss)")
+        ctx.log(f"finetune {tag}: kept the adapter of step {best} (lowest validation loss)")
     frame = pd.DataFrame(
         [
             {"run": run_key, "plan_id": ref.plan_id, "step": h.step, "loss": h.loss, "lr": h.lr,

@@ -112,6 +112,7 @@ class AdapterRef:
     best_step: int | None = None  # the step whose adapter was kept (lowest validation loss)
     best_val_loss: float | None = None
     rank: int = 0  # of the factors
+    lr: float | None = None  # the peak learning rate of the run kept
 
 
 @dataclass(frozen=True)

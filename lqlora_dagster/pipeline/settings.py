@@ -197,8 +197,29 @@ class FinetuneSettings(TrainSettings):
         flags=("--no-reference",),
     )
     val_examples: int = knob(32, "validation examples scored each `eval_every` steps (spread over the split)", ge=1)
+    lr_grid: tuple[float, ...] = knob(
+        (), "learning rates to try for every adapter; each keeps the one with the lowest validation loss "
+        "(the test part is never looked at); empty: just `lr`", gt=0, lt=1, flags=("--lr-grid",),
+    )
     methods: tuple[str, ...] = knob((), "finetune only these methods (empty: all)", choices=tuple(METHODS))
     budgets: tuple[float, ...] = knob((), "finetune only these budgets (empty: all)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(set(self.lr_grid)) != len(self.lr_grid):
+            raise LQLoRAInputError(f"lr_grid lists a learning rate twice: {list(self.lr_grid)}")
+        if self.lr_grid and not self.eval_every:
+            raise LQLoRAInputError("lr_grid picks by validation loss, so it needs eval_every > 0")
+
+    def learning_rates(self) -> tuple[float, ...]:
+        return self.lr_grid or (self.lr,)
+
+    def recipe(self, lr: float) -> dict:
+        """What an adapter trained at `lr` depends on among these knobs (not which plans
+        are trained, nor the other rates tried)."""
+        values = dataclasses.asdict(dataclasses.replace(self, lr=lr, lr_grid=()))
+        del values["lr_grid"]
+        return values | {"methods": None, "budgets": None}
 
     def selects(self, method: str, budget: float) -> bool:
         return (not self.methods or method in self.methods) and (

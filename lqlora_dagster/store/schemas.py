@@ -133,6 +133,7 @@ EVALUATIONS = pa.DataFrameSchema(
         "plan_id": pa.Column(str, nullable=True),
         "macro_f1": pa.Column(float, nullable=True, coerce=True),
         "dataset": pa.Column(str, nullable=True),
+        "lr": pa.Column(float, pa.Check.gt(0), nullable=True, coerce=True),
     },
     strict=True,
 )

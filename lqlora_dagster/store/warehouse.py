@@ -119,6 +119,11 @@ class Warehouse:
         con.execute(f'INSERT INTO "{table}" ({cols}) SELECT {cols} FROM _rows')
         con.unregister("_rows")
 
+    def execute(self, sql: str, params: list | dict | None = None) -> None:
+        """One statement that returns nothing (an UPDATE)."""
+        with self.connect() as con:
+            con.execute(sql, params or [])
+
     def query(self, sql: str, params: list | dict | None = None, read_only: bool = False) -> pd.DataFrame:
         with self.connect(read_only=read_only) as con:
             return con.execute(sql, params or []).df()

@@ -25,6 +25,10 @@ from lqlora_dagster.training.state import load_best, load_state, save_best, save
 BatchFn = Callable[[int, int], dict[str, torch.Tensor]]
 
 
+class TrainingDiverged(LQLoRAInputError):
+    """The loss stopped being finite: the learning rate is too high for this model."""
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """Knobs of the finetuning loop (each a launchpad field and a CLI flag)."""
@@ -152,7 +156,7 @@ def finetune(
             batch = {k: v.to(accelerator.device) for k, v in batch_fn(step, micro).items()}
             loss = model(**batch).loss
             if not torch.isfinite(loss):
-                raise LQLoRAInputError(
+                raise TrainingDiverged(
                     f"training loss became {loss.item()} at step {step + 1}; lower the learning rate"
                 )
             accelerator.backward(loss / settings.grad_accum)

@@ -183,6 +183,9 @@ def test_a_budget_no_plan_can_meet_is_refused_before_any_work(ran):
                                     "of tensors that are not targets"),
         (["--max-size", "12 parsecs"], "cannot read the size '12 parsecs'; write it like 80MB"),
         (["--budget-kind", "lowrank", "--budget", "2.5"], "budget 2.5 bits/param incl. low-rank is below the cheapest"),
+        (["--lr-grid", "1e-3", "1e-3"], "lr_grid lists a learning rate twice: [0.001, 0.001]"),
+        (["--lr-grid", "0", "1e-3"], "lr_grid must be a number in (0, 1), got 0.0"),
+        (["--lr-grid", "1e-3", "3e-3", "--finetune-eval-every", "0"], "lr_grid picks by validation loss"),
     ],
 )
 def test_bad_ranks_and_sizes_are_refused_before_any_work(ran, argv, message):

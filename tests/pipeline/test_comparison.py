@@ -111,6 +111,17 @@ def test_comparison_frame_puts_each_number_on_its_row():
     assert lq.loc[3.5, "before_finetune"] == 26.0 and np.isnan(lq.loc[2.75, "after_finetune"])
 
 
+def test_the_rate_kept_is_shown_only_when_rates_differ():
+    tuned = ROWS["stage"] == "after_finetune"
+    chosen = ROWS.assign(lr=np.where(tuned, np.where(ROWS["method"] == "qlora", 3e-4, 1e-3), np.nan))
+    table = markdown_table(comparison_frame(chosen))
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    assert header[-1] == "lr kept"
+    rows = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in table.splitlines()[2:]}
+    assert rows["QLoRA NF4"] == "0.0003" and rows["LQ-LoRA (ILP)"] in {"", "0.001"}
+    assert "lr kept" not in markdown_table(comparison_frame(ROWS.assign(lr=np.where(tuned, 1e-3, np.nan))))
+
+
 def test_pareto_axes_carry_the_data():
     fig = pareto_figure(comparison_frame(ROWS))
     (ax,) = fig.axes

@@ -10,8 +10,10 @@ from assets.runs import stored_handle
 from lqlora_dagster.comparison import ENCODER_COMPARISON
 from lqlora_dagster.data.polarity import polarity_split
 from lqlora_dagster.definitions import COMPARISON_JOB, build_definitions, comparison_run_config
+from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.finetuning import load_finetuned
+from lqlora_dagster.pipeline.settings import FinetuneSettings
 from lqlora_dagster.surgery.lq_model_io import load_lq_model
 from tests.conftest import registered_home
 
@@ -19,7 +21,8 @@ MODEL = "tiny-bert"
 TINY = ENCODER_COMPARISON.with_stages(
     error_table={"rank": 4, "grid": "reduced"},
     calibration_batches={"n_sequences": 8, "seq_len": 32},
-    finetuned_adapters={"steps": 6, "batch_size": 8, "seq_len": 32},
+    finetuned_adapters={"steps": 6, "batch_size": 8, "seq_len": 32, "eval_every": 3,
+                        "lr_grid": (1e-3, 3e-3)},
     evaluation={"seq_len": 32},
 )
 
@@ -89,3 +92,30 @@ def test_report_shows_accuracy(compared):
     assert before == "" and 0 <= float(after) <= 1
     assert table.count("| LQ-LoRA (ILP + Fisher) |") == len(TINY.budgets)
     assert (folder / "pareto.png").stat().st_size > 10_000
+
+
+def test_each_adapter_kept_the_rate_with_the_lowest_validation_loss(compared):
+    home, w = compared
+    grid = TINY.stages.finetuned_adapters.lr_grid
+    assert len(grid) == 2
+    adapters = stored_handle(home, "finetuned_adapters", MODEL).items
+    runs = w.query("SELECT plan_id, run, min(val_loss) AS best FROM train_steps GROUP BY plan_id, run")
+    evals = w.query("SELECT plan_id, lr FROM evaluations WHERE stage = 'after_finetune'")
+    assert len(adapters) == len(TINY.finetuned_methods) * len(TINY.finetuned_budgets) + 1  # + the reference
+    for ref in adapters:
+        tried = runs[runs["plan_id"] == ref.plan_id]
+        assert len(tried) == len(grid)  # one run per rate, each kept in train_steps
+        assert ref.best_val_loss == tried["best"].min() and ref.run_key in set(tried["run"])
+        assert ref.lr in grid and list(evals.loc[evals["plan_id"] == ref.plan_id, "lr"]) == [ref.lr]
+
+
+def test_lr_grid_settings():
+    with pytest.raises(LQLoRAInputError, match="twice"):
+        FinetuneSettings(lr_grid=(1e-3, 1e-3))
+    with pytest.raises(LQLoRAInputError, match="eval_every"):
+        FinetuneSettings(lr_grid=(1e-3, 3e-3), eval_every=0)
+    with pytest.raises(LQLoRAInputError, match="lr_grid"):
+        FinetuneSettings(lr_grid=(0.0,))
+    # a rate of the grid is the same run as that rate alone (cached once), whatever else the grid holds
+    assert FinetuneSettings(lr_grid=(1e-4, 1e-3)).recipe(1e-3) == FinetuneSettings(lr=1e-3).recipe(1e-3)
+    assert FinetuneSettings(lr_grid=(1e-4, 1e-3)).recipe(1e-4) != FinetuneSettings().recipe(1e-3)
