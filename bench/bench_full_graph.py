@@ -1,0 +1,97 @@
+"""The main job on one model, every stage timed and measured: the stage rows that run
+wrote to DuckDB `stage_runs` (seconds, memory the stage added, the process's peak), the
+machine's memory and swap traffic over the run, and the error table's seconds per
+target weight (what `bench_scale.py` extrapolates from).
+
+    python bench/bench_full_graph.py --model llama-1b-shaped [-- EXTRA lqlora run FLAGS]
+
+The model must be registered in LQLORA_HOME (`lqlora register`); for the 1B-class run:
+`python bench/make_llama1b_shaped.py /work/llama1b && lqlora register /work/llama1b
+--name llama-1b-shaped`. Stages already cached are not re-run and have no new row, so
+point LQLORA_HOME at a fresh home for a full measurement."""
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench._stamp import stamp  # noqa: E402
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in kB."""
+    out = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, value = line.split(":", 1)
+        out[key] = int(value.split()[0])
+    return out
+
+
+def swapped_pages() -> int:
+    """Pages swapped in and out since boot."""
+    stats = dict(line.split() for line in Path("/proc/vmstat").read_text().splitlines())
+    return int(stats.get("pswpin", 0)) + int(stats.get("pswpout", 0))
+
+
+def stage_rows(home: Path, model: str, since: datetime.datetime):
+    from lqlora_dagster.store.warehouse import Warehouse
+
+    return Warehouse(home / "lqlora.duckdb").query(
+        "SELECT stage, seconds, added_mb, peak_mb FROM stage_runs WHERE model = ? AND started_at >= ? "
+        "ORDER BY started_at",
+        [model, since.replace(tzinfo=None)],
+        read_only=True,
+    )
+
+
+def target_weights(home: Path, model: str) -> int:
+    from lqlora_dagster.store.warehouse import Warehouse
+
+    rows = Warehouse(home / "lqlora.duckdb").query(
+        "SELECT sum(numel) AS n FROM matrices WHERE model = ?", [model], read_only=True
+    )
+    return int(rows["n"].iloc[0] or 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a model registered in LQLORA_HOME")
+    parser.add_argument("extra", nargs="*", help="flags passed on to `lqlora run` (after --)")
+    args = parser.parse_args()
+    home = Path(os.environ.get("LQLORA_HOME", REPO / ".lqlora")).resolve()
+
+    print(stamp())
+    before, swaps = meminfo(), swapped_pages()
+    since = datetime.datetime.now(datetime.timezone.utc)
+    t0 = time.perf_counter()
+    run = subprocess.run([str(Path(sys.executable).parent / "lqlora"), "run", "--model", args.model, *args.extra])
+    wall = time.perf_counter() - t0
+    swapped = swapped_pages() - swaps
+    rows = stage_rows(home, args.model, since)
+
+    print(f"\nmodel {args.model} in {home}: `lqlora run` exited {run.returncode} after {wall / 3600:.2f} h")
+    print(f"machine: {before['MemTotal'] / 2**20:.1f} GiB memory, {before['SwapTotal'] / 2**20:.1f} GiB swap; "
+          f"pages swapped in or out during the run: {swapped}\n")
+    print("| stage | seconds | added MB | process peak MB |")
+    print("|---|---|---|---|")
+    for r in rows.itertuples():
+        print(f"| {r.stage} | {r.seconds:,.1f} | {r.added_mb:,.0f} | {r.peak_mb:,.0f} |")
+    if not rows.empty:
+        print(f"| all stages | {rows['seconds'].sum():,.1f} | | {rows['peak_mb'].max():,.0f} |")
+    table = rows[rows["stage"].str.startswith("error_table")]
+    weights = target_weights(home, args.model)
+    if not table.empty and weights:
+        # summed over the chunk steps, which the multiprocess executor may overlap
+        print(f"\nerror table: {table['seconds'].sum():,.0f} stage-seconds over {weights:,} target weights = "
+              f"{1e6 * table['seconds'].sum() / weights:.2f} µs per weight (every method the run asked for)")
+    sys.exit(run.returncode)
+
+
+if __name__ == "__main__":
+    main()
