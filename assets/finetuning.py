@@ -60,7 +60,7 @@ def finetuned_adapters(
 
 def _line(a) -> str:
     best = f", best val {a.best_val_loss:.3f} at step {a.best_step}" if a.best_step is not None else ""
-    return f"{label(a)}: final loss {a.final_loss:.3f}{best}"
+    return f"{label(a)}: final loss {a.final_loss:.3f}{best}, lr {a.lr:g}"
 
 
 @dg.asset_check(asset=finetuned_adapters, description="Every adapter finished training with a finite loss.")
