@@ -1,6 +1,7 @@
 """Asset `allocation_plan`: a config per matrix for each method and budget."""
 
 import dagster as dg
+import pandas as pd
 
 from assets.config import config_class
 from assets.shared import BASE_MODELS, stage_context, summary
@@ -52,6 +53,16 @@ def allocation_plan(
     )
 
 
+def _spent(recount: pd.Series, kind: str) -> float | None:
+    """What a plan spends in its budget's kind. Only a "total" plan must carry total_bytes:
+    plans stored before that column existed hold NULL there (read back as pandas NA)."""
+    if kind == "quantized":
+        return float(recount["bits"])
+    if kind == "lowrank":
+        return float(recount["bits"]) + float(recount["factor_bits"])
+    return None if pd.isna(recount["total_bytes"]) else float(recount["total_bytes"])
+
+
 @dg.asset_check(
     asset=allocation_plan,
     description="Each plan meets its budget, recounted from its assignments in the budget's kind, and assigns "
@@ -75,11 +86,9 @@ def plans_meet_budget(allocation_plan: PlanHandle, warehouse: WarehouseResource)
         ).iloc[0]
         if not (int(r["n"]) == int(r["d"]) == n_matrices):
             problems.append(f"{p.method}@{p.budget:g}: {int(r['n'])} assignments for {n_matrices} matrices")
-        spent = {
-            "quantized": float(r["bits"]),
-            "lowrank": float(r["bits"]) + float(r["factor_bits"]),
-            "total": float(r["total_bytes"] or 0),
-        }[p.budget_kind]
-        if spent > p.budget * (1 + 1e-9):
+        spent = _spent(r, p.budget_kind)
+        if spent is None:
+            problems.append(f"{p.method}@{p.budget:g} ({p.budget_kind}): no total size recorded")
+        elif spent > p.budget * (1 + 1e-9):
             problems.append(f"{p.method}@{p.budget:g} ({p.budget_kind}): {spent:.4f} over budget")
     return dg.AssetCheckResult(passed=not problems, metadata={"problems": dg.MetadataValue.json(problems)})

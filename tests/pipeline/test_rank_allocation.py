@@ -84,3 +84,26 @@ def test_models_with_rank_zero_layers_train_and_evaluate(ranked):
     # everywhere has nothing to train
     factored = set(w.query("SELECT DISTINCT plan_id FROM plan_assignments WHERE rank > 0")["plan_id"])
     assert trained - {"reference"} == factored
+
+
+def test_the_budget_check_reads_plans_stored_before_the_total_size_column(ranked):
+    """Plans from a warehouse older than `plans.total_bytes` hold NULL there: the check
+    recounts quantized and low-rank plans without it, and names a total plan that lacks it."""
+    from assets.plans import plans_meet_budget
+    from resources import WarehouseResource
+
+    home, result = ranked
+    handle = result.output_for_node("allocation_plan")
+    w = Warehouse(home / "lqlora.duckdb")
+    saved = w.query("SELECT plan_id, total_bytes FROM plans")
+    resource = WarehouseResource(database=str(home / "lqlora.duckdb"))
+    try:
+        w.execute("UPDATE plans SET total_bytes = NULL WHERE budget_kind = 'lowrank'")
+        assert plans_meet_budget(allocation_plan=handle, warehouse=resource).passed
+        w.execute("UPDATE plans SET total_bytes = NULL")
+        check = plans_meet_budget(allocation_plan=handle, warehouse=resource)
+        assert not check.passed
+        assert all("(total): no total size recorded" in p for p in check.metadata["problems"].data)
+    finally:
+        for row in saved.itertuples():
+            w.execute("UPDATE plans SET total_bytes = ? WHERE plan_id = ?", [int(row.total_bytes), row.plan_id])
