@@ -21,11 +21,13 @@ from lqlora_dagster.methods import METHODS, method_label
 
 def rank_variants(evals: pd.DataFrame) -> pd.Series:
     """How a row's plan chose ranks, where a run has several kinds for one method:
-    'ranks 0,8,16 allocated' or 'rank 16'; '' otherwise (one rank for all, as usual)."""
+    'ranks 0,8,16 allocated' or 'rank 16'; '' otherwise (one rank for all, as usual).
+    A plan stored before plans recorded their ranks (NULL) is one rank for all: it is
+    no kind of its own."""
     if "plan_ranks" not in evals.columns:
         return pd.Series("", index=evals.index)
     ranks = evals["plan_ranks"].fillna("").astype(str)
-    kinds = ranks.groupby(evals["method"]).transform("nunique")
+    kinds = ranks.where(ranks != "").groupby(evals["method"]).transform("nunique")
     return pd.Series(
         [
             "" if not r or (n < 2 and "," not in r) else f"ranks {r} allocated" if "," in r else f"rank {r}"

@@ -19,7 +19,7 @@ from lqlora_dagster.report import (
 )
 from lqlora_dagster.store.keys import stable_key
 
-REPORT_VERSION = "3"
+REPORT_VERSION = "4"
 HEATMAP_PLAN = ("lqlora-fisher", 3.0)  # the plan whose bits per matrix the heatmap shows
 ASSET = "comparison_report"
 TABLE, PARETO, HEATMAP, RANKS = "comparison.md", "pareto.png", "allocation.png", "allocation_rank.png"

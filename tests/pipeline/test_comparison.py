@@ -188,6 +188,9 @@ def test_rank_variants_keep_plans_of_one_method_apart():
     # one rank for all, as a run without --ranks makes: no label change
     single = rows[rows["plan_ranks"] == "16"].assign(plan_ranks="16")
     assert list(comparison_frame(single)["label"]) == ["LQ-LoRA (ILP + Fisher)"]
+    # beside a plan stored before plans recorded their ranks (NULL): still one kind
+    older = pd.concat([single, single.assign(budget=3.5, plan_ranks=None)])
+    assert set(comparison_frame(older)["label"]) == {"LQ-LoRA (ILP + Fisher)"}
 
 
 def test_the_rank_view_on_the_tiny_model(tmp_path_factory, tiny_llama_folder):
