@@ -4,7 +4,9 @@ realizes each matrix's rank (0: no factors), and training and evaluation run on 
 
 import pytest
 
+from assets.plans import plans_meet_budget
 from lqlora_dagster.store.warehouse import Warehouse
+from resources import WarehouseResource
 from tests.conftest import registered_home
 from tests.pipeline.conftest import tiny_settings
 from tests.pipeline.test_materialize import MODEL, materialize
@@ -89,9 +91,6 @@ def test_models_with_rank_zero_layers_train_and_evaluate(ranked):
 def test_the_budget_check_reads_plans_stored_before_the_total_size_column(ranked):
     """Plans from a warehouse older than `plans.total_bytes` hold NULL there: the check
     recounts quantized and low-rank plans without it, and names a total plan that lacks it."""
-    from assets.plans import plans_meet_budget
-    from resources import WarehouseResource
-
     home, result = ranked
     handle = result.output_for_node("allocation_plan")
     w = Warehouse(home / "lqlora.duckdb")
