@@ -3,6 +3,7 @@ which command and by which code it was produced: the date, the command line, the
 commit and the `code_version` of every asset (what makes Dagster re-mark it stale)."""
 
 import datetime
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ def stamp() -> str:
         [
             f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
             f"- command: `python {' '.join(sys.argv)}`",
-            f"- commit: {commit.stdout.strip() or 'unknown'}{' (with uncommitted changes)' if dirty else ''}",
+            f"- commit: {commit.stdout.strip() or os.environ.get('LQLORA_COMMIT', 'unknown')}{' (with uncommitted changes)' if dirty else ''}",
             f"- code versions: {versions}",
         ]
     )

@@ -3,16 +3,19 @@ wrote to DuckDB `stage_runs` (seconds, memory the stage added, the process's pea
 machine's memory and swap traffic over the run, and the error table's seconds per
 target weight (what `bench_scale.py` extrapolates from).
 
-    python bench/bench_full_graph.py --model llama-1b-shaped [-- EXTRA lqlora run FLAGS]
+    python bench/bench_full_graph.py --model llama-1b-shaped [--time-limit S] [-- EXTRA lqlora run FLAGS]
 
 The model must be registered in LQLORA_HOME (`lqlora register`); for the 1B-class run:
 `python bench/make_llama1b_shaped.py /work/llama1b && lqlora register /work/llama1b
 --name llama-1b-shaped`. Stages already cached are not re-run and have no new row, so
-point LQLORA_HOME at a fresh home for a full measurement."""
+point LQLORA_HOME at a fresh home for a full measurement. With --time-limit the run is
+stopped after S seconds and the stages that finished are reported (a lent GPU's lease
+is short)."""
 
 import argparse
 import datetime
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -56,12 +59,14 @@ def target_weights(home: Path, model: str) -> int:
     rows = Warehouse(home / "lqlora.duckdb").query(
         "SELECT sum(numel) AS n FROM matrices WHERE model = ?", [model], read_only=True
     )
-    return int(rows["n"].iloc[0] or 0)
+    n = rows["n"].iloc[0]
+    return 0 if n is None or n != n else int(n)  # NULL (no matrices recorded yet) arrives as NaN
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a model registered in LQLORA_HOME")
+    parser.add_argument("--time-limit", type=float, default=None, help="stop the run after this many seconds")
     parser.add_argument("extra", nargs="*", help="flags passed on to `lqlora run` (after --)")
     args = parser.parse_args()
     home = Path(os.environ.get("LQLORA_HOME", REPO / ".lqlora")).resolve()
@@ -70,7 +75,18 @@ def main() -> None:
     before, swaps = meminfo(), swapped_pages()
     since = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.perf_counter()
-    run = subprocess.run([str(Path(sys.executable).parent / "lqlora"), "run", "--model", args.model, *args.extra])
+    run = subprocess.Popen([sys.executable, "-m", "lqlora_dagster.cli", "run", "--model", args.model, *args.extra],
+                           cwd=REPO, start_new_session=True)  # its own group: a stop reaches its step processes
+    try:
+        run.wait(timeout=args.time_limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGTERM)
+        try:
+            run.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+        print(f"\nstopped at the time limit of {args.time_limit:.0f} s")
     wall = time.perf_counter() - t0
     swapped = swapped_pages() - swaps
     rows = stage_rows(home, args.model, since)

@@ -3,9 +3,10 @@ load + prefill + greedy decode (tokens/s, and the memory that loading and runnin
 above the interpreter after its imports), and one finetuning step of 4 x 256 tokens (LoRA
 over the fp32 base vs LQ-LoRA's factors over the packed Q: seconds and memory), without
 and with gradient checkpointing (`train-ckpt`, as `--finetune-gradient-checkpointing`). Every measurement runs
-in a fresh process, one after the other, at 1 and 2 torch threads.
+in a fresh process, one after the other, at 1 and 2 torch threads. With `--device cuda`
+the models run on the GPU and the memory is its allocator's peak above its start.
 
-    python bench/bench_inference.py --fp32 MODEL_FOLDER --lq SAVED_LQ_FOLDER [--threads 1 2]
+    python bench/bench_inference.py --fp32 MODEL_FOLDER --lq SAVED_LQ_FOLDER [--threads 1 2] [--device cuda]
 
 MODEL_FOLDER is a registered model's folder (LQLORA_HOME/models/NAME); SAVED_LQ_FOLDER a
 `decomposed_model` artifact (LQLORA_HOME/artifacts/decomposed_model/NAME/KEY)."""
@@ -20,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def child(kind: str, folder: str, threads: int, work: str, prompt_len: int, new_tokens: int,
+def child(kind: str, folder: str, threads: int, work: str, prompt_len: int, new_tokens: int, device: str,
           repeats: int = 3) -> dict:
     import torch
 
@@ -28,6 +29,7 @@ def child(kind: str, folder: str, threads: int, work: str, prompt_len: int, new_
     from lqlora_dagster.quant import fast_decode
 
     torch.set_num_threads(threads)
+    device = torch.device(device)
     fast_decode.kernel()  # build/load the extension with the imports, not inside the timing
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -38,37 +40,46 @@ def child(kind: str, folder: str, threads: int, work: str, prompt_len: int, new_
 
     with init_empty_weights():  # imports the architecture's code (~100 MB) before the baseline
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
-    ids = torch.randint(0, 49152, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 49152, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
+    if device.type == "cuda":
+        torch.zeros(1, device=device)  # the CUDA context, before the baseline
     after_imports = rss_bytes()
     out: dict = {"kind": kind, "threads": threads, "work": work}
-    with PeakMemory() as memory:
-        start = time.perf_counter()
+
+    def now() -> float:  # GPU work is asynchronous: wait for it before reading the clock
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    with PeakMemory() as memory, PeakMemory(device) as on_device:
+        start = now()
         if kind == "fp32":
-            net = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            net = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
         else:
-            net = load_lq_model(Path(folder))
-        out["load_s"] = time.perf_counter() - start
+            net = load_lq_model(Path(folder), device)
+        out["load_s"] = now() - start
         if work == "generate":
             net.eval()
             prefill, decode = [], []
             with torch.no_grad():
                 net(ids[:, :8])  # warm-up
                 for _ in range(repeats):  # the best of a few: other tenants of a shared machine add noise
-                    start = time.perf_counter()
+                    start = now()
                     step = net(ids, use_cache=True, logits_to_keep=1)  # as `generate` prefills
-                    prefill.append(prompt_len / (time.perf_counter() - start))
+                    prefill.append(prompt_len / (now() - start))
                     token = step.logits[:, -1:].argmax(-1)
-                    start = time.perf_counter()
+                    start = now()
                     for _ in range(new_tokens):
                         step = net(token, past_key_values=step.past_key_values, use_cache=True)
                         token = step.logits[:, -1:].argmax(-1)
-                    decode.append(new_tokens / (time.perf_counter() - start))
+                    decode.append(new_tokens / (now() - start))
             out["prefill_tok_s"], out["decode_tok_s"] = max(prefill), max(decode)
         else:  # one optimizer-free training step: forward + backward of a batch, factors only
             if kind == "fp32":
                 layout = json.loads((Path(work.split(":", 1)[1]) / "lqlora.json").read_text())["layers"]
                 net.requires_grad_(False)  # the same targets and rank as the compressed model
                 add_lora(net, list(layout), next(iter(layout.values()))["rank"])
+                net.to(device)
             else:
                 net.requires_grad_(False)
                 for layer in lq_layers(net).values():
@@ -79,21 +90,23 @@ def child(kind: str, folder: str, threads: int, work: str, prompt_len: int, new_
 
                 enable_checkpointing(net)
             net.train()
-            batch = torch.randint(0, 49152, (4, 256), generator=torch.Generator().manual_seed(1))
+            batch = torch.randint(0, 49152, (4, 256), generator=torch.Generator().manual_seed(1)).to(device)
             times = []
             for _ in range(3):
-                start = time.perf_counter()
+                start = now()
                 net(input_ids=batch, labels=batch).loss.backward()
-                times.append(time.perf_counter() - start)
+                times.append(now() - start)
                 net.zero_grad(set_to_none=True)
             out["step_s"] = min(times[1:])
     out["added_mb"] = (memory.peak - after_imports) / 2**20
+    if device.type == "cuda":  # on a GPU the weights, activations and caches live in its memory
+        out["added_mb"] = on_device.added_mb
     return out
 
 
 def run(kind: str, folder: Path, threads: int, work: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, str(folder), str(threads), work,
-           str(args.prompt_len), str(args.new_tokens)]
+           str(args.prompt_len), str(args.new_tokens), args.device]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
     if done.returncode:
         raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
@@ -102,8 +115,8 @@ def run(kind: str, folder: Path, threads: int, work: str, args) -> dict:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        kind, folder, threads, work, prompt_len, new_tokens = sys.argv[2:8]
-        print(json.dumps(child(kind, folder, int(threads), work, int(prompt_len), int(new_tokens))))
+        kind, folder, threads, work, prompt_len, new_tokens, device = sys.argv[2:9]
+        print(json.dumps(child(kind, folder, int(threads), work, int(prompt_len), int(new_tokens), device)))
         return
     sys.path.insert(0, str(HERE))
     from _stamp import stamp
@@ -115,6 +128,8 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--no-train", action="store_true", help="skip the finetuning-step comparison")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, or cuda (then added MB is the GPU allocator's peak above its start)")
     args = p.parse_args()
     print(stamp())
     layout = json.loads((args.lq / "lqlora.json").read_text())

@@ -3,7 +3,7 @@ machine: wall time and the memory each adds, every run in a fresh process. PEFT'
 needs bitsandbytes and a CUDA or XPU device; where it cannot run, the error is printed
 as PEFT raised it.
 
-    python bench/bench_peft_loftq.py --model MODEL_FOLDER [--layers 2] [--rank 16] [--bnb PATH]
+    python bench/bench_peft_loftq.py --model MODEL_FOLDER [--layers 2] [--rank 16] [--bnb PATH] [--device cuda]
 
 --layers limits both sides to the first N transformer blocks (the same matrices);
 --bnb is a folder holding bitsandbytes (`pip install --target PATH bitsandbytes`)."""
@@ -18,7 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def child(side: str, folder: str, layers: int, rank: int) -> dict:
+def child(side: str, folder: str, layers: int, rank: int, device: str) -> dict:
     import torch
 
     from lqlora_dagster.memory import PeakMemory
@@ -28,8 +28,11 @@ def child(side: str, folder: str, layers: int, rank: int) -> dict:
 
     from lqlora_dagster.models.targets import find_targets, target_weight
 
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.zeros(1, device=device)  # the CUDA context, before the baselines
     out: dict = {"side": side}
-    with PeakMemory() as memory:
+    with PeakMemory() as memory, PeakMemory(device) as on_device:
         start = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         targets = [t for t in find_targets(model) if t.layer < layers]
@@ -49,18 +52,21 @@ def child(side: str, folder: str, layers: int, rank: int) -> dict:
 
                 loftq = get_method("loftq")
                 for t in targets:
-                    loftq.decompose(target_weight(model, t).detach(), QLORA_NF4, LQSettings(rank=rank))
+                    loftq.decompose(target_weight(model, t).detach().to(device), QLORA_NF4, LQSettings(rank=rank))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             out["seconds"] = time.perf_counter() - start
             out["matrices"] = len(targets)
         except Exception as err:  # report PEFT's own words
             out["error"] = f"{type(err).__name__}: {err}"
     out["added_mb"] = memory.added_mb
+    out["device_mb"] = on_device.added_mb if device.type == "cuda" else float("nan")
     return out
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        print(json.dumps(child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))))
+        print(json.dumps(child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])))
         return
     sys.path.insert(0, str(HERE))
     from _stamp import stamp
@@ -70,23 +76,25 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--bnb", type=Path, default=None)
+    p.add_argument("--device", default="cpu", help="where ours runs; PEFT's picks CUDA itself")
     args = p.parse_args()
     print(stamp())
     env_path = [str(args.bnb)] if args.bnb else []
     import os
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([*env_path, str(HERE.parent)]))
-    print("\n| init | matrices | seconds | added MB | result |\n|---|---|---|---|---|")
+    print("\n| init | matrices | seconds | added MB | GPU peak MB | result |\n|---|---|---|---|---|---|")
     for side, label in (("peft", "PEFT LoftQ (NF4, 5 iterations)"), ("ours", "lqlora-dagster LoftQ (NF4, 5 iterations)")):
-        cmd = [sys.executable, __file__, "--child", side, str(args.model), str(args.layers), str(args.rank)]
+        cmd = [sys.executable, __file__, "--child", side, str(args.model), str(args.layers), str(args.rank),
+               args.device]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode:
-            print(f"| {label} | | | | crashed: {done.stderr.strip().splitlines()[-1][:300]} |")
+            print(f"| {label} | | | | | crashed: {done.stderr.strip().splitlines()[-1][:300]} |")
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
         result = r.get("error", "ran")
         print(f"| {label} | {r.get('matrices', '')} | {r.get('seconds', float('nan')):.1f} | {r['added_mb']:,.0f} | "
-              f"{result[:300]} |")
+              f"{r['device_mb']:,.0f} | {result[:300]} |")
 
 
 if __name__ == "__main__":

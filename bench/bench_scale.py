@@ -2,12 +2,12 @@
 
 Times the product's fast error-table rows (`error_table.estimates.estimated_errors`, all
 432 configs of the grid, rank 16, no Fisher) for one matrix of each shape on one torch
-thread, fits seconds = c * numel^k (least squares on the logs), and sums the fit over the target
+thread (or one GPU with `--device cuda`), fits seconds = c * numel^k (least squares on the logs), and sums the fit over the target
 matrices of SmolLM2-135M, Llama-3.2-1B, Llama-2-7B and Llama-2-70B. The weights are
 N(0, 0.02) from a fixed seed: honest for time (the work does not depend on the values),
 not for the errors.
 
-    python bench/bench_scale.py [--shapes 576x576 2048x2048 ...] [--workers 2]
+    python bench/bench_scale.py [--shapes 576x576 2048x2048 ...] [--workers 2] [--device cuda]
 
 What is measured: the per-matrix seconds printed first. What is extrapolated: the model
 totals (one process per core, matrices spread over `--workers` cores)."""
@@ -32,14 +32,18 @@ MODELS = {
 DEFAULT_SHAPES = ["192x576", "576x576", "1536x576", "512x2048", "2048x2048", "8192x2048"]
 
 
-def time_rows(rows: int, cols: int) -> float:
+def time_rows(rows: int, cols: int, device: torch.device) -> float:
     from lqlora_dagster.decompose.lq import LQSettings
     from lqlora_dagster.error_table.estimates import FastSettings, estimated_errors
     from lqlora_dagster.quant.config import CONFIG_GRID
 
-    W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)) * 0.02
+    W = (torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)) * 0.02).to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     estimated_errors(W, CONFIG_GRID, LQSettings(rank=16), None, FastSettings())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -49,21 +53,27 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES)
-    p.add_argument("--workers", type=int, default=2, help="cores the extrapolated table spreads over")
+    p.add_argument("--workers", type=int, default=2,
+                   help="cores (or GPUs) the extrapolated table spreads over")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: the rows on one GPU")
     p.add_argument("--seconds", type=float, nargs="+", default=None,
                    help="seconds already measured for --shapes (refits without timing again)")
     args = p.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(1)
     print(stamp())
-    print("\n## Measured: fast error-table rows of one matrix (432 configs, rank 16, one thread)\n")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "one thread"
+    print(f"\n## Measured: fast error-table rows of one matrix (432 configs, rank 16, {where})\n")
+    if device.type == "cuda":
+        time_rows(192, 576, device)  # CUDA context, kernels and cuSOLVER handles, outside the timings
     print("| shape | weights | seconds | µs per weight |\n|---|---|---|---|")
     sizes, seconds = [], []
     for i, shape in enumerate(args.shapes):
         rows, cols = (int(v) for v in shape.split("x"))
-        s = args.seconds[i] if args.seconds else time_rows(rows, cols)
+        s = args.seconds[i] if args.seconds else time_rows(rows, cols, device)
         sizes.append(rows * cols)
         seconds.append(s)
-        print(f"| {rows} x {cols} | {rows * cols:,} | {s:.1f} | {1e6 * s / (rows * cols):.2f} |", flush=True)
+        print(f"| {rows} x {cols} | {rows * cols:,} | {s:.2f} | {1e6 * s / (rows * cols):.3f} |", flush=True)
     # a power law, fitted in log-log space so every size weighs the same (per-weight cost
     # grows with size: bigger SVDs, matrices that no longer fit in cache)
     x, y = torch.tensor(sizes, dtype=torch.float64).log(), torch.tensor(seconds, dtype=torch.float64).log()
@@ -72,13 +82,14 @@ def main() -> None:
     c = math.exp(log_c)
     worst = float(((A @ torch.tensor([log_c, k], dtype=torch.float64)).exp() / y.exp() - 1).abs().max())
     print(f"\nfit: seconds = {c:.3e} x weights^{k:.3f} (largest relative miss on the points: {worst:.0%})")
-    print(f"\n## Extrapolated: one error table on {args.workers} CPU cores\n")
+    unit = "GPUs" if device.type == "cuda" else "CPU cores"
+    print(f"\n## Extrapolated: one error table on {args.workers} {unit}\n")
     print("| model | target matrices | target weights | hours |\n|---|---|---|---|")
     for name, (layers, kinds) in MODELS.items():
         matrices = sum(count for _, _, count in kinds) * layers
         weights = layers * sum(r * n * count for r, n, count in kinds)
         total = layers * sum(count * c * (r * n) ** k for r, n, count in kinds)
-        print(f"| {name} | {matrices} | {weights / 1e9:.2f}B | {total / 3600 / args.workers:.1f} |")
+        print(f"| {name} | {matrices} | {weights / 1e9:.2f}B | {total / 3600 / args.workers:.2f} |")
 
 
 if __name__ == "__main__":

@@ -56,9 +56,11 @@ def main() -> None:
 
     config = QuantConfig.parse(args.config)
     targets = find_targets(model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # faster on a GPU (check_cuda_path.py compares the codes)
     for i, t in enumerate(targets, 1):
-        W = model.get_submodule(t.name).weight.detach()
-        init = LayerInit(QuantizedMatrix.quantize(W, config), torch.zeros(t.rows, 16), torch.zeros(16, t.cols))
+        W = model.get_submodule(t.name).weight.detach().to(device)
+        packed = QuantizedMatrix.quantize(W, config).to("cpu")
+        init = LayerInit(packed, torch.zeros(t.rows, 16), torch.zeros(16, t.cols))
         replace_with_lq(model, {t.name: init})
         if i % 16 == 0 or i == len(targets):
             print(f"quantized {i}/{len(targets)}", flush=True)
