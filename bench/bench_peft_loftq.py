@@ -82,7 +82,8 @@ def main() -> None:
     env_path = [str(args.bnb)] if args.bnb else []
     import os
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*env_path, str(HERE.parent)]))
+    inherited = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*env_path, str(HERE.parent), *inherited]))
     print("\n| init | matrices | seconds | added MB | GPU peak MB | result |\n|---|---|---|---|---|---|")
     for side, label in (("peft", "PEFT LoftQ (NF4, 5 iterations)"), ("ours", "lqlora-dagster LoftQ (NF4, 5 iterations)")):
         cmd = [sys.executable, __file__, "--child", side, str(args.model), str(args.layers), str(args.rank),

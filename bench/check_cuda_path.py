@@ -40,25 +40,31 @@ def check_decode(device: torch.device) -> int:
     from lqlora_dagster.quant.matrix import QuantizedMatrix
 
     configs = (*CONFIG_GRID, QuantConfig(3, 3, "fp16", 12, 5), QuantConfig(4, 2, "bf16", 7, 3))
-    print("\n| shape | configs | decode on device = CPU reference | codes quantized on device = CPU's | "
-          "largest decoded difference where codes differ |\n|---|---|---|---|---|")
+    print("\n| shape | configs | decode on device = CPU reference | weights decoded differently | "
+          "largest relative difference of a decoded weight | codes quantized on device = CPU's | "
+          "largest decoded difference where codes differ |\n|---|---|---|---|---|---|---|")
     failures = 0
     for shape in SHAPES:
         W = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0])) * 0.02
         W[0, :3] = 0.0
-        decode_same = codes_same = 0
-        worst = 0.0
+        decode_same = codes_same = differing = 0
+        worst = worst_decode = 0.0
         for cfg in configs:
             qm = QuantizedMatrix.quantize(W, cfg)
             reference = qm.reference_dequantize()
-            decode_same += same_bits(qm.to(device).dequantize().cpu(), reference)
+            decoded = qm.to(device).dequantize().cpu()
+            decode_same += same_bits(decoded, reference)
+            differing += int((decoded != reference).sum())
+            gap = (decoded - reference).abs() / reference.abs().clamp_min(1e-30)
+            worst_decode = max(worst_decode, float(gap[reference != 0].max()) if (reference != 0).any() else 0.0)
             on_device = QuantizedMatrix.quantize(W.to(device), cfg).to("cpu")
             if all(torch.equal(a, b) for a, b in zip(on_device._buffers(), qm._buffers())):
                 codes_same += 1
             else:
                 worst = max(worst, float((on_device.reference_dequantize() - reference).abs().max()))
         failures += len(configs) - decode_same
-        print(f"| {shape[0]} x {shape[1]} | {len(configs)} | {decode_same} | {codes_same} | {worst:.3g} |", flush=True)
+        print(f"| {shape[0]} x {shape[1]} | {len(configs)} | {decode_same} | {differing / (len(configs) * W.numel()):.2%} | "
+              f"{worst_decode:.2e} | {codes_same} | {worst:.3g} |", flush=True)
     return failures
 
 
