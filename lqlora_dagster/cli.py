@@ -86,12 +86,23 @@ def _run(args: argparse.Namespace, home: Path, run_config: dict, job: str, stage
     )
 
 
+def run_overrides(args: argparse.Namespace) -> dict[str, dict]:
+    """The knob flags given, plus one default that running in one process changes: the
+    error table's chunk steps then run one after another instead of side by side, so
+    each computes one matrix per core rather than one (same rows either way: every
+    matrix runs on one torch thread)."""
+    overrides = stage_overrides(args)
+    if args.in_process:
+        overrides.setdefault("error_table", {}).setdefault("threads_per_chunk", 0)
+    return overrides
+
+
 def cmd_run(args: argparse.Namespace, home: Path) -> int:
     from lqlora_dagster.definitions import MAIN_ASSETS, MAIN_JOB
     from lqlora_dagster.pipeline.datasets import check_data
     from lqlora_dagster.pipeline.feasibility import check_budgets, check_ranks, model_shape
 
-    overrides = stage_overrides(args)
+    overrides = run_overrides(args)
     if overrides.get("error_table", {}).get("ranks") == ():
         raise LQLoRAInputError("--ranks needs at least one rank, e.g. --ranks 0 8 16 32 64 (leave it out for one --rank)")
     plan = overrides.get("allocation_plan", {})
@@ -124,7 +135,7 @@ def cmd_compare(args: argparse.Namespace, home: Path) -> int:
     if args.view == "ranks" and kind != "causal-lm":
         raise LQLoRAInputError("--view ranks compares language models; this model is a classifier")
     chosen = RANK_COMPARISON if args.view == "ranks" else COMPARISONS[kind]
-    comparison = chosen.with_stages(**stage_overrides(args))
+    comparison = chosen.with_stages(**run_overrides(args))
     check_data(warehouse, comparison.stages.task_data, args.model, kind)
     if not _run(args, home, comparison.run_config(), COMPARISON_JOB, MAIN_ASSETS + ["comparison_report"]):
         return 1
@@ -265,7 +276,9 @@ def cmd_ui(args: argparse.Namespace, home: Path) -> int:
 
 def _run_flags(p: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL) -> None:
     p.add_argument("--model", default=default_model, help=f"a registered model (default: {default_model})")
-    p.add_argument("--in-process", action="store_true", help="run steps in this process (no multiprocess executor)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run steps in this process (no multiprocess executor); the error table then "
+                   "computes one matrix per core")
     p.add_argument("--verbose", action="store_true", help="show Dagster's full event log live (it always goes to a file)")
 
 

@@ -57,6 +57,21 @@ def test_no_command_is_a_usage_error():
     assert out.returncode == 2 and "required" in out.stderr
 
 
+@pytest.mark.parametrize(
+    "argv, threads",
+    [
+        (["run", "--in-process"], 0),  # chunks one after another: every core on each
+        (["run"], None),  # chunks side by side: the knob's default, one matrix each
+        (["run", "--in-process", "--threads-per-chunk", "2"], 2),  # what the user asked wins
+        (["compare", "--in-process"], 0),
+    ],
+)
+def test_in_process_runs_spread_each_table_chunk_over_the_cores(argv, threads):
+    from lqlora_dagster.cli import parser, run_overrides
+
+    assert run_overrides(parser().parse_args(argv)).get("error_table", {}).get("threads_per_chunk") == threads
+
+
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory, tiny_llama_folder):
     """`lqlora register` then `lqlora run` on the tiny model, in a fresh home."""
