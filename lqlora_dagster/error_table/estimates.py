@@ -17,9 +17,10 @@
      many alternating steps at rank r;
    - a higher rank r: each anchor takes one alternating step at rank r from its base
      factors and its whole (b, B0) group is priced on where it ends.
-   These rows run high (not optimised at their own rank), so plans confirm them with a
-   wider margin (`other_rank_margin`); bench/results/multirank_table.md measures how
-   high and what the extra ranks cost.
+   These rows run high (not optimised at their own rank), so plans confirm them with
+   margins of their own (`lower_rank_margin` below the base rank, `other_rank_margin`
+   above); bench/results/multirank_table.md measures how high and what the extra ranks
+   cost.
 4. All quantization in here is table-based (`quant/lut.py`): same error to ~1e-6.
 
 The rows are estimates, mostly a little high (factors fitted to a neighbouring

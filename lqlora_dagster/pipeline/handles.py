@@ -52,8 +52,9 @@ class TableRef:
     # for an estimated (fast) table: the key of the exhaustive table whose rows it
     # estimates (where plan confirmation stores the exact rows it computes); else None
     exact_key: str | None = None
-    # a lower rank of a multi-rank fast table: the rank whose factors its rows are
-    # priced on (truncated); None when its rows come from decompositions at its own rank
+    # another rank of a multi-rank fast table: the rank whose factors its rows are
+    # priced on (truncated for a lower rank, one step up for a higher one); None when
+    # its rows come from decompositions at its own rank
     priced_on_rank: int | None = None
 
 

@@ -45,9 +45,24 @@ def plan_id(refs: list[TableRef], budget: Budget, margin: float | None = None, s
         return stable_key(top.table_key, top.method, sorted(top.configs), float(budget.value), margin, PLAN_VERSION)
     s = s or PlanSettings()
     other = s.other_rank_margin if margin is not None and any(r.priced_on_rank for r in refs) else None
+    lower = s.lower_rank_margin if margin is not None and any(_below_base(r) for r in refs) else None
     after_fixed = s.fixed_rank_plans and len(refs) > 1  # started from the fixed-rank plans' exact rows
     return stable_key([r.table_key for r in refs], top.method, sorted(top.configs), budget.kind, float(budget.value),
-                      margin, s.factor_bits, other, after_fixed, PLAN_VERSION)
+                      margin, s.factor_bits, other, after_fixed, *(() if lower is None else (("lower", lower),)),
+                      PLAN_VERSION)
+
+
+def _below_base(ref: TableRef) -> bool:
+    """A table of a rank priced on a higher rank's factors, truncated."""
+    return ref.priced_on_rank is not None and ref.rank < ref.priced_on_rank
+
+
+def row_margin(ref: TableRef, s: PlanSettings) -> float:
+    """How much lower a table's estimated rows count until confirmed: each kind of row
+    runs high by its own amount (bench/results/multirank_table.md)."""
+    if ref.priced_on_rank is None:
+        return s.confirm_margin
+    return s.lower_rank_margin if _below_base(ref) else s.other_rank_margin
 
 
 @dataclass(frozen=True)
@@ -141,7 +156,7 @@ def _problem(
     parts = [
         load_table(ctx, ref).assign(
             rank=ref.rank if method.has_lowrank_init else tables.lq.rank,
-            margin=s.other_rank_margin if ref.priced_on_rank is not None else s.confirm_margin,
+            margin=row_margin(ref, s),
         )
         for ref in refs
     ]

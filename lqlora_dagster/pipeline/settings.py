@@ -149,8 +149,15 @@ class PlanSettings:
 
     other_rank_margin: float = knob(
         0.35,
-        "confirmation: the margin of rows at ranks priced on the base rank's factors (`ranks`), which run high "
-        "(bench/results/multirank_table.md)",
+        "confirmation: the margin of rows at ranks above the base rank (`ranks`), priced one step up from its "
+        "factors, which run 14-3600% high (bench/results/multirank_table.md)",
+        ge=0,
+        lt=1,
+    )
+    lower_rank_margin: float = knob(
+        0.1,
+        "confirmation: the margin of rows at ranks below the base rank, its factors truncated, which run 7-100% "
+        "high: a wider margin makes nearly every such pick look better than it is, round after round",
         ge=0,
         lt=1,
     )

@@ -6,12 +6,15 @@ import pandas as pd
 import pytest
 import torch
 
+from lqlora_dagster.allocate.budget import Budget
 from lqlora_dagster.allocate.confirm import confirm_plan
 from lqlora_dagster.allocate.ilp import solve_ilp
 from lqlora_dagster.allocate.uniform import solve_uniform
 from lqlora_dagster.decompose.lq import LQSettings, lq_error_estimate
 from lqlora_dagster.error_table.estimates import estimated_errors
 from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.pipeline.handles import TableRef
+from lqlora_dagster.pipeline.planning import plan_id, row_margin
 from lqlora_dagster.pipeline.settings import PlanSettings
 from lqlora_dagster.quant.config import CONFIG_GRID, storage_bits
 from tests.method.test_allocation import random_table
@@ -83,3 +86,21 @@ def test_on_real_decompositions_the_plan_is_the_exhaustive_one(gaussian):
 def test_margin_must_be_a_fraction(margin):
     with pytest.raises(LQLoRAInputError, match="confirm_margin must be a number in"):
         PlanSettings(confirm_margin=margin)
+
+
+def test_each_kind_of_estimated_row_is_confirmed_with_its_own_margin():
+    """Base-rank rows, lower ranks (truncated factors, 7-100% high) and higher ranks
+    (one step up, far higher) each count lower by their own margin until exact."""
+    s = PlanSettings(confirm_margin=0.08, lower_rank_margin=0.1, other_rank_margin=0.35)
+
+    def ref(rank: int, priced_on: int | None) -> TableRef:
+        return TableRef("lqlora-fisher", f"t{rank}", rank, None, [], 0, f"x{rank}", priced_on)
+
+    assert [row_margin(ref(16, None), s), row_margin(ref(8, 16), s), row_margin(ref(64, 16), s)] == [0.08, 0.1, 0.35]
+    with_lower, only_higher = [ref(8, 16), ref(16, None)], [ref(16, None), ref(64, 16)]
+    wider = PlanSettings(confirm_margin=0.08, lower_rank_margin=0.2, other_rank_margin=0.35)
+    budget = Budget("lowrank", 4.0)
+    assert plan_id(with_lower, budget, 0.08, s) != plan_id(with_lower, budget, 0.08, wider)
+    assert plan_id(only_higher, budget, 0.08, s) == plan_id(only_higher, budget, 0.08, wider)
+    with pytest.raises(LQLoRAInputError):
+        PlanSettings(lower_rank_margin=1.0)
