@@ -5,11 +5,13 @@ changes the order of BLAS sums, and the alternating iteration amplifies last-bit
 differences to about 1% of the error. Running every decomposition on one thread, with
 the parallelism across matrices, makes a matrix's result the same in every stage that
 computes it (table chunks, plan confirmation, the decomposition stage) and on every
-CPU, whatever its core count. A GPU's kernels sum in their own order, so a table built
-there differs from a CPU's at the same rounding level (bench/results/gpu_h200.md); that
-stages on one GPU agree bit for bit has not been measured. It is also faster: these matrices are too small for
+CPU, whatever its core count. It is also faster: these matrices are too small for
 intra-op threads to pay off (bench/bench_matrix_threads.py, bench/results/). Python
 threads are enough, because torch releases the GIL inside its kernels.
+
+A GPU's kernels sum in their own order, so a table built there differs from a CPU's at
+the same rounding level (bench/results/gpu_h200.md); whether stages on one GPU agree
+bit for bit has not been measured.
 """
 
 import os

@@ -150,7 +150,7 @@ class PlanSettings:
     other_rank_margin: float = knob(
         0.35,
         "confirmation: the margin of rows at ranks above the base rank (`ranks`), priced one step up from its "
-        "factors, which run 14-3600% high (bench/results/multirank_table.md)",
+        "factors, which run 14-3500% high (bench/results/multirank_table.md)",
         ge=0,
         lt=1,
     )
