@@ -76,11 +76,16 @@ def total_numel(table: pd.DataFrame) -> int:
     return int(table.groupby("matrix")["numel"].first().sum())
 
 
+def cheapest_bits(table: pd.DataFrame) -> float:
+    """Bits per parameter of the cheapest plan: every matrix at its cheapest candidate."""
+    return float(table.groupby("matrix")["storage_bits"].min().sum() / total_numel(table))
+
+
 def check_budget(table: pd.DataFrame, budget: float) -> None:
     """A positive finite budget that at least the cheapest plan meets."""
     if not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
         raise LQLoRAInputError(f"budget must be a positive number of bits per parameter, got {budget!r}")
-    cheapest = table.groupby("matrix")["storage_bits"].min().sum() / total_numel(table)
+    cheapest = cheapest_bits(table)
     if budget < cheapest - 1e-12:
         low_b = table.loc[table["storage_bits"].idxmin(), "config"]
         raise LQLoRAInputError(

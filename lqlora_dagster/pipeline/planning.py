@@ -17,7 +17,7 @@ import pandas as pd
 
 from lqlora_dagster.allocate.budget import Budget, capacity, counted_bits, figures
 from lqlora_dagster.allocate.confirm import Solver, confirm_plan
-from lqlora_dagster.allocate.problem import CANDIDATE, Allocation
+from lqlora_dagster.allocate.problem import CANDIDATE, Allocation, cheapest_bits
 from lqlora_dagster.error_table.stage import exact_rows, known_exact_rows, load_table
 from lqlora_dagster.methods import get_method
 from lqlora_dagster.models.weights import nontarget_bytes
@@ -198,6 +198,12 @@ def run_planning(
                 sub = problem.with_ranks([r.rank for r in refs]) if lowrank else problem
                 table, cap = sub.for_budget(budget, s.factor_bits)
                 what = f"{method} @ {budget.describe()}" + (f", ranks {list(ranks)}" if ranks else "")
+                if len(refs) < len(method_refs) and cheapest_bits(table) > cap + 1e-12:
+                    # a fixed-rank plan beside the rank-allocated one: a rank whose factors
+                    # alone outgrow the budget is no plan, not a failed run
+                    ctx.log(f"plan {what}: skipped, that rank alone cannot fit (its cheapest plan needs "
+                            f"{cheapest_bits(table):.3f} bits/param against {cap:.3f})")
+                    continue
                 if margin is None:
                     plan, values = solve(table, cap), table
                 else:
