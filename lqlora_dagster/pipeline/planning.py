@@ -198,11 +198,11 @@ def run_planning(
                 sub = problem.with_ranks([r.rank for r in refs]) if lowrank else problem
                 table, cap = sub.for_budget(budget, s.factor_bits)
                 what = f"{method} @ {budget.describe()}" + (f", ranks {list(ranks)}" if ranks else "")
-                if len(refs) < len(method_refs) and cheapest_bits(table) > cap + 1e-12:
-                    # a fixed-rank plan beside the rank-allocated one: a rank whose factors
-                    # alone outgrow the budget is no plan, not a failed run
+                # a fixed-rank plan beside the rank-allocated one: a rank whose factors alone
+                # outgrow the budget is no plan, not a failed run
+                if len(refs) < len(method_refs) and (least := cheapest_bits(table)) > cap + 1e-12:
                     ctx.log(f"plan {what}: skipped, that rank alone cannot fit (its cheapest plan needs "
-                            f"{cheapest_bits(table):.3f} bits/param against {cap:.3f})")
+                            f"{least:.3f} bits/param against {cap:.3f})")
                     continue
                 if margin is None:
                     plan, values = solve(table, cap), table
