@@ -35,15 +35,16 @@ def add_knob_flags(
             if not flags or f"{stage}.{f.name}" in skip:
                 continue
             default = default_of(f)
+            text = k.help.replace("%", "%%")  # argparse %-formats help: "100% high" breaks --help
             options: dict = {"dest": f"{stage}{_SEP}{f.name}", "default": argparse.SUPPRESS, "metavar": f.name.upper()}
             if tp is bool:
                 del options["metavar"]
-                options.update(action="store_const", const=not default, help=k.help)
+                options.update(action="store_const", const=not default, help=text)
             else:
                 inner = optional_inner(tp) or tp
                 many = typing.get_origin(inner) is tuple
                 element = typing.get_args(inner)[0] if many else inner
-                options.update(type=element, help=f"{k.help} (default: {_show(default)})")
+                options.update(type=element, help=f"{text} (default: {_show(default).replace('%', '%%')})")
                 if many:
                     options["nargs"] = "+" if k.nonempty else "*"
                 if k.choices is not None:
