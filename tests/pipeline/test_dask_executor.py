@@ -29,7 +29,11 @@ def error_rows(home: Path, tiny_llama_folder: Path, executor: str, execution: di
     if execution:
         run_config["execution"] = execution
     (home / "dagster").mkdir(parents=True)
-    with dg.instance_for_test(temp_dir=str(home / "dagster")) as instance:
+    # no compute-log capture: in a Dask worker the `tail -F` it starts per step ignores
+    # SIGTERM, so every step waited out dagster's 30 s clean-up timeout (13 min a run)
+    no_capture = {"compute_logs": {"module": "dagster._core.storage.noop_compute_log_manager",
+                                   "class": "NoOpComputeLogManager"}}
+    with dg.instance_for_test(temp_dir=str(home / "dagster"), overrides=no_capture) as instance:
         instance.add_dynamic_partitions("base_models", [MODEL])
         result = dg.execute_job(
             reconstructable_job(home, executor),
