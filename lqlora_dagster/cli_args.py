@@ -15,6 +15,11 @@ def flags_of(cls, name: str, flags: tuple[str, ...] | None) -> tuple[str, ...]:
     return flags if flags is not None else (f"--{cls.cli_prefix}{name.replace('_', '-')}",)
 
 
+def _escaped(text: str) -> str:
+    """argparse %-formats help: a knob saying "100% high" would break --help."""
+    return text.replace("%", "%%")
+
+
 def _show(value) -> str:
     if isinstance(value, tuple):
         return " ".join(map(str, value)) or "none"
@@ -35,16 +40,15 @@ def add_knob_flags(
             if not flags or f"{stage}.{f.name}" in skip:
                 continue
             default = default_of(f)
-            text = k.help.replace("%", "%%")  # argparse %-formats help: "100% high" breaks --help
             options: dict = {"dest": f"{stage}{_SEP}{f.name}", "default": argparse.SUPPRESS, "metavar": f.name.upper()}
             if tp is bool:
                 del options["metavar"]
-                options.update(action="store_const", const=not default, help=text)
+                options.update(action="store_const", const=not default, help=_escaped(k.help))
             else:
                 inner = optional_inner(tp) or tp
                 many = typing.get_origin(inner) is tuple
                 element = typing.get_args(inner)[0] if many else inner
-                options.update(type=element, help=f"{text} (default: {_show(default).replace('%', '%%')})")
+                options.update(type=element, help=_escaped(f"{k.help} (default: {_show(default)})"))
                 if many:
                     options["nargs"] = "+" if k.nonempty else "*"
                 if k.choices is not None:
