@@ -8,7 +8,7 @@ main: setup
 	.venv/bin/lqlora run
 
 test: setup
-	.venv/bin/python -m pytest -q tests
+	.venv/bin/python -m pytest -q -n logical --dist loadfile tests
 
 lint: setup
 	.venv/bin/ruff check lqlora_dagster assets resources tests bench

@@ -11,6 +11,25 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (`make test` runs two workers), each worker gets its share of
+    the cores for torch, and so do the processes it starts (OMP_NUM_THREADS): two
+    workers with two threads each on two cores spin against each other and run far
+    slower than one. The controller converts the bundled models once beforehand, so no
+    two workers write the same cache folder."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+    elif getattr(config.option, "numprocesses", None):
+        from lqlora_dagster.models.source import resolve_model_folder
+
+        cache = Path(os.environ.get("LQLORA_HOME", REPO / ".lqlora")) / "models"
+        for name in ("smollm2-135m", "minilm-l6"):
+            resolve_model_folder(name, cache)
+
+
 @pytest.fixture(scope="session")
 def model_cache() -> Path:
     """Where converted base models are cached across test runs (LQLORA_HOME/models)."""
