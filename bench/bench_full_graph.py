@@ -63,10 +63,26 @@ def target_weights(home: Path, model: str) -> int:
     return 0 if n is None or n != n else int(n)  # NULL (no matrices recorded yet) arrives as NaN
 
 
+def matrix_seconds(home: Path, model: str):
+    """Seconds of compute per target matrix, summed over its error-table rows (each row
+    records its own share), by shape: measured per matrix, so it also covers rows that
+    an earlier run of the same table computed (`carry_rows.py`)."""
+    from lqlora_dagster.store.warehouse import Warehouse
+
+    return Warehouse(home / "lqlora.duckdb").query(
+        "SELECT m.rows, m.cols, count(*) AS matrices, avg(q.seconds) AS seconds FROM matrices m JOIN "
+        "(SELECT matrix, sum(seconds) AS seconds FROM quant_errors WHERE model = ? GROUP BY matrix) q "
+        "ON q.matrix = m.name WHERE m.model = ? GROUP BY m.rows, m.cols ORDER BY m.rows * m.cols",
+        [model, model], read_only=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a model registered in LQLORA_HOME")
     parser.add_argument("--time-limit", type=float, default=None, help="stop the run after this many seconds")
+    parser.add_argument("--since", default=None,
+                        help="report stage rows from this UTC time on (ISO), e.g. an earlier run's carried rows")
     parser.add_argument("extra", nargs="*", help="flags passed on to `lqlora run` (after --)")
     args = parser.parse_args()
     home = Path(os.environ.get("LQLORA_HOME", REPO / ".lqlora")).resolve()
@@ -89,6 +105,8 @@ def main() -> None:
         print(f"\nstopped at the time limit of {args.time_limit:.0f} s")
     wall = time.perf_counter() - t0
     swapped = swapped_pages() - swaps
+    if args.since:
+        since = datetime.datetime.fromisoformat(args.since).replace(tzinfo=datetime.timezone.utc)
     rows = stage_rows(home, args.model, since)
 
     print(f"\nmodel {args.model} in {home}: `lqlora run` exited {run.returncode} after {wall / 3600:.2f} h")
@@ -106,6 +124,16 @@ def main() -> None:
         # summed over the chunk steps, which the multiprocess executor may overlap
         print(f"\nerror table: {table['seconds'].sum():,.0f} stage-seconds over {weights:,} target weights = "
               f"{1e6 * table['seconds'].sum() / weights:.2f} µs per weight (every method the run asked for)")
+    per_matrix = matrix_seconds(home, args.model)
+    if not per_matrix.empty:
+        print("\nerror table, compute per matrix (all its rows, one torch thread):\n")
+        print("| shape | matrices | seconds per matrix | µs per weight |")
+        print("|---|---|---|---|")
+        for r in per_matrix.itertuples():
+            print(f"| {r.rows} x {r.cols} | {r.matrices} | {r.seconds:,.1f} | {1e6 * r.seconds / (r.rows * r.cols):.2f} |")
+        print(f"\nfit: python bench/bench_scale.py --seconds ... from these; "
+              f"{per_matrix['matrices'].sum()} matrices, {(per_matrix['seconds'] * per_matrix['matrices']).sum() / 3600:.2f} "
+              "compute-hours in all")
     sys.exit(run.returncode)
 
 
