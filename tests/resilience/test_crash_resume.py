@@ -49,14 +49,18 @@ def test_kill_during_error_table_redoes_only_the_matrix_in_flight(tmp_path, tiny
     after_kill = table_rows(home)
     per_matrix = after_kill.groupby("matrix").size()
     assert (per_matrix == 24).all(), f"a matrix was committed in part: {per_matrix.to_dict()}"
-    assert set(per_matrix.index) == reported, "every matrix the log reported as done is in DuckDB, and no other"
+    stored = set(per_matrix.index)
+    assert reported <= stored, "every matrix the log reported as done is in DuckDB"
+    # a matrix's rows are committed, then its progress line is written: a kill between the
+    # two (seen under load) keeps one matrix the log never reported, never more
+    assert len(stored - reported) <= 1, f"matrices stored but never reported: {stored - reported}"
     done = len(per_matrix)
     assert 3 <= done < N_MATRICES
 
     second = Run(home, "error_table", TABLE_CONFIG)
     assert second.finish() == 0, second.log_tail()
     recomputed = {m.group(1) for _, line in second.matching(MATRIX_DONE) if (m := re.search(MATRIX_DONE, line))}
-    assert not (recomputed & reported), "a matrix finished before the kill was computed again"
+    assert not (recomputed & stored), "a matrix committed before the kill was computed again"
     assert len(recomputed) == N_MATRICES - done
 
     final = table_rows(home)
