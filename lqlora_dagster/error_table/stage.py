@@ -4,7 +4,9 @@ DuckDB `quant_errors` matrix by matrix."""
 
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Callable, Hashable
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -16,7 +18,7 @@ from lqlora_dagster.error_table.compute import RowRequest, compute_rows
 from lqlora_dagster.error_table.tables import check_rank_fits, fast_path, table_frame, table_refs
 from lqlora_dagster.methods import get_method
 from lqlora_dagster.models.targets import Target
-from lqlora_dagster.models.weights import read_target_weights
+from lqlora_dagster.models.weights import key_to_file, read_target_weights
 from lqlora_dagster.pipeline.base_model import recorded_targets
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.handles import ErrorTableHandle, FisherHandle, ModelHandle, TableRef
@@ -99,30 +101,50 @@ def _committer(ctx: StageContext, model: ModelHandle):
     return commit
 
 
+class _ReadOnDemand:
+    """Tensors read when a worker first asks for one and dropped after its last use
+    (thread-safe): a chunk step holds the matrices its workers are on, not all of its
+    matrices (on a 7B model one chunk's weights alone would be 13 GB)."""
+
+    def __init__(self, read: Callable[[Hashable], torch.Tensor], uses: dict):
+        self._read, self._uses, self._held, self._lock = read, dict(uses), {}, threading.Lock()
+
+    def get(self, key: Hashable) -> torch.Tensor:
+        with self._lock:
+            self._uses[key] -= 1
+            tensor = self._held.pop(key, None)
+            if tensor is None:
+                tensor = self._read(key)
+            if self._uses[key] > 0:
+                self._held[key] = tensor
+        return tensor
+
+
 def _sources(ctx: StageContext, model: ModelHandle, requests: list[RowRequest]):
-    """weight_of and fisher_of for the requests' matrices, read once, freed when used."""
-    targets = sorted({r.target for r in requests}, key=lambda t: t.name)
-    weights = read_target_weights(model.folder, targets)
-    fisher_keys = {r.ref.fisher_key for r in requests if r.ref.fisher_key}
-    fishers: dict[tuple[str, str], torch.Tensor] = {}
-    for key in fisher_keys:
-        names = sorted({r.target.name for r in requests if r.ref.fisher_key == key})
-        art = ctx.store.get("fisher_diagonals", model.model, key)
-        fishers.update({(key, n): f for n, f in ctx.store.load_tensors(art, keys=names)[0].items()})
-    uses = defaultdict(int)
-    for r in requests:
-        uses[r.target.name] += 1
-    lock = threading.Lock()  # weight_of runs in the worker threads
+    """weight_of and fisher_of for the requests' matrices, each read from its file when
+    a worker starts on it and freed after its last request."""
+    targets = {r.target.name: r.target for r in requests}
+    files = key_to_file(Path(model.folder))
+    if all(f"{name}.weight" in files for name in targets):
+        def read(name: str) -> torch.Tensor:
+            return read_target_weights(model.folder, [targets[name]])[name]
+    else:  # names the checkpoint does not hold: one whole-model load for all of them, as before
+        read = read_target_weights(model.folder, list(targets.values())).pop
+    weights = _ReadOnDemand(read, Counter(r.target.name for r in requests))
+    artifacts = {
+        key: ctx.store.get("fisher_diagonals", model.model, key)
+        for key in {r.ref.fisher_key for r in requests if r.ref.fisher_key}
+    }
+    fishers = _ReadOnDemand(
+        lambda key: ctx.store.load_tensors(artifacts[key[0]], keys=[key[1]])[0][key[1]],
+        Counter((r.ref.fisher_key, r.target.name) for r in requests if r.ref.fisher_key),
+    )
 
     def weight_of(t: Target) -> torch.Tensor:
-        with lock:
-            uses[t.name] -= 1
-            W = weights[t.name] if uses[t.name] else weights.pop(t.name)
-        return W.to(ctx.device)
+        return weights.get(t.name).to(ctx.device)
 
     def fisher_of(r: RowRequest) -> torch.Tensor | None:
-        F = fishers.get((r.ref.fisher_key, r.target.name)) if r.ref.fisher_key else None
-        return F.to(ctx.device) if F is not None else None
+        return fishers.get((r.ref.fisher_key, r.target.name)).to(ctx.device) if r.ref.fisher_key else None
 
     return weight_of, fisher_of
 
