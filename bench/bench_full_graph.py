@@ -66,11 +66,13 @@ def target_weights(home: Path, model: str) -> int:
 def matrix_seconds(home: Path, model: str):
     """Seconds of compute per target matrix, summed over its error-table rows (each row
     records its own share), by shape: measured per matrix, so it also covers rows that
-    an earlier run of the same table computed (`carry_rows.py`)."""
+    an earlier run of the same table computed (`carry_rows.py`). The median and the
+    spread, since a matrix computed beside other work reads slower."""
     from lqlora_dagster.store.warehouse import Warehouse
 
     return Warehouse(home / "lqlora.duckdb").query(
-        "SELECT m.rows, m.cols, count(*) AS matrices, avg(q.seconds) AS seconds FROM matrices m JOIN "
+        "SELECT m.rows, m.cols, count(*) AS matrices, median(q.seconds) AS seconds, min(q.seconds) AS fastest, "
+        "max(q.seconds) AS slowest, sum(q.seconds) AS total FROM matrices m JOIN "
         "(SELECT matrix, sum(seconds) AS seconds FROM quant_errors WHERE model = ? GROUP BY matrix) q "
         "ON q.matrix = m.name WHERE m.model = ? GROUP BY m.rows, m.cols ORDER BY m.rows * m.cols",
         [model, model], read_only=True,
@@ -127,13 +129,13 @@ def main() -> None:
     per_matrix = matrix_seconds(home, args.model)
     if not per_matrix.empty:
         print("\nerror table, compute per matrix (all its rows, one torch thread):\n")
-        print("| shape | matrices | seconds per matrix | µs per weight |")
+        print("| shape | matrices | median seconds per matrix (fastest-slowest) | µs per weight (median) |")
         print("|---|---|---|---|")
         for r in per_matrix.itertuples():
-            print(f"| {r.rows} x {r.cols} | {r.matrices} | {r.seconds:,.1f} | {1e6 * r.seconds / (r.rows * r.cols):.2f} |")
-        print(f"\nfit: python bench/bench_scale.py --seconds ... from these; "
-              f"{per_matrix['matrices'].sum()} matrices, {(per_matrix['seconds'] * per_matrix['matrices']).sum() / 3600:.2f} "
-              "compute-hours in all")
+            print(f"| {r.rows} x {r.cols} | {r.matrices} | {r.seconds:,.1f} ({r.fastest:,.1f}-{r.slowest:,.1f}) | "
+                  f"{1e6 * r.seconds / (r.rows * r.cols):.2f} |")
+        print(f"\n{per_matrix['matrices'].sum()} matrices, {per_matrix['total'].sum() / 3600:.2f} compute-hours in all; "
+              "fit a curve to the medians with bench/bench_scale.py --seconds")
     sys.exit(run.returncode)
 
 
