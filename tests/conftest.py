@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config) -> None:
-    """Under pytest-xdist (`make test` runs two workers), each worker gets its share of
+    """Under pytest-xdist (`make test` runs one worker per core), each worker gets its share of
     the cores for torch, and so do the processes it starts (OMP_NUM_THREADS): two
     workers with two threads each on two cores spin against each other and run far
     slower than one. The controller converts the bundled models once beforehand, so no
