@@ -64,17 +64,23 @@ def target_weights(home: Path, model: str) -> int:
 
 
 def matrix_seconds(home: Path, model: str):
-    """Seconds of compute per target matrix, summed over its error-table rows (each row
-    records its own share), by shape: measured per matrix, so it also covers rows that
-    an earlier run of the same table computed (`carry_rows.py`). The median and the
-    spread, since a matrix computed beside other work reads slower."""
+    """Seconds of compute per target matrix, summed over its rows in one table (each row
+    records its own share), by table and shape: measured per matrix, so it also covers
+    rows that an earlier run computed (`carry_rows.py`). Tables apart, since a fast error
+    table and the exact rows its plans' confirmation adds (another table key) are
+    different work. The median and the spread, since a matrix computed beside other
+    work reads slower."""
     from lqlora_dagster.store.warehouse import Warehouse
 
     return Warehouse(home / "lqlora.duckdb").query(
-        "SELECT m.rows, m.cols, count(*) AS matrices, median(q.seconds) AS seconds, min(q.seconds) AS fastest, "
-        "max(q.seconds) AS slowest, sum(q.seconds) AS total FROM matrices m JOIN "
-        "(SELECT matrix, sum(seconds) AS seconds FROM quant_errors WHERE model = ? GROUP BY matrix) q "
-        "ON q.matrix = m.name WHERE m.model = ? GROUP BY m.rows, m.cols ORDER BY m.rows * m.cols",
+        "SELECT q.table_key, any_value(q.table_rows) AS table_rows, m.rows, m.cols, count(*) AS matrices, "
+        "median(q.seconds) AS seconds, min(q.seconds) AS fastest, max(q.seconds) AS slowest, "
+        "sum(q.seconds) AS total FROM matrices m JOIN "
+        "(SELECT table_key, matrix, sum(seconds) AS seconds, "
+        "sum(count(*)) OVER (PARTITION BY table_key) AS table_rows "
+        "FROM quant_errors WHERE model = ? GROUP BY table_key, matrix) q "
+        "ON q.matrix = m.name WHERE m.model = ? GROUP BY q.table_key, m.rows, m.cols "
+        "ORDER BY table_rows DESC, q.table_key, m.rows * m.cols",
         [model, model], read_only=True,
     )
 
@@ -85,9 +91,16 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=None, help="stop the run after this many seconds")
     parser.add_argument("--since", default=None,
                         help="report stage rows from this UTC time on (ISO), e.g. an earlier run's carried rows")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: report the stage rows from --since on (e.g. while a run is going)")
     parser.add_argument("extra", nargs="*", help="flags passed on to `lqlora run` (after --)")
     args = parser.parse_args()
     home = Path(os.environ.get("LQLORA_HOME", REPO / ".lqlora")).resolve()
+    if args.report:
+        if not args.since:
+            parser.error("--report needs --since")
+        report(home, args.model, datetime.datetime.fromisoformat(args.since))
+        return
 
     print(stamp())
     before, swaps = meminfo(), swapped_pages()
@@ -108,12 +121,19 @@ def main() -> None:
     wall = time.perf_counter() - t0
     swapped = swapped_pages() - swaps
     if args.since:
-        since = datetime.datetime.fromisoformat(args.since).replace(tzinfo=datetime.timezone.utc)
-    rows = stage_rows(home, args.model, since)
+        since = datetime.datetime.fromisoformat(args.since)
 
     print(f"\nmodel {args.model} in {home}: `lqlora run` exited {run.returncode} after {wall / 3600:.2f} h")
     print(f"machine: {before['MemTotal'] / 2**20:.1f} GiB memory, {before['SwapTotal'] / 2**20:.1f} GiB swap; "
-          f"pages swapped in or out during the run: {swapped}\n")
+          f"pages swapped in or out during the run: {swapped}")
+    report(home, args.model, since)
+    sys.exit(run.returncode)
+
+
+def report(home: Path, model: str, since: datetime.datetime) -> None:
+    """The stage rows from `since` (UTC) on and the error table's compute per matrix."""
+    rows = stage_rows(home, model, since.replace(tzinfo=datetime.timezone.utc))
+    print()
     print("| stage | seconds | added MB | process peak MB |")
     print("|---|---|---|---|")
     for r in rows.itertuples():
@@ -121,22 +141,22 @@ def main() -> None:
     if not rows.empty:
         print(f"| all stages | {rows['seconds'].sum():,.1f} | | {rows['peak_mb'].max():,.0f} |")
     table = rows[rows["stage"].str.startswith("error_table")]
-    weights = target_weights(home, args.model)
+    weights = target_weights(home, model)
     if not table.empty and weights:
         # summed over the chunk steps, which the multiprocess executor may overlap
         print(f"\nerror table: {table['seconds'].sum():,.0f} stage-seconds over {weights:,} target weights = "
               f"{1e6 * table['seconds'].sum() / weights:.2f} µs per weight (every method the run asked for)")
-    per_matrix = matrix_seconds(home, args.model)
-    if not per_matrix.empty:
-        print("\nerror table, compute per matrix (all its rows, one torch thread):\n")
+    for key, per_matrix in matrix_seconds(home, model).groupby("table_key", sort=False):
+        print(f"\ntable {key} ({per_matrix['table_rows'].iloc[0]:,.0f} rows), compute per matrix "
+              "(all its rows in this table, one torch thread):\n")
         print("| shape | matrices | median seconds per matrix (fastest-slowest) | µs per weight (median) |")
         print("|---|---|---|---|")
         for r in per_matrix.itertuples():
             print(f"| {r.rows} x {r.cols} | {r.matrices} | {r.seconds:,.1f} ({r.fastest:,.1f}-{r.slowest:,.1f}) | "
                   f"{1e6 * r.seconds / (r.rows * r.cols):.2f} |")
-        print(f"\n{per_matrix['matrices'].sum()} matrices, {per_matrix['total'].sum() / 3600:.2f} compute-hours in all; "
-              "fit a curve to the medians with bench/bench_scale.py --seconds")
-    sys.exit(run.returncode)
+        print(f"\n{per_matrix['matrices'].sum()} matrices, {per_matrix['total'].sum() / 3600:.2f} compute-hours in all")
+    print("the table with the most rows is the error table, any other the exact rows its plans' confirmation "
+          "computed; fit a curve to the error table's medians with bench/bench_scale.py --seconds")
 
 
 if __name__ == "__main__":
