@@ -1,7 +1,7 @@
 """The main job on one model, every stage timed and measured: the stage rows that run
 wrote to DuckDB `stage_runs` (seconds, memory the stage added, the process's peak), the
-machine's memory and swap traffic over the run, and the error table's seconds per
-target weight (what `bench_scale.py` extrapolates from).
+machine's memory and swap traffic over the run, and the error table's compute per
+matrix by shape, from its rows (what `bench_scale.py --seconds` fits and extrapolates).
 
     python bench/bench_full_graph.py --model llama-1b-shaped [--time-limit S] [-- EXTRA lqlora run FLAGS]
 
@@ -51,16 +51,6 @@ def stage_rows(home: Path, model: str, since: datetime.datetime):
         [model, since.replace(tzinfo=None)],
         read_only=True,
     )
-
-
-def target_weights(home: Path, model: str) -> int:
-    from lqlora_dagster.store.warehouse import Warehouse
-
-    rows = Warehouse(home / "lqlora.duckdb").query(
-        "SELECT sum(numel) AS n FROM matrices WHERE model = ?", [model], read_only=True
-    )
-    n = rows["n"].iloc[0]
-    return 0 if n is None or n != n else int(n)  # NULL (no matrices recorded yet) arrives as NaN
 
 
 def matrix_seconds(home: Path, model: str):
@@ -132,7 +122,8 @@ def main() -> None:
 
 def report(home: Path, model: str, since: datetime.datetime) -> None:
     """The stage rows from `since` (UTC) on and the error table's compute per matrix."""
-    rows = stage_rows(home, model, since.replace(tzinfo=datetime.timezone.utc))
+    utc = datetime.timezone.utc
+    rows = stage_rows(home, model, since.astimezone(utc) if since.tzinfo else since.replace(tzinfo=utc))
     print()
     print("| stage | seconds | added MB | process peak MB |")
     print("|---|---|---|---|")
@@ -140,12 +131,6 @@ def report(home: Path, model: str, since: datetime.datetime) -> None:
         print(f"| {r.stage} | {r.seconds:,.1f} | {r.added_mb:,.0f} | {r.peak_mb:,.0f} |")
     if not rows.empty:
         print(f"| all stages | {rows['seconds'].sum():,.1f} | | {rows['peak_mb'].max():,.0f} |")
-    table = rows[rows["stage"].str.startswith("error_table")]
-    weights = target_weights(home, model)
-    if not table.empty and weights:
-        # summed over the chunk steps, which the multiprocess executor may overlap
-        print(f"\nerror table: {table['seconds'].sum():,.0f} stage-seconds over {weights:,} target weights = "
-              f"{1e6 * table['seconds'].sum() / weights:.2f} µs per weight (every method the run asked for)")
     for key, per_matrix in matrix_seconds(home, model).groupby("table_key", sort=False):
         print(f"\ntable {key} ({per_matrix['table_rows'].iloc[0]:,.0f} rows), compute per matrix "
               "(all its rows in this table, one torch thread):\n")
