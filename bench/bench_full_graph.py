@@ -1,7 +1,8 @@
 """The main job on one model, every stage timed and measured: the stage rows that run
 wrote to DuckDB `stage_runs` (seconds, memory the stage added, the process's peak), the
 machine's memory and swap traffic over the run, and the error table's compute per
-matrix by shape, from its rows (what `bench_scale.py --seconds` fits and extrapolates).
+matrix by shape, from its rows (what `bench_scale.py --seconds` fits and extrapolates),
+and what each confirmed plan's confirmation bought against `--no-confirm`.
 
     python bench/bench_full_graph.py --model llama-1b-shaped [--time-limit S] [-- EXTRA lqlora run FLAGS]
 
@@ -20,6 +21,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -73,6 +76,46 @@ def matrix_seconds(home: Path, model: str):
         "ORDER BY table_rows DESC, q.table_key, m.rows * m.cols",
         [model, model], read_only=True,
     )
+
+
+def confirmation_gains(home: Path, model: str) -> list[str]:
+    """Per confirmed plan (quantized-part budget, one rank): the plan `--no-confirm` would
+    have made (solved on the fast table's estimates alone) scored at its picks' exact
+    errors, against the confirmed plan's. Exact rows are those of the model's other tables
+    with the same init, Fisher weighting and rank (the confirmation's). Why: on a large
+    model the confirmation costs hours, and this is what they bought."""
+    from lqlora_dagster.methods import get_method
+    from lqlora_dagster.store.warehouse import Warehouse
+
+    wh = Warehouse(home / "lqlora.duckdb")
+    plans = wh.query("SELECT plan_id, method, budget, objective, table_key FROM plans WHERE model = ? AND "
+                     "budget_kind = 'quantized' AND ranks NOT LIKE '%,%' ORDER BY created_at", [model], read_only=True)
+    lines = []
+    for p in plans.itertuples():
+        table = wh.query("SELECT matrix, config, rank, numel, storage_bits, error, init, fisher FROM quant_errors "
+                         "WHERE table_key = ?", [p.table_key], read_only=True)
+        init, fisher, rank = table["init"].iloc[0], bool(table["fisher"].iloc[0]), int(table["rank"].iloc[0])
+        exact = wh.query("SELECT matrix, config, rank, error AS exact FROM quant_errors WHERE model = ? AND "
+                         "table_key <> ? AND init = ? AND fisher = ? AND rank = ?",
+                         [model, p.table_key, init, fisher, rank], read_only=True)
+        if exact.empty:
+            continue  # an exhaustive table: its plans are not confirmed
+        plain = get_method(p.method).allocation.solve(table[["matrix", "config", "rank", "numel", "storage_bits", "error"]],
+                                                     float(p.budget))
+        picks = pd.DataFrame(plain.rows(), columns=["matrix", "config", "rank"]).merge(
+            exact, on=["matrix", "config", "rank"], how="left")
+        confirmed = wh.query("SELECT matrix, config FROM plan_assignments WHERE plan_id = ?", [p.plan_id],
+                             read_only=True)
+        same = len(picks.merge(confirmed, on=["matrix", "config"]))
+        head = f"plan {p.plan_id} ({p.method} @ {p.budget:g}): confirmed, exact error {p.objective:.6g}; "
+        if picks["exact"].isna().any():
+            lines.append(head + f"`--no-confirm` would pick {picks['exact'].isna().sum()} configs with no exact row")
+            continue
+        plain_exact = picks["exact"].sum()
+        lines.append(head + f"`--no-confirm` would keep {same} of {len(picks)} picks, stated error "
+                     f"{plain.objective:.6g}, exact error {plain_exact:.6g} "
+                     f"({100 * (plain_exact / p.objective - 1):+.2f}% against the confirmed plan)")
+    return lines
 
 
 def main() -> None:
@@ -142,6 +185,10 @@ def report(home: Path, model: str, since: datetime.datetime) -> None:
         print(f"\n{per_matrix['matrices'].sum()} matrices, {per_matrix['total'].sum() / 3600:.2f} compute-hours in all")
     print("the table with the most rows is the error table, any other the exact rows its plans' confirmation "
           "computed; fit a curve to the error table's medians with bench/bench_scale.py --seconds")
+    gains = confirmation_gains(home, model)
+    if gains:
+        print("\nwhat the confirmation bought:")
+        print("\n".join(gains))
 
 
 if __name__ == "__main__":
