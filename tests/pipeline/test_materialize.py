@@ -15,12 +15,13 @@ MODEL = "tiny-llama"
 TABLES = ("matrices", "quant_errors", "plans", "plan_assignments", "decompositions", "train_steps", "evaluations")
 
 
-def materialize(home: Path, run_config: dict, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
+def materialize(home: Path, run_config: dict, instance: dg.DagsterInstance,
+                partition: str = MODEL) -> dg.ExecuteInProcessResult:
     defs = build_definitions(home)
     return dg.materialize(
         list(defs.assets) + list(defs.asset_checks or []),
         instance=instance,
-        partition_key=MODEL,
+        partition_key=partition,
         resources=resources_at(home),
         run_config=run_config,
         raise_on_error=True,

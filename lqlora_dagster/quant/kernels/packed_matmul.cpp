@@ -177,17 +177,54 @@ Packed unpack_args(const torch::Tensor& codes, const torch::Tensor& scale_codes,
 }
 
 template <int BITS>
+void decode_span(const Packed& p, const Lanes<BITS>& lanes, float* dst, int64_t begin, int64_t end) {
+  decode_range<BITS>(
+      p, lanes, begin, end, [&](int64_t i, float v) { dst[i] = v; },
+      [&](int64_t i, auto v) {
+#ifdef __AVX2__
+        _mm256_storeu_ps(dst + i, v);
+#endif
+      });
+}
+
+// Blocks of a multiple of 8 with B1 a power of two (every config of the grid): the scales
+// of 64 blocks at a time, eight at a time as matvec computes them, then one branch-free
+// pass over their codes; a last partial block goes the general way.
+template <int BITS>
+bool decode_whole_blocks(const Packed& p, const Lanes<BITS>& lanes, float* dst, int64_t numel) {
+#ifdef __AVX2__
+  const int64_t whole = numel / p.B0;
+  if (p.B0 % 8 || p.b1_shift < 0 || whole >= (int64_t{1} << 31)) return false;
+  const int64_t chunks = p.B0 / 8;
+  const uint8_t* end = p.codes + p.n_code_bytes;
+  at::parallel_for(0, whole, 1024, [&](int64_t first, int64_t last) {
+    alignas(32) float scales[64];
+    for (int64_t k = first; k < last; k += 64) {
+      const int64_t n = std::min<int64_t>(64, last - k);
+      block_scales(p, k, n, scales);
+      for (int64_t j = 0; j < n; ++j) {
+        const __m256 s = _mm256_set1_ps(scales[j]);
+        float* out = dst + (k + j) * p.B0;
+        const int64_t base = (k + j) * p.B0;
+        for (int64_t c = 0; c < chunks; ++c)
+          _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(lanes.levels8(p.codes, end, base + 8 * c), s));
+      }
+    }
+  });
+  if (whole * p.B0 < numel) decode_span<BITS>(p, lanes, dst, whole * p.B0, numel);
+  return true;
+#else
+  return false;
+#endif
+}
+
+template <int BITS>
 void decode_all(const Packed& p, float* dst, int64_t numel) {
   const Lanes<BITS> lanes(p);
+  if (decode_whole_blocks<BITS>(p, lanes, dst, numel)) return;
   const int64_t n_blocks = (numel + p.B0 - 1) / p.B0;
   at::parallel_for(0, n_blocks, 1024, [&](int64_t first, int64_t last) {
-    decode_range<BITS>(
-        p, lanes, first * p.B0, std::min(numel, last * p.B0), [&](int64_t i, float v) { dst[i] = v; },
-        [&](int64_t i, auto v) {
-#ifdef __AVX2__
-          _mm256_storeu_ps(dst + i, v);
-#endif
-        });
+    decode_span<BITS>(p, lanes, dst, first * p.B0, std::min(numel, last * p.B0));
   });
 }
 
