@@ -204,10 +204,9 @@ bool decode_whole_blocks(const Packed& p, const Lanes<BITS>& lanes, float* dst, 
       block_scales(p, k, n, scales);
       for (int64_t j = 0; j < n; ++j) {
         const __m256 s = _mm256_set1_ps(scales[j]);
-        float* out = dst + (k + j) * p.B0;
         const int64_t base = (k + j) * p.B0;
         for (int64_t c = 0; c < chunks; ++c)
-          _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(lanes.levels8(p.codes, end, base + 8 * c), s));
+          _mm256_storeu_ps(dst + base + 8 * c, _mm256_mul_ps(lanes.levels8(p.codes, end, base + 8 * c), s));
       }
     }
   });
