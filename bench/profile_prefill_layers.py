@@ -34,7 +34,7 @@ def layer_times(out_f: int, in_f: int, config: QuantConfig, tokens: int) -> dict
     W = torch.randn(out_f, in_f) * 0.02
     layer = LQLinear(QuantizedMatrix.quantize(W, config), torch.randn(out_f, 16) * 0.01, torch.randn(16, in_f) * 0.01)
     x = torch.randn(1, tokens, in_f)
-    _, args = layer._packed()
+    args = fast_decode.kernel_args(layer.quantized())
     L1, L2 = layer.L1.detach(), layer.L2.detach()
     with torch.no_grad():
         return {
