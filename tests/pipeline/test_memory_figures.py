@@ -50,7 +50,7 @@ def wide_llama_folder(tmp_path_factory) -> Path:
 
 
 def test_evaluation_memory_in_duckdb_differs_between_fp32_and_compressed(tmp_path, wide_llama_folder):
-    with registered_home(tmp_path, {MODEL: wide_llama_folder}) as (w, instance):
+    with registered_home(tmp_path, {MODEL: wide_llama_folder}) as (_, instance):
         # QLoRA-ILP: its error table needs no LQ iterations, so the whole graph runs in a minute
         result = materialize(tmp_path, tiny_run_config(methods=("qlora-ilp",), steps=1), instance, partition=MODEL)
     assert result.success
