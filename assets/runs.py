@@ -4,6 +4,7 @@ terminal (`lqlora_dagster/run_display.py`)."""
 
 import fcntl
 import os
+import signal
 import threading
 import uuid
 from collections.abc import Callable
@@ -13,10 +14,14 @@ import dagster as dg
 
 from assets.automation import MAIN_JOB
 from assets.shared import BASE_MODELS
+from lqlora_dagster.errors import RunInterrupted
 from lqlora_dagster.pipeline.handles import from_json
 from lqlora_dagster.run_display import RunEvent
 
 RUN_TAG = "lqlora/cli-run"
+PROCESS_TAG = "lqlora/process"  # "<pid>:<start time>" of the CLI process that runs it
+_INTERRUPTED = ("KeyboardInterrupt", "DagsterExecutionInterruptedError")
+_ACTIVE = (dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING)
 
 
 def prepare_dagster_home(home: Path) -> Path:
@@ -128,6 +133,54 @@ def _watch(instance: dg.DagsterInstance, token: str, stages: set[str], show: Cal
         stop.wait(0.5)
 
 
+def _process_id(pid: int) -> str | None:
+    """pid and start time (clock ticks since boot), so a reused pid is not taken for ours."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return f"{pid}:{stat.rsplit(')', 1)[1].split()[19]}"
+
+
+def fail_orphaned_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Runs the CLI started whose process is gone (killed with SIGKILL, the machine
+    rebooted) stay STARTED forever; mark them failed. Runs of other launchers (the UI's
+    daemon) carry no process tag and are theirs to monitor."""
+    failed = []
+    for record in instance.get_run_records(filters=dg.RunsFilter(statuses=list(_ACTIVE))):
+        run = record.dagster_run
+        owner = run.tags.get(PROCESS_TAG)
+        if owner is None or _process_id(int(owner.split(":")[0])) == owner:
+            continue
+        instance.report_run_failed(run, f"the lqlora process that ran it (pid {owner.split(':')[0]}) ended "
+                                   "without finishing it; its finished stages are stored")
+        failed.append(run.run_id)
+    return failed
+
+
+def _was_interrupted(instance: dg.DagsterInstance, token: str) -> bool:
+    """Whether the run's steps ended by an interrupt rather than an error of their own."""
+    runs = instance.get_run_records(filters=dg.RunsFilter(tags={RUN_TAG: token}), limit=1)
+    if not runs:
+        return False
+    for record in instance.all_logs(runs[0].dagster_run.run_id):
+        event = record.dagster_event
+        error = getattr(event.event_specific_data, "error", None) if event is not None else None
+        while error is not None:
+            if error.cls_name in _INTERRUPTED:
+                return True
+            error = error.cause
+        if event is not None and "interrupted all active child processes" in (record.user_message or ""):
+            return True
+    return False
+
+
+def _mark_canceled(instance: dg.DagsterInstance, token: str) -> None:
+    runs = instance.get_run_records(filters=dg.RunsFilter(tags={RUN_TAG: token}), limit=1)
+    if runs and runs[0].dagster_run.status != dg.DagsterRunStatus.CANCELED:
+        instance.report_run_canceled(runs[0].dagster_run, "interrupted by the user (Ctrl-C or SIGTERM)")
+
+
 def run_job(
     model: str,
     run_config: dict,
@@ -137,13 +190,22 @@ def run_job(
     multiprocess: bool = True,
 ) -> bool:
     """Run `job` for one partition in the persistent instance (the UI shows it later),
-    showing its events as they come. Returns whether the run succeeded."""
+    showing its events as they come. Returns whether the run succeeded; raises
+    `RunInterrupted` (the run marked canceled) when the user stopped it."""
     token = uuid.uuid4().hex
-    tags = {"dagster/partition": model, RUN_TAG: token}
+    tags = {"dagster/partition": model, RUN_TAG: token, PROCESS_TAG: _process_id(os.getpid()) or str(os.getpid())}
+    terminated = threading.Event()
+
+    def on_sigterm(signum, frame) -> None:  # Dagster stops its steps on SIGINT: route SIGTERM there
+        terminated.set()
+        os.kill(os.getpid(), signal.SIGINT)
+
     with dg.DagsterInstance.get() as instance:
+        fail_orphaned_runs(instance)
         stop = threading.Event()
         watcher = threading.Thread(target=_watch, args=(instance, token, set(stages), show, stop), daemon=True)
         watcher.start()
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
         try:
             if multiprocess:
                 result = dg.execute_job(reconstructable_job(job=job), instance=instance, run_config=run_config, tags=tags)
@@ -151,7 +213,14 @@ def run_job(
                 result = job_definition(job=job).execute_in_process(
                     run_config=run_config, instance=instance, partition_key=model, raise_on_error=False, tags=tags
                 )
+        except KeyboardInterrupt:
+            _mark_canceled(instance, token)
+            raise RunInterrupted() from None
         finally:
+            signal.signal(signal.SIGTERM, previous)
             stop.set()
             watcher.join(timeout=30)
+        if not result.success and (terminated.is_set() or _was_interrupted(instance, token)):
+            _mark_canceled(instance, token)
+            raise RunInterrupted()
         return result.success

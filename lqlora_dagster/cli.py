@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from lqlora_dagster.cli_args import add_knob_flags, stage_overrides
-from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.errors import LQLoRAInputError, RunInterrupted
 from lqlora_dagster.pipeline.context import default_home, ensure_writable_home
 from lqlora_dagster.pipeline.registry import (
     DEFAULT_MODEL,
@@ -34,7 +34,8 @@ from lqlora_dagster.pipeline.registry import (
 )
 from lqlora_dagster.pipeline.settings import PipelineSettings
 from lqlora_dagster.run_log import run_with_log
-from lqlora_dagster.store.warehouse import SQL_DIR, Warehouse
+from lqlora_dagster.store.warehouse import Warehouse, canned_queries
+from lqlora_dagster.text_tables import text_table
 
 
 def _warehouse(home: Path) -> Warehouse:
@@ -43,8 +44,13 @@ def _warehouse(home: Path) -> Warehouse:
     return w
 
 
-def _table(frame) -> str:
-    return frame.to_string(index=False, float_format=lambda v: f"{v:.4g}") if not frame.empty else "(no rows)"
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lqlora-dagster")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def cmd_register(args: argparse.Namespace, home: Path) -> int:
@@ -100,24 +106,20 @@ def run_overrides(args: argparse.Namespace) -> dict[str, dict]:
 def cmd_run(args: argparse.Namespace, home: Path) -> int:
     from lqlora_dagster.definitions import MAIN_ASSETS, MAIN_JOB
     from lqlora_dagster.pipeline.datasets import check_data
-    from lqlora_dagster.pipeline.feasibility import check_budgets, check_ranks, model_shape
+    from lqlora_dagster.pipeline.feasibility import check_run, model_shape
 
     overrides = run_overrides(args)
-    if overrides.get("error_table", {}).get("ranks") == ():
-        raise LQLoRAInputError("--ranks needs at least one rank, e.g. --ranks 0 8 16 32 64 (leave it out for one --rank)")
     plan = overrides.get("allocation_plan", {})
     if plan.get("max_sizes") and "budgets" not in plan:  # --max-size alone: no bits/param plan as well
         plan["budgets"] = ()
     settings = PipelineSettings().override(**overrides)  # every knob checked before any work
     warehouse = _warehouse(home)
     _ensure_model(warehouse, args.model)
-    shape = model_shape(warehouse, args.model, home / "models")
-    check_ranks(shape, settings, args.model)
-    check_budgets(shape, settings, args.model)
+    check_run(model_shape(warehouse, args.model, home / "models"), settings, args.model)
     check_data(warehouse, settings.task_data, args.model, lookup_model(warehouse, args.model)["task"])
     if not _run(args, home, settings.run_config(), MAIN_JOB, MAIN_ASSETS):
         return 1
-    print(_table(_warehouse(home).run_named_query("ppl_by_method_and_budget", {"model": args.model})))
+    print(text_table(_warehouse(home).run_named_query("ppl_by_method_and_budget", {"model": args.model})))
     return 0
 
 
@@ -127,6 +129,7 @@ def cmd_compare(args: argparse.Namespace, home: Path) -> int:
     from lqlora_dagster.comparison import COMPARISONS, RANK_COMPARISON
     from lqlora_dagster.definitions import COMPARISON_JOB, MAIN_ASSETS
     from lqlora_dagster.pipeline.datasets import check_data
+    from lqlora_dagster.pipeline.feasibility import check_lengths, model_shape
     from lqlora_dagster.store.artifacts import ArtifactStore
 
     warehouse = _warehouse(home)
@@ -136,6 +139,7 @@ def cmd_compare(args: argparse.Namespace, home: Path) -> int:
         raise LQLoRAInputError("--view ranks compares language models; this model is a classifier")
     chosen = RANK_COMPARISON if args.view == "ranks" else COMPARISONS[kind]
     comparison = chosen.with_stages(**run_overrides(args))
+    check_lengths(model_shape(warehouse, args.model, home / "models"), comparison.stages, args.model)
     check_data(warehouse, comparison.stages.task_data, args.model, kind)
     if not _run(args, home, comparison.run_config(), COMPARISON_JOB, MAIN_ASSETS + ["comparison_report"]):
         return 1
@@ -149,47 +153,66 @@ def cmd_compare(args: argparse.Namespace, home: Path) -> int:
 def cmd_data(args: argparse.Namespace, home: Path) -> int:
     """Register, list or remove datasets (DuckDB `datasets`)."""
     from lqlora_dagster.data.datasets import Columns
+    from lqlora_dagster.data.files import Reading
     from lqlora_dagster.pipeline.datasets import add_dataset, registered_datasets, remove_dataset
 
     warehouse = _warehouse(home)
     if args.action == "add":
         named = Columns(text=args.text_col, label=args.label_col, prompt=args.prompt_col, response=args.response_col,
                         messages=args.messages_col)
-        spec = add_dataset(warehouse, args.name, args.path, args.task, named, replace=args.replace)
+        reading = Reading(args.encoding, args.skip_unreadable)
+        spec = add_dataset(warehouse, args.name, args.path, args.task, named, replace=args.replace, reading=reading)
         use = ", ".join(f"{role}={col}" for role, col in vars(spec.use).items() if col)
         labels = f"; labels {list(spec.labels)}" if spec.labels else ""
         print(f"added dataset {spec.name!r}: {spec.task}, {spec.rows:,} rows from {spec.format} ({use}){labels}")
+        if spec.skipped:
+            shown = "".join(f"\n  {line}" for line in spec.skipped[:20])
+            more = f"\n  ... and {len(spec.skipped) - 20:,} more" if len(spec.skipped) > 20 else ""
+            print(f"left out {len(spec.skipped):,} of {spec.rows + len(spec.skipped):,} files (--skip-unreadable):"
+                  f"{shown}{more}")
         print(f"use it: lqlora run --model MODEL --train {spec.name}")
     elif args.action == "remove":
         remove_dataset(warehouse, args.name)
         print(f"removed dataset {args.name!r} (results computed from it stay in DuckDB)")
     else:
-        print(_table(registered_datasets(warehouse)))
+        print(text_table(registered_datasets(warehouse)))
         print("bundled: sotu (lm, State-of-the-Union speeches), polarity (classify, Pang & Lee sentences)")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace, home: Path) -> int:
-    """Stream a continuation from a finetuned compressed model, then its speed and memory."""
+    """Stream a continuation from a finetuned compressed model, then its speed and memory.
+    Everything a user typed is checked before the model is loaded."""
+    from transformers import AutoConfig
+
     from assets.runs import stored_handle
-    from lqlora_dagster.generate import generate, load_for_generation, pick_adapter
+    from lqlora_dagster.generate import check_room, generate, load_for_generation, pick_adapter, prompt_ids
     from lqlora_dagster.memory import PeakMemory
     from lqlora_dagster.models.loading import load_tokenizer
     from lqlora_dagster.pipeline.context import StageContext
 
+    if args.max_new_tokens < 1:
+        raise LQLoRAInputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    check_model_name(args.model)
+    if args.model not in set(registered_models(_warehouse(home))["model"]):
+        raise LQLoRAInputError(
+            f"model {args.model!r} is not registered (`lqlora models` lists them); register it with "
+            f"`lqlora register SOURCE --name {args.model}`, then `lqlora run --model {args.model}`"
+        )
     try:
         model = stored_handle(home, "base_model", args.model)
         adapters = stored_handle(home, "finetuned_adapters", args.model)
     except FileNotFoundError as err:
         raise LQLoRAInputError(f"nothing finetuned for {args.model!r} yet; run `lqlora run --model {args.model}`") from err
     ref = pick_adapter(adapters, args.method, args.budget)
+    tokenizer = load_tokenizer(Path(model.folder))
+    ids = prompt_ids(tokenizer, args.prompt, args.chat)
+    check_room(AutoConfig.from_pretrained(model.folder), ids.shape[1], args.max_new_tokens)
     with PeakMemory() as loading:
         net = load_for_generation(StageContext.at(home), model, ref, finetuned=not args.no_adapter)
-    tokenizer = load_tokenizer(Path(model.folder))
     print(f"[{args.model}, {ref.method}{'' if ref.budget is None else f' @ {ref.budget:g} bits'}"
           f"{', no adapter' if args.no_adapter else ''}]", file=sys.stderr)
-    result = generate(net, tokenizer, args.prompt, args.max_new_tokens, args.chat,
-                      stream=lambda text: print(text, end="", flush=True))
+    result = generate(net, tokenizer, ids, args.max_new_tokens, stream=lambda text: print(text, end="", flush=True))
     print()
     print(f"{result.new_tokens} tokens in {result.seconds:.1f} s ({result.tokens_per_s:.1f} tokens/s); "
           f"the model took {loading.added_mb:,.0f} MB to load and {result.added_mb:,.0f} MB more to generate",
@@ -213,32 +236,34 @@ def cmd_unregister(args: argparse.Namespace, home: Path) -> int:
 
 
 def cmd_sql(args: argparse.Namespace, home: Path) -> int:
-    """Read-only when the warehouse exists, so a shared or write-protected file still answers."""
-    path = home / "lqlora.duckdb"
-    if path.is_file():
-        frame = Warehouse(path).run_named_query(args.query, {"model": args.model}, read_only=True)
-    else:
-        frame = _warehouse(home).run_named_query(args.query, {"model": args.model})
-    print(_table(frame))
+    """A canned query by name, on a sandboxed read-only connection (it cannot write the
+    database or any file, and never creates a database)."""
+    frame = Warehouse(home / "lqlora.duckdb").run_user_query(args.query, {"model": args.model})
+    if args.model_defaulted:
+        print(f"[model {args.model}, the default; --model picks another]", file=sys.stderr)
+    print(text_table(frame, timestamps=args.timestamps))
     return 0
 
 
 def cmd_models(args: argparse.Namespace, home: Path) -> int:
-    print(registered_models(_warehouse(home)).to_string(index=False))
+    print(text_table(registered_models(_warehouse(home)),
+                     empty=f"no models registered yet: `lqlora register SOURCE` adds one "
+                     f"(`lqlora run` registers the bundled {DEFAULT_MODEL})"))
     return 0
 
 
-def stop_session(proc, grace_s: float = 20.0) -> None:
+def stop_session(proc, grace_s: float = 20.0, hurry=None) -> None:
     """SIGTERM a process started in its own session and everything in it, then SIGKILL
-    what is left (Dagster's `tail -F` log followers ignore SIGTERM); returns once the
-    session's process group is empty."""
+    what is left (Dagster's `tail -F` log followers ignore SIGTERM) after `grace_s`, or at
+    once when `hurry` (a threading.Event) is set; returns once the session's process
+    group is empty."""
     for sig, grace in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (sig == signal.SIGTERM and hurry is not None and hurry.is_set()):
             proc.poll()  # reap the leader, our child
             try:
                 os.killpg(proc.pid, 0)  # anyone left in the group?
@@ -249,29 +274,32 @@ def stop_session(proc, grace_s: float = 20.0) -> None:
 
 def cmd_ui(args: argparse.Namespace, home: Path) -> int:
     """`dagster dev` on this project, with DAGSTER_HOME under LQLORA_HOME. It runs in its
-    own session (so its children can be stopped together); Ctrl-C and SIGTERM stop it all."""
+    own session (so its children can be stopped together); Ctrl-C and SIGTERM stop it all,
+    and a second one while it stops kills what is left at once."""
     import subprocess
+    import threading
 
-    from assets.runs import prepare_dagster_home
+    from assets.runs import fail_orphaned_runs, prepare_dagster_home
 
     prepare_dagster_home(home)
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        fail_orphaned_runs(instance)
     repo = Path(__file__).resolve().parents[1]
     cmd = [str(Path(sys.executable).with_name("dagster")), "dev", "-w", str(repo / "workspace.yaml"),
            "-h", args.host, "-p", str(args.port)]
     print(f"Dagster UI on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     proc = subprocess.Popen(cmd, cwd=repo, env=os.environ.copy(), start_new_session=True)
-
-    def interrupt(signum, frame) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        stop_session(proc)
-        return 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        hurry = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: hurry.set())
+        print("stopping the Dagster UI (again to kill it at once)", file=sys.stderr, flush=True)
+        stop_session(proc, hurry=hurry)
+        return 130
 
 
 def _run_flags(p: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL) -> None:
@@ -285,6 +313,7 @@ def _run_flags(p: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL) -
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lqlora", description=__doc__.split("\n\n")[0])
     p.add_argument("--home", type=Path, default=None, help="LQLORA_HOME (default: $LQLORA_HOME or ./.lqlora)")
+    p.add_argument("--version", action="version", version=f"lqlora {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("register", help="register a base model as a new partition")
@@ -331,6 +360,11 @@ def parser() -> argparse.ArgumentParser:
     for role in ("text", "label", "prompt", "response", "messages"):
         add.add_argument(f"--{role}-col", help=f"the column holding the {role} (default: detected by name)")
     add.add_argument("--replace", action="store_true", help="re-register an existing name")
+    add.add_argument("--encoding", default="utf-8",
+                     help="the text encoding of the file(s), e.g. latin-1 or cp1252 (default: utf-8)")
+    add.add_argument("--skip-unreadable", action="store_true",
+                     help="for a folder: leave out (and list) the .txt files that are binary, not in the encoding, "
+                     "or empty, instead of refusing the folder")
     dsub.add_parser("list", help="list registered datasets")
     rm = dsub.add_parser("remove", help="forget a dataset")
     rm.add_argument("name")
@@ -351,9 +385,9 @@ def parser() -> argparse.ArgumentParser:
     u.set_defaults(func=cmd_unregister)
 
     q = sub.add_parser("sql", help="run a canned query from sql/queries")
-    known = sorted(f.stem for f in (SQL_DIR / "queries").glob("*.sql"))
-    q.add_argument("query", help=f"one of: {', '.join(known)}")
-    q.add_argument("--model", default=DEFAULT_MODEL)
+    q.add_argument("query", help=f"one of: {', '.join(canned_queries())}")
+    q.add_argument("--model", default=None, help=f"a registered model (default: {DEFAULT_MODEL})")
+    q.add_argument("--timestamps", action="store_true", help="show the rows' timestamp columns (hidden by default)")
     q.set_defaults(func=cmd_sql)
 
     m = sub.add_parser("models", help="list registered models")
@@ -366,10 +400,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum, frame) -> None:
+    """SIGTERM ends a command as Ctrl-C does: cleanly, with exit code 130."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "sql":
+        args.model_defaulted = args.model is None
+        args.model = args.model or DEFAULT_MODEL
     home = (args.home or default_home()).resolve()
     os.environ["LQLORA_HOME"] = str(home)  # the Dagster code (and its subprocesses) read it
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.command != "sql":
             ensure_writable_home(home)
@@ -377,6 +420,15 @@ def main(argv: list[str] | None = None) -> int:
     except LQLoRAInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunInterrupted:
+        print("interrupted: the run is marked canceled in Dagster; finished stages are stored and the next "
+              "`lqlora run` picks up from there", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -43,14 +43,17 @@ def add_knob_flags(
             options: dict = {"dest": f"{stage}{_SEP}{f.name}", "default": argparse.SUPPRESS, "metavar": f.name.upper()}
             if tp is bool:
                 del options["metavar"]
-                options.update(action="store_const", const=not default, help=_escaped(k.help))
+                text = k.describe_value(f.name, not default)
+                options.update(action="store_const", const=not default,
+                               help=_escaped(f"{text} (sets {f.name} to {str(not default).lower()}; "
+                                             f"default {str(default).lower()})"))
             else:
                 inner = optional_inner(tp) or tp
                 many = typing.get_origin(inner) is tuple
                 element = typing.get_args(inner)[0] if many else inner
                 options.update(type=element, help=_escaped(f"{k.help} (default: {_show(default)})"))
-                if many:
-                    options["nargs"] = "+" if k.nonempty else "*"
+                if many:  # a list flag given with no values selects nothing: argparse refuses it
+                    options["nargs"] = "+"
                 if k.choices is not None:
                     options["choices"] = list(k.choices)
                     del options["metavar"]

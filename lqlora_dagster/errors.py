@@ -7,3 +7,8 @@ inside with a message that names none of the user's inputs.
 
 class LQLoRAInputError(ValueError):
     """Bad input from the user: the message says what was seen and what to do."""
+
+
+class RunInterrupted(Exception):
+    """The user stopped a run (Ctrl-C or SIGTERM): not a failure of the run's code. What
+    finished is stored; the next run picks up from there."""

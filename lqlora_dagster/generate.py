@@ -7,6 +7,7 @@ import torch
 
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.memory import PeakMemory
+from lqlora_dagster.models.positions import context_length
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.decomposition import ASSET as DECOMPOSED
 from lqlora_dagster.pipeline.finetuning import REFERENCE, label, load_finetuned
@@ -49,18 +50,40 @@ def load_for_generation(ctx: StageContext, model: ModelHandle, ref: AdapterRef, 
     return load_lq_model(ctx.store.get(DECOMPOSED, model.model, ref.decomp_key).path).eval()
 
 
-@torch.no_grad()
-def generate(net, tokenizer, prompt: str, max_new_tokens: int, chat: bool, stream=None) -> Generated:
-    """Greedy decoding; `stream(text)` receives each piece as it is decoded."""
-    from transformers import TextStreamer
-
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    """The prompt's token ids (1, n), through the chat template with `chat`."""
+    if not prompt.strip():
+        raise LQLoRAInputError("the prompt is empty; give the text to continue, e.g. lqlora generate \"Once upon\"")
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise LQLoRAInputError("this tokenizer has no chat template; drop --chat")
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
-    else:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def check_room(config, prompt_tokens: int, max_new_tokens: int) -> None:
+    """The prompt and the tokens asked for fit the model's positions (past them a model
+    with learned positions fails and a rotary one produces text it was never trained on)."""
+    if max_new_tokens < 1:
+        raise LQLoRAInputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    limit = context_length(config)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        room = limit - prompt_tokens
+        advice = f"ask for at most --max-new-tokens {room}" if room > 0 else "shorten the prompt"
+        raise LQLoRAInputError(
+            f"the prompt's {prompt_tokens} tokens plus {max_new_tokens} new ones exceed the model's "
+            f"{limit} positions; {advice}"
+        )
+
+
+@torch.no_grad()
+def generate(net, tokenizer, ids: torch.Tensor, max_new_tokens: int, stream=None) -> Generated:
+    """Greedy decoding from prompt `ids` (`prompt_ids`); `stream(text)` receives each
+    piece as it is decoded."""
+    from transformers import TextStreamer
+
+    check_room(net.config, ids.shape[1], max_new_tokens)
 
     class _Streamer(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:

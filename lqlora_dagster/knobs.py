@@ -24,7 +24,7 @@ from lqlora_dagster.errors import LQLoRAInputError
 class Knob:
     """What a settings field means to a user: help, bounds, allowed values, CLI flags."""
 
-    help: str
+    help: str  # for a bool: what true means
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
@@ -34,6 +34,16 @@ class Knob:
     # CLI flags: None derives `--{prefix}{name}`; () keeps the knob off the CLI. A bool
     # flag flips the default (`--no-confirm` for a default of True).
     flags: tuple[str, ...] | None = None
+    off: str | None = None  # for a bool: what false means (its flag's help when the default is true)
+
+    def describe_value(self, name: str, value: bool) -> str:
+        """What setting a bool knob to `value` does, in words: a flag's help is the
+        description of the value it sets, never of the default it flips."""
+        if value:
+            return self.help
+        if self.off is None:
+            raise ValueError(f"bool knob {name!r} needs `off` (what false means) to describe its flag")
+        return self.off
 
 
 def knob(default: Any, help: str, **meta) -> Any:

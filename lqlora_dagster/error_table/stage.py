@@ -23,6 +23,7 @@ from lqlora_dagster.pipeline.base_model import recorded_targets
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.handles import ErrorTableHandle, FisherHandle, ModelHandle, TableRef
 from lqlora_dagster.pipeline.settings import ErrorTableSettings
+from lqlora_dagster.quant.config import QuantConfig, storage_bits
 from lqlora_dagster.store.schemas import QUANT_ERRORS
 
 
@@ -179,12 +180,17 @@ def compute_table_rows(
 
 
 def load_table(ctx: StageContext, ref: TableRef) -> pd.DataFrame:
-    """The rows of one table restricted to its candidate configs (long form)."""
+    """The rows of one table restricted to its candidate configs (long form). Storage is
+    recounted from (numel, config) by the current rule, so rows stored under an older
+    accounting still plan exactly what the artifacts will measure."""
     frame = ctx.warehouse.query(
-        "SELECT matrix, config, rank, numel, storage_bits, error, bits_per_param FROM quant_errors WHERE table_key = ?",
-        [ref.table_key],
+        "SELECT matrix, config, rank, numel, error FROM quant_errors WHERE table_key = ?", [ref.table_key],
     )
-    return frame[frame["config"].isin(ref.configs)].reset_index(drop=True)
+    frame = frame[frame["config"].isin(ref.configs)].reset_index(drop=True)
+    configs = {name: QuantConfig.parse(name) for name in frame["config"].unique()}
+    frame["storage_bits"] = [storage_bits(int(n), configs[c]) for n, c in zip(frame["numel"], frame["config"])]
+    frame["bits_per_param"] = frame["storage_bits"] / frame["numel"]
+    return frame
 
 
 def exact_home(ref: TableRef) -> str:

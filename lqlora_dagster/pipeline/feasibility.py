@@ -1,4 +1,5 @@
-"""Budgets and ranks no plan can meet, refused before any work.
+"""Options no run can honour, refused before any work: budgets and ranks no plan can
+meet, lengths beyond the model's positions, finetuning selections that name no plan.
 
 The cheapest plan of a method follows from the target shapes and its candidates alone
 (every matrix at its cheapest config and rank for the ILP, the cheapest single
@@ -14,6 +15,7 @@ import torch
 from lqlora_dagster.allocate.budget import Budget, capacity, factor_bits
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.methods import get_method
+from lqlora_dagster.models.positions import context_length
 from lqlora_dagster.models.source import resolve_model_folder
 from lqlora_dagster.models.targets import Target, find_targets
 from lqlora_dagster.models.weights import nontarget_bytes
@@ -30,6 +32,7 @@ class ModelShape:
 
     shapes: list[tuple[int, int]]  # (rows, cols) per target
     nontarget_bytes: int
+    positions: int | None = None  # the longest sequence the model attends to (None: not stated)
 
     @property
     def target_numel(self) -> int:
@@ -43,15 +46,54 @@ def model_shape(warehouse: Warehouse, model: str, cache: Path) -> ModelShape:
 
     record = lookup_model(warehouse, model)
     folder, task = resolve_model_folder(record["source"], cache)
+    config = AutoConfig.from_pretrained(folder)
     rows = warehouse.query("SELECT name, rows, cols, layer, kind, transposed FROM matrices WHERE model = ?", [model])
     if not rows.empty:
         targets = [Target(r.name, int(r.rows), int(r.cols), int(r.layer), r.kind, bool(r.transposed))
                    for r in rows.itertuples()]
     else:
         with torch.device("meta"):
-            net = get_task(task).from_config(AutoConfig.from_pretrained(folder))
+            net = get_task(task).from_config(config)
         targets = find_targets(net, record["pattern"])
-    return ModelShape([(t.rows, t.cols) for t in targets], nontarget_bytes(folder, targets))
+    return ModelShape([(t.rows, t.cols) for t in targets], nontarget_bytes(folder, targets), context_length(config))
+
+
+def check_lengths(shape: ModelShape, settings: PipelineSettings, model: str) -> None:
+    """Every window a run cuts fits the model's positions (beyond them a model with
+    learned positions fails mid-run, and a rotary one scores text it was never trained on)."""
+    if shape.positions is None:
+        return
+    lengths = {
+        "--calibration-len": settings.calibration_batches.seq_len,
+        "--finetune-len": settings.finetuned_adapters.seq_len,
+        "--eval-len": settings.evaluation.seq_len,
+    }
+    for flag, length in lengths.items():
+        if length > shape.positions:
+            raise LQLoRAInputError(
+                f"{flag} {length} is longer than {model!r} can attend to ({shape.positions} positions); "
+                f"use at most {flag} {shape.positions}"
+            )
+
+
+def check_finetune_selection(settings: PipelineSettings) -> None:
+    """`--finetune-methods` / `--finetune-budgets` name plans this run makes; otherwise
+    they select nothing and the run would finetune nothing."""
+    planned = settings.error_table.methods
+    chosen = settings.finetuned_adapters
+    stray = [m for m in chosen.methods if m not in planned]
+    if stray:
+        raise LQLoRAInputError(
+            f"--finetune-methods {' '.join(stray)}: not planned in this run (planned: {' '.join(planned)}); "
+            f"add it to --methods or leave it out of --finetune-methods"
+        )
+    budgets = sorted({b.value for m in (chosen.methods or planned) for b in settings.allocation_plan.budgets_for(m)})
+    missing = [b for b in chosen.budgets if not any(abs(b - v) < 1e-9 for v in budgets)]
+    if missing:
+        raise LQLoRAInputError(
+            f"--finetune-budgets {' '.join(f'{b:g}' for b in missing)}: no plan of this run has that budget "
+            f"(its budgets: {' '.join(f'{b:g}' for b in budgets)}); pick among them or add it to --budget"
+        )
 
 
 def check_ranks(shape: ModelShape, settings: PipelineSettings, model: str) -> None:
@@ -105,3 +147,11 @@ def check_budgets(shape: ModelShape, settings: PipelineSettings, model: str) -> 
                 f"{floor:.4f} bits/param ({settings.error_table.grid} grid); raise the budget to at least "
                 f"{int(floor * 1000 + 1) / 1000:.3f}"
             )
+
+
+def check_run(shape: ModelShape, settings: PipelineSettings, model: str) -> None:
+    """Every check a run's options get before any work starts."""
+    check_lengths(shape, settings, model)
+    check_ranks(shape, settings, model)
+    check_budgets(shape, settings, model)
+    check_finetune_selection(settings)

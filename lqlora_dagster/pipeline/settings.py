@@ -70,9 +70,9 @@ class ErrorTableSettings(LQSettings):
     grid: str = knob("full", "candidate configs: full (the paper's 432) or reduced (24, quick looks)", choices=tuple(GRIDS))
     fast: bool = knob(
         True,
-        "estimate most rows from shared decompositions (plans are then confirmed with exact rows); "
-        "false: one decomposition per config",
+        "estimate most rows from shared decompositions (plans are then confirmed with exact rows)",
         flags=("--exhaustive",),
+        off="decompose every matrix once per config (exact rows throughout; far slower)",
     )
     refine_steps: int = knob(
         2, "fast path: own alternating steps for configs with coarse block-scale codes (0: none)", ge=0
@@ -138,6 +138,7 @@ class PlanSettings:
         "on a fast table, compute the exact error of every config a plan picks and re-solve until all "
         "its picks are exact (the plan's objective is then the realized error)",
         flags=("--no-confirm",),
+        off="take each fast-table plan as solved on its estimates, without computing exact rows for its picks",
     )
     confirm_margin: float = knob(
         0.08,
@@ -150,14 +151,14 @@ class PlanSettings:
     other_rank_margin: float = knob(
         0.35,
         "confirmation: the margin of rows at ranks above the base rank (`ranks`), priced one step up from its "
-        "factors, which run 14-3500% high (bench/results/multirank_table.md)",
+        "factors, whose estimates run high",
         ge=0,
         lt=1,
     )
     lower_rank_margin: float = knob(
         0.1,
-        "confirmation: the margin of rows at ranks below the base rank, its factors truncated, which run 7-100% "
-        "high: a wider margin makes nearly every such pick look better than it is, round after round",
+        "confirmation: the margin of rows at ranks below the base rank, its factors truncated, whose estimates "
+        "run high: a wider margin makes nearly every such pick look better than it is, round after round",
         ge=0,
         lt=1,
     )
@@ -202,6 +203,7 @@ class FinetuneSettings(TrainSettings):
     reference: bool = knob(
         True, "also finetune the uncompressed model with the same LoRA recipe (the fair upper line)",
         flags=("--no-reference",),
+        off="finetune only the compressed models, not the uncompressed reference",
     )
     val_examples: int = knob(32, "validation examples scored each `eval_every` steps (spread over the split)", ge=1)
     lr_grid: tuple[float, ...] = knob(

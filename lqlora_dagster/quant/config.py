@@ -88,13 +88,18 @@ REDUCED_GRID: tuple[QuantConfig, ...] = tuple(
 )
 
 
+HEADER_BITS = 32  # the fp32 scale offset every packed matrix stores once
+
+
 def storage_bits(numel: int, config: QuantConfig) -> int:
-    """Bits to store `numel` weights, padding to whole blocks and groups counted
-    (the fixed 32-bit scale offset per matrix is left out: it is a header)."""
+    """Bits to store `numel` weights as a packed matrix holds them: padding to whole
+    blocks and groups and the per-matrix header counted, so a plan's bits/param is the
+    bits/param of the matrices it produces (`QuantizedMatrix.nbytes`)."""
     n_blocks = -(-numel // config.B0)
     n_groups = -(-n_blocks // config.B1)
     return (
         n_blocks * config.B0 * config.b
         + n_groups * config.B1 * config.b0
         + n_groups * SCALE_FORMAT_BITS[config.b1]
+        + HEADER_BITS
     )

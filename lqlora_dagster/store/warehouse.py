@@ -7,6 +7,7 @@ with backoff instead of surfacing as an error.
 """
 
 import random
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,17 +34,27 @@ class Warehouse:
         self.lock_timeout_s = lock_timeout_s
 
     @contextmanager
-    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    def connect(self, read_only: bool = False, sandboxed: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """`sandboxed`: read-only, and DuckDB refuses every file but this database (no
+        COPY TO, no read_csv of other files, no ATTACH, no extensions), locked so a query
+        cannot switch it back."""
         deadline = time.monotonic() + self.lock_timeout_s
         delay = 0.05
+        config = {"enable_external_access": False, "lock_configuration": True} if sandboxed else {}
+        read_only = read_only or sandboxed
+        waiting_since, told = time.monotonic(), False
         while True:
             try:
                 if not read_only:
                     self.path.parent.mkdir(parents=True, exist_ok=True)
-                con = duckdb.connect(str(self.path), read_only=read_only)
+                con = duckdb.connect(str(self.path), read_only=read_only, config=config)
                 break
             except (duckdb.IOException, duckdb.Error) as err:
                 if _is_lock_error(err) and time.monotonic() < deadline:
+                    if not told and time.monotonic() - waiting_since > 2:
+                        print(f"waiting for {self.path}: another process holds it (up to {self.lock_timeout_s:g} s)",
+                              file=sys.stderr, flush=True)
+                        told = True
                     time.sleep(delay * (1 + random.random()))
                     delay = min(delay * 2, 2.0)
                     continue
@@ -124,13 +135,36 @@ class Warehouse:
         with self.connect() as con:
             con.execute(sql, params or [])
 
-    def query(self, sql: str, params: list | dict | None = None, read_only: bool = False) -> pd.DataFrame:
-        with self.connect(read_only=read_only) as con:
+    def query(self, sql: str, params: list | dict | None = None, read_only: bool = False,
+              sandboxed: bool = False) -> pd.DataFrame:
+        with self.connect(read_only=read_only, sandboxed=sandboxed) as con:
             return con.execute(sql, params or []).df()
 
-    def run_named_query(self, name: str, params: dict | None = None, read_only: bool = False) -> pd.DataFrame:
-        path = SQL_DIR / "queries" / f"{name}.sql"
-        if not path.is_file():
-            known = sorted(p.stem for p in (SQL_DIR / "queries").glob("*.sql"))
-            raise LQLoRAInputError(f"unknown query {name!r}; known queries: {', '.join(known)}")
-        return self.query(path.read_text(), params, read_only=read_only)
+    def run_named_query(self, name: str, params: dict | None = None, read_only: bool = False,
+                        sandboxed: bool = False) -> pd.DataFrame:
+        """One of the canned queries, by name (never a path)."""
+        return self.query(canned_query(name), params, read_only=read_only, sandboxed=sandboxed)
+
+    def run_user_query(self, name: str, params: dict | None = None) -> pd.DataFrame:
+        """A canned query a user asked for: on a sandboxed connection to an existing file,
+        so it can neither write the database nor any other file, nor create a database."""
+        sql = canned_query(name)
+        if not self.path.is_file():
+            raise LQLoRAInputError(
+                f"there is no warehouse at {self.path} yet; `lqlora run` creates it (or set --home / LQLORA_HOME)"
+            )
+        return self.query(sql, params, sandboxed=True)
+
+
+def canned_queries() -> dict[str, Path]:
+    """The shipped queries by name: the only SQL a user can run by name."""
+    return {p.stem: p for p in sorted((SQL_DIR / "queries").glob("*.sql")) if p.is_file()}
+
+
+def canned_query(name: str) -> str:
+    """The text of a canned query. The name is looked up among the shipped files, never
+    joined onto a path, so `../schema` or an absolute path cannot reach another file."""
+    known = canned_queries()
+    if name not in known:
+        raise LQLoRAInputError(f"unknown query {name!r}; known queries: {', '.join(known)}")
+    return known[name].read_text()

@@ -82,6 +82,20 @@ def test_plans_state_the_error_the_decomposition_realizes(populated):
     assert ((both["planned"] - both["realized"]).abs() <= 1e-6 * both["realized"]).all(), both
 
 
+def test_decomposed_model_stores_the_bits_its_plan_counts(populated):
+    """The plan, its budget check and the stored artifact count the same bits: padding and
+    each packed matrix's 32-bit header (on the tiny model the header alone is 0.006
+    bits/param, which the plan once left out)."""
+    home, _, _ = populated
+    both = Warehouse(home / "lqlora.duckdb").query(
+        "SELECT p.budget, p.bits_per_param AS planned, e.bits_per_param AS stored "
+        "FROM plans p JOIN evaluations e USING (plan_id) WHERE e.stage = 'before_finetune'"
+    )
+    assert not both.empty
+    assert ((both["planned"] - both["stored"]).abs() < 1e-9).all(), both
+    assert (both["stored"] <= both["budget"] + 1e-12).all(), both
+
+
 def test_rematerializing_recomputes_nothing(populated):
     home, instance, _ = populated
     before_files, before_rows = artifact_mtimes(home), counts(home)
