@@ -25,6 +25,8 @@ CREATE TABLE IF NOT EXISTS datasets (
     labels    VARCHAR NOT NULL,           -- JSON list (classify): the head's output order
     added_at  TIMESTAMP DEFAULT current_timestamp
 );
+-- JSON {encoding, skip_unreadable, skipped}: how the bytes were read (NULL: UTF-8, every file)
+ALTER TABLE datasets ADD COLUMN IF NOT EXISTS reading VARCHAR;
 
 CREATE TABLE IF NOT EXISTS matrices (
     model    VARCHAR NOT NULL,

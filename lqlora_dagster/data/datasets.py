@@ -9,17 +9,26 @@
 `--task` forces a task and `--*-col` names the columns when they are called otherwise.
 A cell holding a list of strings (several reference answers) stands for its first.
 Every problem found here (a missing column, one class, mixed label types, an empty
-file, text that is not UTF-8) is an error before anything is stored.
+file or row, a cell of the wrong kind, text that is not UTF-8) is an error before
+anything is stored. How the file's bytes were read (`Reading`: encoding, files left
+out of a folder) is part of the spec, so every later read sees the same rows.
 """
 
 import difflib
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from lqlora_dagster.data.files import checksum, read_rows
+from lqlora_dagster.data.checks import (
+    check_messages,
+    check_optional_text,
+    check_text,
+    discover_labels,
+    first_text,
+)
+from lqlora_dagster.data.files import Reading, Table, read_table
 from lqlora_dagster.errors import LQLoRAInputError
 
 TASKS = ("lm", "instruct", "classify")
@@ -50,6 +59,8 @@ class DatasetSpec:
     sha256: str
     use: Columns = field(default_factory=Columns)
     labels: tuple[str, ...] = ()  # classify: the distinct labels, in the head's output order
+    reading: Reading = field(default_factory=Reading)
+    skipped: tuple[str, ...] = ()  # "name: why" of a folder's files left out (--skip-unreadable)
 
     def record(self) -> dict:
         return {
@@ -57,13 +68,17 @@ class DatasetSpec:
             "columns": json.dumps(list(self.columns)), "sha256": self.sha256,
             "use": json.dumps({k: v for k, v in vars(self.use).items() if v is not None}),
             "labels": json.dumps(list(self.labels)),
+            "reading": json.dumps({**vars(self.reading), "skipped": list(self.skipped)}),
         }
 
     @classmethod
     def from_record(cls, row: dict) -> "DatasetSpec":
+        reading = json.loads(row["reading"]) if isinstance(row.get("reading"), str) else {}  # NULL: added before
+        skipped = tuple(reading.pop("skipped", ()))
         return cls(
             row["name"], row["path"], row["format"], row["task"], int(row["rows"]), tuple(json.loads(row["columns"])),
-            row["sha256"], Columns(**json.loads(row["use"])), tuple(json.loads(row["labels"])),
+            row["sha256"], Columns(**json.loads(row["use"])), tuple(json.loads(row["labels"])), Reading(**reading),
+            skipped,
         )
 
 
@@ -113,88 +128,41 @@ def choose_columns(found: list[str], task: str | None, named: Columns) -> tuple[
     return task, Columns(text=text)
 
 
-def label_key(value) -> str:
-    """A label as the string the head's label list holds (1, 1.0 and '1' agree)."""
-    if isinstance(value, str):
-        value = value.strip()
-        # DuckDB reads a JSON column of mixed types as JSON text: '"neg"' is the string neg
-        return value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
-    number = float(value)
-    return str(int(number)) if number.is_integer() else str(number)
+_TEXT_ROLES = ("text", "prompt", "response")
 
 
-def discover_labels(values: pd.Series, column: str) -> tuple[str, ...]:
-    if values.isna().any():
-        raise LQLoRAInputError(f"{int(values.isna().sum())} row(s) have no {column!r}; give every row a label")
-    keys = [label_key(v) for v in values]
-
-    def numeric(k: str) -> bool:
-        try:
-            float(k)
-            return True
-        except ValueError:
-            return False
-
-    kinds = {numeric(k) for k in keys}
-    if len(kinds) > 1:
-        num = next(k for k in keys if numeric(k))
-        word = next(k for k in keys if not numeric(k))
-        raise LQLoRAInputError(
-            f"column {column!r} mixes number and text labels (e.g. {num!r} and {word!r}); use one kind for every row"
-        )
-    distinct = sorted(set(keys), key=float) if kinds == {True} else sorted(set(keys))
-    if len(distinct) < 2:
-        raise LQLoRAInputError(
-            f"column {column!r} has one class only ({distinct[0]!r}); a classifier needs at least two labels"
-        )
-    return tuple(distinct)
+def _check_columns(table: Table, use: Columns) -> None:
+    """Every cell the task reads holds what its role needs."""
+    for role in _TEXT_ROLES:
+        column = getattr(use, role)
+        if column is not None:
+            check_text(table.frame[column], column, role, table.where, table.types)
+    if use.input:
+        check_optional_text(table.frame[use.input], use.input, table.where, table.types)
+    if use.messages:
+        check_messages(table.frame[use.messages], use.messages, table.where)
 
 
-def _check_messages(values: pd.Series, column: str) -> None:
-    for i, turns in enumerate(values):
-        turns = list(turns) if turns is not None and not isinstance(turns, str) else None
-        if not turns or not all(isinstance(t, dict) and "role" in t and "content" in t for t in turns):
-            raise LQLoRAInputError(
-                f"row {i} of {column!r} is not a list of {{role, content}} turns; a chat row looks like "
-                '[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]'
-            )
-        if turns[-1]["role"] != "assistant":
-            raise LQLoRAInputError(f"row {i} of {column!r} does not end with an assistant turn (the response to learn)")
-
-
-def first_text(value):
-    """A cell as text: a list of strings (several reference answers) gives its first."""
-    if not isinstance(value, str) and hasattr(value, "__len__") and len(value) and isinstance(value[0], str):
-        return value[0]
-    return value
-
-
-def _check_text(values: pd.Series, column: str) -> None:
-    bad = [i for i, v in enumerate(values) if not isinstance(first_text(v), str)]
-    if bad:
-        raise LQLoRAInputError(
-            f"column {column!r} must hold text; row {bad[0]} holds {str(values.iloc[bad[0]])!r} ({len(bad)} such row(s))"
-        )
-
-
-def inspect_dataset(name: str, path: Path, task: str | None = None, named: Columns = Columns()) -> DatasetSpec:
+def inspect_dataset(name: str, path: Path, task: str | None = None, named: Columns = Columns(),
+                    reading: Reading = Reading()) -> DatasetSpec:
     """Read the file, choose its task and columns, check every row: the spec to register."""
     path = Path(path).expanduser().resolve()
-    fmt, frame = read_rows(path)
-    found = [str(c) for c in frame.columns]
+    reading = reading.checked()
+    table = read_table(path, reading)
+    found = [str(c) for c in table.frame.columns]
     task, use = choose_columns(found, task, named)
-    for col in (use.text, use.prompt, use.response):
-        if col is not None:
-            _check_text(frame[col], col)
-    if use.messages:
-        _check_messages(frame[use.messages], use.messages)
-    spec = DatasetSpec(name, str(path), fmt, task, len(frame), tuple(found), checksum(path), use)
-    if task == "classify":
-        spec = replace(spec, labels=discover_labels(frame[use.label], use.label))
-    return spec
+    _check_columns(table, use)
+    labels = discover_labels(table.frame[use.label], use.label, table.where, table.types) if task == "classify" else ()
+    return DatasetSpec(name, str(path), table.format, task, len(table.frame), tuple(found), table.sha256, use, labels,
+                       reading, tuple(table.skipped))
 
 
 def load_rows(spec: DatasetSpec) -> pd.DataFrame:
-    """The dataset's rows, re-read from its file (whose checksum must still match)."""
-    _, frame = read_rows(Path(spec.path))
+    """The dataset's rows, re-read from its file the way it was registered; a text cell
+    holding a list of strings is its first string."""
+    frame = read_table(Path(spec.path), spec.reading).frame
+    for role in _TEXT_ROLES:
+        column = getattr(spec.use, role)
+        if column is not None and column in frame:
+            frame[column] = frame[column].map(first_text)
     return frame

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from lqlora_dagster.data.datasets import Columns, first_text, label_key
+from lqlora_dagster.data.checks import first_text, label_key
+from lqlora_dagster.data.datasets import Columns
 from lqlora_dagster.errors import LQLoRAInputError
 
 IGNORE = -100  # label of a token that is not trained on (transformers' convention)

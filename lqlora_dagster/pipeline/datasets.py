@@ -1,7 +1,8 @@
 """The dataset registry (DuckDB `datasets`) and the `task_data` stage that picks a run's data.
 
 `lqlora data add` checks a file completely (`data/datasets.py`) before its row is
-written, so a bad file never reaches the store. A run names datasets; `task_data`
+written, so a bad file never reaches the store; the row is written by one INSERT whose
+key constraint refuses a name another process registered meanwhile. A run names datasets; `task_data`
 re-reads their checksums, so an edited file gets a new content id and exactly the
 stages that read it run again.
 """
@@ -12,10 +13,11 @@ from pathlib import Path
 import pandas as pd
 
 from lqlora_dagster.data.datasets import Columns, DatasetSpec, inspect_dataset
-from lqlora_dagster.data.files import checksum
+from lqlora_dagster.data.files import Reading, checksum
 from lqlora_dagster.data.selection import BUILTIN, TaskData
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.pipeline.handles import ModelHandle
+from lqlora_dagster.pipeline.registry import insert_new
 from lqlora_dagster.pipeline.settings import DataSettings
 from lqlora_dagster.store.warehouse import Warehouse
 from lqlora_dagster.tasks import task_for_data
@@ -26,23 +28,40 @@ DEFAULT_DATA = {"causal-lm": "sotu", "seq-cls": "polarity"}  # per model kind
 
 
 def add_dataset(warehouse: Warehouse, name: str, path: str, task: str | None = None,
-                named: Columns = Columns(), replace: bool = False) -> DatasetSpec:
+                named: Columns = Columns(), replace: bool = False, reading: Reading = Reading()) -> DatasetSpec:
     """Check and register a dataset; the same name twice needs `replace`."""
     if not isinstance(name, str) or not _NAME.match(name):
         raise LQLoRAInputError(f"dataset name {name!r}: use 1-63 lowercase letters, digits, '.', '_' or '-'")
     if name in BUILTIN:
         raise LQLoRAInputError(f"{name!r} is a bundled dataset; pick another name")
     warehouse.init_schema()
+    taken = f"dataset {name!r} is already registered; pass --replace to point it at {path}"
     if not replace and not warehouse.query("SELECT 1 FROM datasets WHERE name = ?", [name]).empty:
-        raise LQLoRAInputError(f"dataset {name!r} is already registered; pass --replace to point it at {path}")
-    spec = inspect_dataset(name, path, task, named)
-    warehouse.upsert("datasets", pd.DataFrame([spec.record()]), ["name"])
+        raise LQLoRAInputError(taken)  # early, before reading the file; the INSERT below decides
+    spec = inspect_dataset(name, path, task, named, reading)
+    frame = pd.DataFrame([spec.record()])
+    if replace:
+        warehouse.upsert("datasets", frame, ["name"])
+    elif not insert_new(warehouse, "datasets", frame):
+        raise LQLoRAInputError(f"{taken} (another command registered it while this one read the file)")
     return spec
 
 
 def remove_dataset(warehouse: Warehouse, name: str) -> None:
-    lookup_dataset(warehouse, name)
-    warehouse.replace_rows("datasets", pd.DataFrame(), {"name": name})
+    """Forget a registered dataset; the bundled ones ship with the package and stay."""
+    if name in BUILTIN:
+        raise LQLoRAInputError(
+            f"{name!r} is a bundled dataset: it ships with lqlora and cannot be removed; `lqlora data remove` "
+            "forgets datasets added with `lqlora data add`"
+        )
+    warehouse.init_schema()
+    gone = warehouse.query("DELETE FROM datasets WHERE name = ? RETURNING name", [name])
+    if gone.empty:
+        added = ", ".join(registered_datasets(warehouse)["name"]) or "none"
+        raise LQLoRAInputError(
+            f"no dataset {name!r} is registered (added: {added}; bundled, not removable: {', '.join(sorted(BUILTIN))}); "
+            "`lqlora data list` shows them"
+        )
 
 
 def registered_datasets(warehouse: Warehouse) -> pd.DataFrame:
@@ -63,9 +82,9 @@ def lookup_dataset(warehouse: Warehouse, name: str) -> DatasetSpec:
 
 def current(warehouse: Warehouse, spec: DatasetSpec, log=print) -> DatasetSpec:
     """The spec of the file as it is now: re-checked and re-registered when its bytes changed."""
-    if spec.format == "builtin" or checksum(Path(spec.path)) == spec.sha256:
+    if spec.format == "builtin" or checksum(Path(spec.path), spec.reading) == spec.sha256:
         return spec
-    fresh = inspect_dataset(spec.name, spec.path, spec.task, spec.use)
+    fresh = inspect_dataset(spec.name, spec.path, spec.task, spec.use, spec.reading)
     warehouse.upsert("datasets", pd.DataFrame([fresh.record()]), ["name"])
     log(f"dataset {spec.name!r} changed since it was registered ({spec.rows} -> {fresh.rows} rows); using the new file")
     return fresh

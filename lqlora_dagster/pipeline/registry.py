@@ -6,6 +6,7 @@ so a typo fails here with a message instead of in the middle of a run.
 
 import re
 
+import duckdb
 import pandas as pd
 
 from lqlora_dagster.errors import LQLoRAInputError
@@ -41,8 +42,11 @@ def register_model(warehouse: Warehouse, name: str, source: str, pattern: str | 
             raise LQLoRAInputError(f"target pattern {pattern!r} is not a valid regex: {err}") from err
     normalised, task = describe_source(source)
     warehouse.init_schema()
-    existing = warehouse.query("SELECT source, pattern FROM models WHERE model = ?", [name])
-    if not existing.empty:
+    frame = pd.DataFrame([{"model": name, "source": normalised, "task": task, "pattern": pattern}])
+    while not insert_new(warehouse, "models", frame):
+        existing = warehouse.query("SELECT source, pattern FROM models WHERE model = ?", [name])
+        if existing.empty:  # unregistered between the two statements: try again
+            continue
         row = existing.iloc[0]
         if row["source"] == normalised and (row["pattern"] if pd.notna(row["pattern"]) else None) == pattern:
             return False
@@ -50,8 +54,22 @@ def register_model(warehouse: Warehouse, name: str, source: str, pattern: str | 
             f"model {name!r} is already registered from {row['source']}; pick another name "
             "or unregister it first (`lqlora unregister NAME`)"
         )
-    frame = pd.DataFrame([{"model": name, "source": normalised, "task": task, "pattern": pattern}])
-    warehouse.upsert("models", frame, ["model"])
+    return True
+
+
+def insert_new(warehouse: Warehouse, table: str, frame: pd.DataFrame) -> bool:
+    """Insert the rows unless one of their primary keys is taken (then nothing, False).
+    The check is the INSERT's own key constraint, so of two processes registering one
+    name at once exactly one wins; a look-up first and a write after would let both."""
+    with warehouse.connect() as con:
+        con.register("_new_rows", frame)
+        cols = ", ".join(f'"{c}"' for c in frame.columns)
+        try:
+            con.execute(f'INSERT INTO "{table}" ({cols}) SELECT {cols} FROM _new_rows')
+        except duckdb.ConstraintException:
+            return False
+        finally:
+            con.unregister("_new_rows")
     return True
 
 
