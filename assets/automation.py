@@ -21,11 +21,12 @@ def register_inbox(models: ModelSource, warehouse: WarehouseResource, log) -> li
     added = []
     if not inbox.is_dir():
         return added
+    known = {(r.model, r.source) for r in registered_models(warehouse.warehouse()).itertuples()}
     for folder in sorted(p for p in inbox.iterdir() if p.is_dir()):
         try:
             name = check_model_name(folder.name.lower())
-            if not is_hf_folder(folder):
-                continue
+            if not is_hf_folder(folder) or (name, str(folder.resolve())) in known:
+                continue  # registered ones were read whole then, not again every tick
             summary = inspect_targets(str(folder), None, models.cache())  # as `lqlora register` checks
             if register_model(warehouse.warehouse(), name, str(folder)):
                 log.info(f"inbox folder {folder} registered as {name!r}: " + "; ".join(summary.lines()))

@@ -1,9 +1,12 @@
-"""What registering a model would quantize, known before anything is written.
+"""What registering a model would quantize, and whether its checkpoint can be trusted,
+known before anything is written.
 
-`inspect_targets` reads only the config (from config.json, or a GGUF's metadata) and
-builds the module tree on the meta device, so no weight is read or allocated; then it
-finds the targets the pipeline will decompose. A model transformers cannot build, or
-one with no targets, fails here with a message rather than in the middle of a run.
+`inspect_targets` reads the config (from config.json, or a GGUF's metadata) and builds
+the module tree on the meta device, so no weight is allocated; then it finds the targets
+the pipeline will decompose and checks the whole checkpoint against that tree, reading
+one tensor slice at a time (`checkpoint_checks`). A model transformers cannot build, one
+with no targets, or a checkpoint that is incomplete, does not fit the architecture or
+holds a NaN fails here with a message rather than in the middle of a run.
 """
 
 import json
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.models.checkpoint_checks import check_checkpoint, checkpoint_entries
 from lqlora_dagster.models.source import ParsedSource, gguf_copy, is_hf_folder, parse_source
 from lqlora_dagster.models.targets import Target, find_targets
 
@@ -92,7 +96,8 @@ def load_config(source: ParsedSource, cache_dir: Path):
 
 
 def inspect_targets(source: str, pattern: str | None, cache_dir: Path) -> TargetSummary:
-    """The targets a registration of `source` would decompose (raises if there are none)."""
+    """The targets a registration of `source` would decompose; raises if there are none,
+    or if any stored tensor is missing, misshapen, non-finite or cut short."""
     import torch
 
     from lqlora_dagster.tasks import get_task
@@ -103,6 +108,7 @@ def inspect_targets(source: str, pattern: str | None, cache_dir: Path) -> Target
         except re.error as err:
             raise LQLoRAInputError(f"target pattern {pattern!r} is not a valid regex: {err}") from err
     parsed = parse_source(source)
+    entries, fields = checkpoint_entries(parsed)  # the files are whole before any reader trusts them
     config = load_config(parsed, cache_dir)
     try:
         with torch.device("meta"):
@@ -112,4 +118,6 @@ def inspect_targets(source: str, pattern: str | None, cache_dir: Path) -> Target
             f"transformers cannot build a {parsed.task} model from {parsed.key}'s config "
             f"({type(config).__name__}): {err}"
         ) from err
-    return TargetSummary(parsed.key, type(net).__name__, tuple(find_targets(net, pattern)))
+    targets = tuple(find_targets(net, pattern))
+    check_checkpoint(parsed, net, config, entries, fields)
+    return TargetSummary(parsed.key, type(net).__name__, targets)

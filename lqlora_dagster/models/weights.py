@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from lqlora_dagster.models.checkpoint_files import SAFETENSORS_BYTES
 from lqlora_dagster.models.targets import Target
 
 
@@ -75,9 +76,5 @@ def nontarget_bytes(folder: Path, targets: list[Target]) -> int:
                     numel = 1
                     for n in piece.get_shape():
                         numel *= n
-                    total += numel * _DTYPE_BYTES[piece.get_dtype()]
+                    total += numel * SAFETENSORS_BYTES[piece.get_dtype()]
     return total
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}
