@@ -70,6 +70,13 @@ def report(source: str, problems: list[Problem]) -> LQLoRAInputError:
 # --- 1. the files -----------------------------------------------------------------------------
 
 
+def _unreadable(parsed: ParsedSource, err: OSError) -> Problem:
+    path = Path(err.filename) if err.filename else parsed.folder
+    return Problem(
+        path, None, f"cannot be read ({err.strerror or err})", "make it readable (permissions, disk)"
+    )
+
+
 def checkpoint_entries(parsed: ParsedSource) -> tuple[list[TensorEntry], dict[str, object]]:
     """(every stored tensor, a GGUF's metadata or {}); raises for incomplete files."""
     try:
@@ -78,6 +85,8 @@ def checkpoint_entries(parsed: ParsedSource) -> tuple[list[TensorEntry], dict[st
         return folder_entries(parsed.folder), {}
     except CheckpointProblems as err:
         raise report(parsed.key, err.problems) from None
+    except OSError as err:
+        raise report(parsed.key, [_unreadable(parsed, err)]) from None
 
 
 # --- 2. the architecture ---------------------------------------------------------------------
@@ -258,7 +267,7 @@ def _tensor_problem(entry: TensorEntry, max_elements: int) -> Problem | None:
             f"cannot be read: {err}",
             "upgrade gguf (pip install -U gguf) or re-export the model with common types (F16, Q8_0, Q4_K)",
         )
-    except SafetensorError as err:
+    except (SafetensorError, OSError) as err:
         return Problem(entry.file, entry.name, f"cannot be read: {err}", "the file is damaged; replace it")
     if not nan and not inf:
         return None

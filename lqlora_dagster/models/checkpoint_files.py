@@ -11,6 +11,7 @@ slice whatever the model. `gguf_file` does the same for GGUF.
 """
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +180,13 @@ def _index_entries(folder: Path, index: Path) -> tuple[list[Path], dict[str, str
 def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str], list[Problem]]:
     """(files, weight map, problems): the files transformers loads, looked up as it does,
     model.safetensors first, then the index's shards; no other name."""
+    for link in sorted(folder.glob("*.safetensors")):
+        if link.is_symlink() and not link.exists():
+            raise refuse(
+                link,
+                f"is a link to {os.readlink(link)}, which does not exist",
+                "the download is incomplete (a hub cache copied without its blobs?); download the model again",
+            )
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
         return [single], {}, []

@@ -170,11 +170,13 @@ def _gguf_cache_name(path: Path) -> str:
 
 
 def _gguf_source(path: Path) -> ParsedSource:
-    with path.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise LQLoRAInputError(
-                f"{path} is named .gguf but is not a GGUF file (no GGUF magic bytes); re-download it"
-            )
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise LQLoRAInputError(f"{path} cannot be read ({err.strerror}); make it readable") from None
+    if magic != b"GGUF":
+        raise LQLoRAInputError(f"{path} is named .gguf but is not a GGUF file (no GGUF magic bytes); re-download it")
     return ParsedSource(str(path), path.parent, "causal-lm", path.name, _gguf_cache_name(path))
 
 

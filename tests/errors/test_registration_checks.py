@@ -276,6 +276,17 @@ def test_weights_under_a_name_transformers_does_not_load(home, tmp_path, capsys)
     assert_refused(home, code, err, "holds weights.safetensors but neither model.safetensors", "rename")
 
 
+def test_a_link_to_a_missing_weights_file(home, tmp_path, capsys):
+    """A hub cache copied without its blobs: the snapshot's links point nowhere."""
+    folder = save_llama(tmp_path / "snapshot")
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").symlink_to(tmp_path / "blobs" / "0123abcd")
+    code, err = register(home, folder, capsys)
+    assert_refused(
+        home, code, err, "model.safetensors is a link to .*0123abcd, which does not exist", "download"
+    )
+
+
 class Log:
     def __init__(self):
         self.warnings: list[str] = []
