@@ -223,7 +223,11 @@ def architecture_problems(
     meta = net.state_dict()
     needs = f"{type(net).__name__} built from {'the GGUF metadata' if gguf else 'config.json'}"
     if gguf is not None:
-        names = _gguf_names(net, *gguf)
+        try:
+            names = _gguf_names(net, *gguf)
+        except NotImplementedError as err:  # transformers' own GGUF loading fails the same way
+            fix = "convert the model to an HF folder (config.json + model.safetensors) and register that"
+            return [Problem(where, None, f"has tensor names transformers cannot map ({err})", fix)]
         keyed = [(names[e.name], False, e) for e in entries if e.name in names]
         stored_as = {key: name for name, key in names.items()}
     else:
