@@ -142,10 +142,13 @@ def _process_id(pid: int) -> str | None:
     return f"{pid}:{stat.rsplit(')', 1)[1].split()[19]}"
 
 
-def fail_orphaned_runs(instance: dg.DagsterInstance) -> list[str]:
+def fail_orphaned_runs(instance: dg.DagsterInstance | None = None) -> list[str]:
     """Runs the CLI started whose process is gone (killed with SIGKILL, the machine
     rebooted) stay STARTED forever; mark them failed. Runs of other launchers (the UI's
     daemon) carry no process tag and are theirs to monitor."""
+    if instance is None:
+        with dg.DagsterInstance.get() as current:
+            return fail_orphaned_runs(current)
     failed = []
     for record in instance.get_run_records(filters=dg.RunsFilter(statuses=list(_ACTIVE))):
         run = record.dagster_run

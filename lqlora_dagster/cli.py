@@ -107,6 +107,7 @@ def cmd_run(args: argparse.Namespace, home: Path) -> int:
     from lqlora_dagster.definitions import MAIN_ASSETS, MAIN_JOB
     from lqlora_dagster.pipeline.datasets import check_data
     from lqlora_dagster.pipeline.feasibility import check_run, model_shape
+    from lqlora_dagster.pipeline.run_memo import RunMemo, run_inputs
 
     overrides = run_overrides(args)
     plan = overrides.get("allocation_plan", {})
@@ -115,11 +116,25 @@ def cmd_run(args: argparse.Namespace, home: Path) -> int:
     settings = PipelineSettings().override(**overrides)  # every knob checked before any work
     warehouse = _warehouse(home)
     _ensure_model(warehouse, args.model)
+    memo = RunMemo(home, args.model)
+    inputs = run_inputs(warehouse, home, args.model, MAIN_JOB, settings.run_config())
+
+    def results():
+        return warehouse.run_named_query("ppl_by_method_and_budget", {"model": args.model})
+
+    if not args.rerun and memo.is_current(inputs) and not (table := results()).empty:
+        print(f"every stage of {args.model!r} is current: the same settings, model, data and code as its last "
+              "run, whose results are stored (--rerun launches the run anyway)", file=sys.stderr)
+        print(text_table(table))
+        return 0
+    memo.forget()
     check_run(model_shape(warehouse, args.model, home / "models"), settings, args.model)
     check_data(warehouse, settings.task_data, args.model, lookup_model(warehouse, args.model)["task"])
     if not _run(args, home, settings.run_config(), MAIN_JOB, MAIN_ASSETS):
         return 1
-    print(text_table(_warehouse(home).run_named_query("ppl_by_method_and_budget", {"model": args.model})))
+    if run_inputs(warehouse, home, args.model, MAIN_JOB, settings.run_config()) == inputs:  # unchanged meanwhile
+        memo.record(inputs)
+    print(text_table(results()))
     return 0
 
 
@@ -282,10 +297,7 @@ def cmd_ui(args: argparse.Namespace, home: Path) -> int:
     from assets.runs import fail_orphaned_runs, prepare_dagster_home
 
     prepare_dagster_home(home)
-    import dagster as dg
-
-    with dg.DagsterInstance.get() as instance:
-        fail_orphaned_runs(instance)
+    fail_orphaned_runs()
     repo = Path(__file__).resolve().parents[1]
     cmd = [str(Path(sys.executable).with_name("dagster")), "dev", "-w", str(repo / "workspace.yaml"),
            "-h", args.host, "-p", str(args.port)]
@@ -328,6 +340,9 @@ def parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="materialize the whole asset graph for one model")
     _run_flags(run)
+    run.add_argument("--rerun", action="store_true",
+                     help="launch the Dagster run even when every input matches the model's last successful run "
+                     "(its stages still reuse what they stored)")
     add_knob_flags(run)
     run.set_defaults(func=cmd_run)
 

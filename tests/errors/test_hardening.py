@@ -34,9 +34,13 @@ def run_cli(home: Path, *argv: str, capsys) -> tuple[int, str, str]:
 
 
 @pytest.fixture()
-def home(tmp_path) -> Path:
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh home; the CLI sets LQLORA_HOME and DAGSTER_HOME in this process, so each
+    test gets its own (the subprocesses it starts inherit them)."""
     path = tmp_path / "home"
     path.mkdir()
+    monkeypatch.setenv("LQLORA_HOME", str(path))
+    monkeypatch.setenv("DAGSTER_HOME", str(path / "dagster"))
     return path
 
 
@@ -165,8 +169,7 @@ def test_generate_checks_prompt_and_context_before_loading(tiny_llama_folder):
 
 
 def _instance_runs(home: Path) -> list:
-    os.environ["DAGSTER_HOME"] = str(home / "dagster")
-    with dg.DagsterInstance.get() as instance:
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
         return [r.dagster_run for r in instance.get_run_records()]
 
 
@@ -211,7 +214,7 @@ def test_run_killed_with_sigkill_is_marked_failed_at_next_start(tiny_home):
     proc.wait()
     (run,) = _instance_runs(tiny_home)
     assert run.status == dg.DagsterRunStatus.STARTED  # what Dagster alone leaves behind
-    with dg.DagsterInstance.get() as instance:
+    with dg.DagsterInstance.from_config(str(tiny_home / "dagster")) as instance:
         assert fail_orphaned_runs(instance) == [run.run_id]
         assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
         assert fail_orphaned_runs(instance) == []  # once
