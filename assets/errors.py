@@ -10,10 +10,10 @@ import dagster as dg
 
 from assets.config import config_class
 from assets.shared import BASE_MODELS, stage_context, summary
-from lqlora_dagster.error_table.stage import compute_table_rows, table_handle
-from lqlora_dagster.error_table.tables import TABLE_VERSION, table_chunks
 from lqlora_dagster.per_matrix_threads import matrix_workers
 from lqlora_dagster.pipeline.base_model import recorded_targets
+from lqlora_dagster.pipeline.error_table_refs import TABLE_VERSION, table_chunks
+from lqlora_dagster.pipeline.error_table_stage import compute_table_rows, table_handle
 from lqlora_dagster.pipeline.handles import ErrorTableHandle, FisherHandle, ModelHandle
 from lqlora_dagster.pipeline.settings import ErrorTableSettings
 from lqlora_dagster.pipeline.stage_runs import measured_stage

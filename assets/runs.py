@@ -12,7 +12,6 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.automation import MAIN_JOB
 from assets.shared import BASE_MODELS
 from lqlora_dagster.errors import RunInterrupted
 from lqlora_dagster.pipeline.handles import from_json
@@ -63,20 +62,6 @@ def remove_partition(model: str) -> None:
             instance.delete_dynamic_partition(BASE_MODELS.name, model)
 
 
-def job_definition(home: str | None = None, executor: str = "multiprocess", job: str = MAIN_JOB) -> dg.JobDefinition:
-    """Module-level factory so other processes (multiprocess steps, Dask workers) can
-    reconstruct the job from its arguments."""
-    from lqlora_dagster.definitions import build_definitions
-
-    return build_definitions(Path(home) if home else None, executor).resolve_job_def(job)
-
-
-def reconstructable_job(home: Path | None = None, executor: str = "multiprocess", job: str = MAIN_JOB):
-    return dg.build_reconstructable_job(
-        "assets.runs", "job_definition", reconstructable_args=(str(home) if home else None, executor, job)
-    )
-
-
 def _innermost_message(error) -> str:
     """The user's error, not Dagster's wrapper: the first error in the cause chain that
     Dagster did not raise (an LQLoRAInputError names what to do; its own cause, say a
@@ -103,6 +88,8 @@ def _as_event(record, stages: set[str]) -> RunEvent | None:
         summary = materialization.metadata.get("summary")
         return RunEvent(kind, stage, summary=summary.value if summary is not None else "")
     if kind == "STEP_FAILURE":
+        if _interrupt_in(event.event_specific_data.error):
+            return RunEvent("STEP_STOPPED", stage)
         return RunEvent(kind, stage, error=_innermost_message(event.event_specific_data.error))
     if kind in ("STEP_START", "RUN_SUCCESS", "RUN_FAILURE"):
         return RunEvent(kind, stage if stage in stages else None)
@@ -161,6 +148,15 @@ def fail_orphaned_runs(instance: dg.DagsterInstance | None = None) -> list[str]:
     return failed
 
 
+def _interrupt_in(error) -> bool:
+    """Whether an error (or one it was raised from) is an interrupt, not a failure."""
+    while error is not None:
+        if error.cls_name in _INTERRUPTED:
+            return True
+        error = error.cause
+    return False
+
+
 def _was_interrupted(instance: dg.DagsterInstance, token: str) -> bool:
     """Whether the run's steps ended by an interrupt rather than an error of their own."""
     runs = instance.get_run_records(filters=dg.RunsFilter(tags={RUN_TAG: token}), limit=1)
@@ -168,11 +164,8 @@ def _was_interrupted(instance: dg.DagsterInstance, token: str) -> bool:
         return False
     for record in instance.all_logs(runs[0].dagster_run.run_id):
         event = record.dagster_event
-        error = getattr(event.event_specific_data, "error", None) if event is not None else None
-        while error is not None:
-            if error.cls_name in _INTERRUPTED:
-                return True
-            error = error.cause
+        if event is not None and _interrupt_in(getattr(event.event_specific_data, "error", None)):
+            return True
         if event is not None and "interrupted all active child processes" in (record.user_message or ""):
             return True
     return False
@@ -187,14 +180,14 @@ def _mark_canceled(instance: dg.DagsterInstance, token: str) -> None:
 def run_job(
     model: str,
     run_config: dict,
-    job: str,
+    job,  # a dg.JobDefinition, or the reconstructable job `definitions.reconstructable_job` builds
     stages: list[str],
     show: Callable[[RunEvent], None],
-    multiprocess: bool = True,
 ) -> bool:
     """Run `job` for one partition in the persistent instance (the UI shows it later),
-    showing its events as they come. Returns whether the run succeeded; raises
-    `RunInterrupted` (the run marked canceled) when the user stopped it."""
+    showing its events as they come: a reconstructable job on its executor (step
+    processes), a job definition in this process. Returns whether the run succeeded;
+    raises `RunInterrupted` (the run marked canceled) when the user stopped it."""
     token = uuid.uuid4().hex
     tags = {"dagster/partition": model, RUN_TAG: token, PROCESS_TAG: _process_id(os.getpid()) or str(os.getpid())}
     terminated = threading.Event()
@@ -210,12 +203,12 @@ def run_job(
         watcher.start()
         previous = signal.signal(signal.SIGTERM, on_sigterm)
         try:
-            if multiprocess:
-                result = dg.execute_job(reconstructable_job(job=job), instance=instance, run_config=run_config, tags=tags)
-            else:
-                result = job_definition(job=job).execute_in_process(
+            if isinstance(job, dg.JobDefinition):
+                result = job.execute_in_process(
                     run_config=run_config, instance=instance, partition_key=model, raise_on_error=False, tags=tags
                 )
+            else:
+                result = dg.execute_job(job, instance=instance, run_config=run_config, tags=tags)
         except KeyboardInterrupt:
             _mark_canceled(instance, token)
             raise RunInterrupted() from None

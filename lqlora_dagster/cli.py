@@ -80,13 +80,15 @@ def _ensure_model(warehouse: Warehouse, model: str) -> None:
 def _run(args: argparse.Namespace, home: Path, run_config: dict, job: str, stages: list[str]) -> bool:
     """Run a job with one summary line per stage on the terminal, the full log in a file."""
     from assets.runs import add_partition, prepare_dagster_home, run_job
+    from lqlora_dagster.definitions import job_definition, reconstructable_job
 
     prepare_dagster_home(home)
     add_partition(args.model)
+    target = job_definition(job=job) if args.in_process else reconstructable_job(job=job)
     return run_with_log(
         home,
         f"{args.command}-{args.model}",
-        lambda show: run_job(args.model, run_config, job, stages, show, multiprocess=not args.in_process),
+        lambda show: run_job(args.model, run_config, target, stages, show),
         header=f"lqlora {args.command}: {job} for {args.model!r} (LQLORA_HOME={home})",
         verbose=args.verbose,
     )

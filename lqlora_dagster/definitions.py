@@ -85,6 +85,18 @@ def build_definitions(home: Path | None = None, executor: str = "multiprocess") 
     )
 
 
+def job_definition(home: str | None = None, executor: str = "multiprocess", job: str = MAIN_JOB) -> dg.JobDefinition:
+    """Module-level factory so other processes (multiprocess steps, Dask workers) can
+    reconstruct the job from its arguments."""
+    return build_definitions(Path(home) if home else None, executor).resolve_job_def(job)
+
+
+def reconstructable_job(home: Path | None = None, executor: str = "multiprocess", job: str = MAIN_JOB):
+    return dg.build_reconstructable_job(
+        "lqlora_dagster.definitions", "job_definition", reconstructable_args=(str(home) if home else None, executor, job)
+    )
+
+
 defs = build_definitions(executor=os.environ.get("LQLORA_EXECUTOR", "multiprocess"))
 
 __all__ = [
@@ -95,5 +107,7 @@ __all__ = [
     "build_definitions",
     "comparison_run_config",
     "defs",
+    "job_definition",
+    "reconstructable_job",
     "resources_at",
 ]

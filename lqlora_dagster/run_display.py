@@ -19,7 +19,7 @@ PROGRESS = re.compile(r"^(?P<what>[^:\n]+): (?P<done>\d+)/(?P<total>\d+) (?P<uni
 
 @dataclass(frozen=True)
 class RunEvent:
-    kind: str  # STEP_START, STEP_FAILURE, ASSET_MATERIALIZATION, RUN_SUCCESS, RUN_FAILURE, LOG
+    kind: str  # STEP_START, STEP_FAILURE, STEP_STOPPED (interrupted), ASSET_MATERIALIZATION, RUN_SUCCESS, RUN_FAILURE, LOG
     stage: str | None  # the asset a step belongs to
     message: str = ""
     summary: str = ""  # ASSET_MATERIALIZATION: what the asset produced
@@ -80,6 +80,10 @@ class RunDisplay:
             state.done = True
             self.failed.append((stage, event.error))
             self._line(stage, f"FAILED after {clock(time.monotonic() - state.started)}: {event.error}")
+        elif event.kind == "STEP_STOPPED":
+            self._close(state)
+            state.done = True
+            self._line(stage, f"stopped after {clock(time.monotonic() - state.started)} (interrupted)")
 
     def _progress(self, stage: str, state: _Stage, message: str) -> None:
         found = PROGRESS.match(message)

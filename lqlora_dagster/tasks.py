@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.models.kinds import HEAD_SEED, ModelKind, model_kind
 
-HEAD_SEED = 0  # the fresh classification head is drawn from this seed in every stage
 DATA_TASKS = {"lm": "causal-lm", "instruct": "instruct", "classify": "seq-cls"}  # dataset task -> task
 
 
@@ -29,22 +29,19 @@ class Task:
     name: str
     data_task: str  # the dataset task it reads: lm | instruct | classify
     model_kind: str  # the registered model kind it needs: causal-lm | seq-cls
-    auto_class: str  # transformers Auto* class that builds the model
-    peft_type: str  # PEFT's task_type of an exported adapter
     metric: str  # the headline of `score`; lower is better for perplexities
     # whether the untrained base model is worth a reference row (a fresh head is a coin toss)
     scores_reference: bool = True
 
-    def _auto(self):
-        import transformers
-
-        return getattr(transformers, self.auto_class)
+    @property
+    def kind(self) -> ModelKind:
+        return model_kind(self.model_kind)
 
     def load(self, folder: Path) -> torch.nn.Module:
-        return self._auto().from_pretrained(folder, dtype=torch.float32)
+        return self.kind.load(folder)
 
     def from_config(self, config) -> torch.nn.Module:
-        return self._auto().from_config(config, dtype=torch.float32)
+        return self.kind.from_config(config)
 
     def head(self, model: torch.nn.Module) -> str | None:
         """The module that trains with the factors (None: only the factors train)."""
@@ -122,11 +119,6 @@ class SequenceClassification(Task):
 
     scores_reference: bool = False
 
-    def load(self, folder: Path) -> torch.nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(HEAD_SEED)
-            return self._auto().from_pretrained(folder, dtype=torch.float32, num_labels=2)
-
     def head(self, model: torch.nn.Module) -> str | None:
         return "score" if hasattr(model, "score") else "classifier"
 
@@ -167,13 +159,11 @@ class SequenceClassification(Task):
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        CausalLM("causal-lm", "lm", "causal-lm", "AutoModelForCausalLM", "CAUSAL_LM", "perplexity"),
-        Instruct("instruct", "instruct", "causal-lm", "AutoModelForCausalLM", "CAUSAL_LM", "response_perplexity"),
-        SequenceClassification("seq-cls", "classify", "seq-cls", "AutoModelForSequenceClassification", "SEQ_CLS",
-                               "accuracy"),
+        CausalLM("causal-lm", "lm", "causal-lm", "perplexity"),
+        Instruct("instruct", "instruct", "causal-lm", "response_perplexity"),
+        SequenceClassification("seq-cls", "classify", "seq-cls", "accuracy"),
     )
 }
-MODEL_KINDS = ("causal-lm", "seq-cls")
 
 
 def get_task(name: str) -> Task:

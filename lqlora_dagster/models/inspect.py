@@ -100,7 +100,7 @@ def inspect_targets(source: str, pattern: str | None, cache_dir: Path) -> Target
     or if any stored tensor is missing, misshapen, non-finite or cut short."""
     import torch
 
-    from lqlora_dagster.tasks import get_task
+    from lqlora_dagster.models.kinds import model_kind
 
     if pattern is not None:
         try:
@@ -112,7 +112,7 @@ def inspect_targets(source: str, pattern: str | None, cache_dir: Path) -> Target
     config = load_config(parsed, cache_dir)
     try:
         with torch.device("meta"):
-            net = get_task(parsed.task).from_config(config)
+            net = model_kind(parsed.task).from_config(config)
     except (ValueError, KeyError, TypeError, NotImplementedError) as err:
         raise LQLoRAInputError(
             f"transformers cannot build a {parsed.task} model from {parsed.key}'s config "

@@ -1,15 +1,16 @@
-"""Load a resolved HF folder as a float32 model of its task, and its tokenizer, offline."""
+"""Load a resolved HF folder as a float32 model of its kind, and its tokenizer, offline."""
 
 from pathlib import Path
 
 from lqlora_dagster.errors import LQLoRAInputError
-from lqlora_dagster.tasks import get_task
+from lqlora_dagster.models.kinds import model_kind
 
 
 def load_model(folder: Path, task: str = "causal-lm"):
-    """A float32 model in eval mode. Transformers is imported by the task, not at
-    module import, so the Dagster code server loads fast."""
-    spec = get_task(task)
+    """A float32 model in eval mode (`task`: the model kind, causal-lm or seq-cls).
+    Transformers is imported by the kind, not at module import, so the Dagster code
+    server loads fast."""
+    spec = model_kind(task)
     try:
         model = spec.load(folder)
     except (OSError, ValueError, KeyError) as err:

@@ -7,18 +7,18 @@ from pathlib import Path
 
 import torch
 
+from lqlora_dagster.models.kinds import ModelKind
 from lqlora_dagster.models.targets import Target
 from lqlora_dagster.models.weights import key_to_file
-from lqlora_dagster.tasks import Task
 
 
-def empty_model(task: Task, config) -> torch.nn.Module:
+def empty_model(kind: ModelKind, config) -> torch.nn.Module:
     """Parameters on the meta device; buffers real, because non-persistent ones (rotary
     inv_freq, BERT's position_ids) are in no file and only the constructor makes them."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
-        return task.from_config(config)
+        return kind.from_config(config)
 
 
 def tied_names(model: torch.nn.Module) -> list[str]:
@@ -43,9 +43,9 @@ def assign(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[list
     return list(unexpected), empty
 
 
-def base_without_targets(folder: Path, task: Task, targets: list[Target]) -> torch.nn.Module | None:
+def base_without_targets(folder: Path, kind: ModelKind, targets: list[Target]) -> torch.nn.Module | None:
     """The base model with every tensor but the targets' weights read from its safetensors
-    (as float32, like `Task.load`), the targets' weights left on meta. None when the
+    (as float32, like `ModelKind.load`), the targets' weights left on meta. None when the
     checkpoint's names do not cover the model (some older checkpoints): load it whole."""
     from safetensors import safe_open
     from transformers import AutoConfig
@@ -55,7 +55,7 @@ def base_without_targets(folder: Path, task: Task, targets: list[Target]) -> tor
     files = key_to_file(folder)
     if not skip <= set(files):
         return None
-    model = empty_model(task, AutoConfig.from_pretrained(folder))
+    model = empty_model(kind, AutoConfig.from_pretrained(folder))
     state: dict[str, torch.Tensor] = {}
     for path in sorted(set(files.values())):
         with safe_open(str(path), "pt") as f:

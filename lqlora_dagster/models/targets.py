@@ -15,7 +15,6 @@ import torch
 
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.models.layer_types import LAYER_TYPES, layer_type_of
-from lqlora_dagster.surgery.lq_linear import LQLinear
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 _ROUTERS = {"gate", "router"}  # MoE routers: tiny, and they pick the experts; kept dense
@@ -38,8 +37,14 @@ class Target:
 def _in_a_block(name: str, module: torch.nn.Module) -> bool:
     """The all-linear default: a wrappable layer inside a repeated block, not a router."""
     return bool(_LAYER_INDEX.search(name)) and name.rsplit(".", 1)[-1] not in _ROUTERS and (
-        isinstance(module, LQLinear) or layer_type_of(module) is not None
+        _decomposed_layout(module) is not None or layer_type_of(module) is not None
     )
+
+
+def _decomposed_layout(module: torch.nn.Module) -> tuple[int, int, bool] | None:
+    """(rows, cols, transposed) of the layer an already decomposed one replaced (an
+    `LQLinear` says so itself; this package stays below the one that defines it)."""
+    return getattr(module, "decomposed_layout", None)
 
 
 def find_targets(model: torch.nn.Module, pattern: str | None = None) -> list[Target]:
@@ -53,8 +58,8 @@ def find_targets(model: torch.nn.Module, pattern: str | None = None) -> list[Tar
     for name, module in model.named_modules():
         if not name or not (regex.search(name) if regex is not None else _in_a_block(name, module)):
             continue
-        if isinstance(module, LQLinear):  # already decomposed: its original layout
-            rows, cols, transposed = module.out_features, module.in_features, module.transposed
+        if (layout := _decomposed_layout(module)) is not None:  # already decomposed: its original layout
+            rows, cols, transposed = layout
         elif (kind := layer_type_of(module)) is not None:
             (rows, cols), transposed = kind.shape(module), kind.transposed
         else:

@@ -6,6 +6,7 @@ import pandas as pd
 import torch
 
 from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.models.kinds import model_kind
 from lqlora_dagster.models.loading import load_model
 from lqlora_dagster.models.skeleton import empty_model
 from lqlora_dagster.models.source import resolve_model_folder
@@ -16,7 +17,6 @@ from lqlora_dagster.pipeline.handles import ModelHandle
 from lqlora_dagster.pipeline.registry import lookup_model
 from lqlora_dagster.store.keys import file_sha256, stable_key
 from lqlora_dagster.store.schemas import MATRICES
-from lqlora_dagster.tasks import get_task
 from lqlora_dagster.validation import check_matrix
 
 CODE_VERSION = "1"
@@ -60,7 +60,7 @@ def checked_targets(folder: Path, task: str, pattern: str | None, model_name: st
     from transformers import AutoConfig
 
     try:
-        skeleton = empty_model(get_task(task), AutoConfig.from_pretrained(folder))
+        skeleton = empty_model(model_kind(task), AutoConfig.from_pretrained(folder))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise LQLoRAInputError(f"cannot load a {task} model from {folder}: {err}") from err
     targets = find_targets(skeleton, pattern)

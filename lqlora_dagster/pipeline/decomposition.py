@@ -8,6 +8,7 @@ import torch
 from lqlora_dagster.decompose.lq import LQSettings
 from lqlora_dagster.evaluation import storage
 from lqlora_dagster.methods import get_method
+from lqlora_dagster.models.kinds import model_kind
 from lqlora_dagster.models.loading import load_tokenizer
 from lqlora_dagster.models.skeleton import base_without_targets
 from lqlora_dagster.models.targets import Target, find_targets
@@ -27,7 +28,6 @@ from lqlora_dagster.store.keys import stable_key
 from lqlora_dagster.surgery.decompose_model import apply_decompositions, decompose_targets
 from lqlora_dagster.surgery.injector import lq_layers
 from lqlora_dagster.surgery.lq_model_io import load_lq_model, save_lq_model
-from lqlora_dagster.tasks import get_task
 
 DECOMPOSITION_VERSION = "3"
 ASSET = "decomposed_model"
@@ -69,7 +69,7 @@ def _base_and_reader(ctx: StageContext, model: ModelHandle):
     disk, so at most the matrices being decomposed are dense at any time; the whole model
     when the checkpoint does not cover it."""
     targets = recorded_targets(ctx, model.model)
-    base = base_without_targets(model.folder, get_task(model.task), targets)
+    base = base_without_targets(model.folder, model_kind(model.task), targets)
     if base is None:
         ctx.log(f"{model.model}: the checkpoint does not hold every tensor under its module name (older names, "
                 "or a classifier head it lacks); loading the whole model")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from lqlora_dagster.data.selection import TaskData
 from lqlora_dagster.decompose.lq import LQSettings
+from lqlora_dagster.error_table.table_ref import TableRef
 from lqlora_dagster.knobs import from_values
 
 
@@ -39,23 +40,6 @@ class FisherHandle:
     model: str
     key: str
     n_matrices: int
-
-
-@dataclass(frozen=True)
-class TableRef:
-    method: str
-    table_key: str
-    rank: int  # 0 for methods without a low-rank init
-    fisher_key: str | None
-    configs: list[str]  # the candidate configs evaluated for this method
-    n_rows: int
-    # for an estimated (fast) table: the key of the exhaustive table whose rows it
-    # estimates (where plan confirmation stores the exact rows it computes); else None
-    exact_key: str | None = None
-    # another rank of a multi-rank fast table: the rank whose factors its rows are
-    # priced on (truncated for a lower rank, one step up for a higher one); None when
-    # its rows come from decompositions at its own rank
-    priced_on_rank: int | None = None
 
 
 @dataclass(frozen=True)

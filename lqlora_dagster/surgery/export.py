@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.models.kinds import model_kind
 from lqlora_dagster.surgery.injector import factor_layers, to_dense
-from lqlora_dagster.tasks import get_task
 
 
 def export_peft_adapter(
@@ -37,7 +37,7 @@ def export_peft_adapter(
     transposed = {m.transposed for m in layers.values()}
     config = {
         "peft_type": "LORA",
-        "task_type": get_task(task).peft_type,
+        "task_type": model_kind(task).peft_type,
         "r": rank,
         "lora_alpha": scaling * rank,
         "rank_pattern": rank_pattern,

@@ -13,6 +13,7 @@ from torch import nn
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.models.layer_types import LAYER_TYPES, layer_type_named, layer_type_of
 from lqlora_dagster.quant.matrix import QuantizedMatrix
+from lqlora_dagster.surgery.lora_linear import LoRALinear
 from lqlora_dagster.surgery.lq_linear import LQLinear
 
 
@@ -58,8 +59,6 @@ def lq_layers(model: nn.Module) -> dict[str, LQLinear]:
 
 def factor_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every layer with trainable factors L1, L2: LQLinear, or LoRALinear over a dense weight."""
-    from lqlora_dagster.surgery.lora_linear import LoRALinear
-
     return {name: m for name, m in model.named_modules() if isinstance(m, (LQLinear, LoRALinear))}
 
 

@@ -40,12 +40,10 @@ class LoRALinear(nn.Module):
 
 def add_lora(model: nn.Module, names: list[str], rank: int, scaling: float = 1.0, seed: int = 0) -> nn.Module:
     """Wrap each named dense layer (nn.Linear, Conv1D) in a LoRALinear, in place."""
-    from lqlora_dagster.surgery.injector import set_submodule
-
     generator = torch.Generator().manual_seed(seed)
     for name in names:
         old = model.get_submodule(name)
         kind = layer_type_of(old)
         weight = old.weight.T if kind.transposed else old.weight
-        set_submodule(model, name, LoRALinear(weight, getattr(old, "bias", None), rank, scaling, kind.name, generator))
+        model.set_submodule(name, LoRALinear(weight, getattr(old, "bias", None), rank, scaling, kind.name, generator))
     return model

@@ -124,5 +124,10 @@ class LQLinear(nn.Module):
         """The replaced layer stored its weight as (in, out) (GPT-2 Conv1D)."""
         return layer_type_named(self.layer_type).transposed
 
+    @property
+    def decomposed_layout(self) -> tuple[int, int, bool]:
+        """(rows, cols, transposed) of the layer it replaced: how `find_targets` sees it."""
+        return self.out_features, self.in_features, self.transposed
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, q={self.config.name}"

@@ -17,13 +17,13 @@ import torch
 from safetensors.torch import save_model
 
 from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.models.kinds import model_kind
 from lqlora_dagster.models.layer_types import layer_type_of
 from lqlora_dagster.models.skeleton import assign, empty_model
 from lqlora_dagster.quant.config import QuantConfig
 from lqlora_dagster.quant.matrix import QuantizedMatrix
 from lqlora_dagster.surgery.injector import lq_layers, set_submodule
 from lqlora_dagster.surgery.lq_linear import LQLinear
-from lqlora_dagster.tasks import get_task
 
 LAYOUT = "lqlora.json"
 WEIGHTS = "model.safetensors"
@@ -88,7 +88,7 @@ def load_lq_model(folder: Path, device: torch.device | str = "cpu") -> torch.nn.
         raise LQLoRAInputError(
             f"{folder} has LQ model format {layout.get('format_version')}, expected {FORMAT_VERSION}"
         )
-    model = empty_model(get_task(layout["task"]), AutoConfig.from_pretrained(folder))
+    model = empty_model(model_kind(layout["task"]), AutoConfig.from_pretrained(folder))
     for name, spec in layout["layers"].items():
         kind = layer_type_of(model.get_submodule(name))
         set_submodule(model, name, _shell(spec, kind.name if kind else "Linear"))

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from lqlora_dagster import cli
-from lqlora_dagster.error_table.stage import compute_table_rows, table_handle
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.pipeline.base_model import run_base_model
 from lqlora_dagster.pipeline.calibration import run_calibration
 from lqlora_dagster.pipeline.context import StageContext
+from lqlora_dagster.pipeline.error_table_stage import compute_table_rows, table_handle
 from lqlora_dagster.pipeline.planning import run_planning
 from lqlora_dagster.pipeline.registry import register_model
 from lqlora_dagster.pipeline.settings import CalibrationSettings, ErrorTableSettings, PlanSettings

@@ -5,7 +5,7 @@ import threading
 
 import torch
 
-from lqlora_dagster.error_table.stage import _ReadOnDemand
+from lqlora_dagster.pipeline.error_table_stage import _ReadOnDemand
 
 
 def test_each_tensor_is_read_once_and_held_only_until_its_last_use():

@@ -8,7 +8,7 @@ import dagster as dg
 import pandas as pd
 
 from assets.errors import N_CHUNKS
-from assets.runs import reconstructable_job
+from lqlora_dagster.definitions import reconstructable_job
 from lqlora_dagster.pipeline.registry import register_model
 from lqlora_dagster.store.warehouse import Warehouse
 from tests.pipeline.conftest import tiny_run_config
