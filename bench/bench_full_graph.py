@@ -4,14 +4,16 @@ machine's memory and swap traffic over the run, and the error table's compute pe
 matrix by shape, from its rows (what `bench_scale.py --seconds` fits and extrapolates),
 and what each confirmed plan's confirmation bought against `--no-confirm`.
 
-    python bench/bench_full_graph.py --model llama-1b-shaped [--time-limit S] [-- EXTRA lqlora run FLAGS]
+    python -m bench.bench_full_graph --model llama-1b-shaped [--time-limit S] [-- EXTRA lqlora run FLAGS]
+    python -m bench.bench_full_graph --model llama-1b-shaped --report --since 2026-12-01T10:00:00
+    python -m bench.bench_full_graph --smoke
 
 The model must be registered in LQLORA_HOME (`lqlora register`); for the 1B-class run:
-`python bench/make_llama1b_shaped.py /work/llama1b && lqlora register /work/llama1b
+`python -m bench.make_llama1b_shaped /path/to/llama1b && lqlora register /path/to/llama1b
 --name llama-1b-shaped`. Stages already cached are not re-run and have no new row, so
 point LQLORA_HOME at a fresh home for a full measurement. With --time-limit the run is
-stopped after S seconds and the stages that finished are reported (a lent GPU's lease
-is short)."""
+stopped after S seconds and the stages that finished are reported. --smoke runs the whole
+job on a tiny Llama built in code, in a temporary home, at the smallest settings."""
 
 import argparse
 import datetime
@@ -19,15 +21,20 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench._common import REPO, add_smoke, save_tiny_llama, stamp
 
-from bench._stamp import stamp  # noqa: E402
+SMOKE_MODEL = "tiny-llama"
+SMOKE_RUN = [  # `lqlora run` flags of --smoke: every stage, each at its smallest
+    "--in-process", "--grid", "reduced", "--rank", "4", "--max-iters", "3", "--steps", "1",
+    "--calibration-sequences", "2", "--calibration-len", "16", "--eval-windows", "1", "--eval-len", "16",
+    "--finetune-len", "16", "--finetune-eval-every", "0", "--no-reference",
+]
 
 
 def meminfo() -> dict[str, int]:
@@ -59,7 +66,7 @@ def stage_rows(home: Path, model: str, since: datetime.datetime):
 def matrix_seconds(home: Path, model: str):
     """Seconds of compute per target matrix, summed over its rows in one table (each row
     records its own share), by table and shape: measured per matrix, so it also covers
-    rows that an earlier run computed (`carry_rows.py`). Tables apart, since a fast error
+    rows that an earlier, interrupted run computed. Tables apart, since a fast error
     table and the exact rows its plans' confirmation adds (another table key) are
     different work. The median and the spread, since a matrix computed beside other
     work reads slower."""
@@ -120,29 +127,50 @@ def confirmation_gains(home: Path, model: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a model registered in LQLORA_HOME")
+    parser.add_argument("--model", default=None, help="a model registered in LQLORA_HOME")
     parser.add_argument("--time-limit", type=float, default=None, help="stop the run after this many seconds")
-    parser.add_argument("--since", default=None,
-                        help="report stage rows from this UTC time on (ISO), e.g. an earlier run's carried rows")
     parser.add_argument("--report", action="store_true",
                         help="run nothing: report the stage rows from --since on (e.g. while a run is going)")
+    parser.add_argument("--since", default=None, help="with --report: the UTC time (ISO) the rows start at")
+    add_smoke(parser)
     parser.add_argument("extra", nargs="*", help="flags passed on to `lqlora run` (after --)")
     args = parser.parse_args()
+    if args.smoke:
+        sys.exit(smoke(args))
+    if args.model is None:
+        parser.error("--model is required (a model registered in LQLORA_HOME)")
     home = Path(os.environ.get("LQLORA_HOME", REPO / ".lqlora")).resolve()
     if args.report:
         if not args.since:
             parser.error("--report needs --since")
         report(home, args.model, datetime.datetime.fromisoformat(args.since))
         return
+    print(stamp())
+    sys.exit(measure(home, args.model, args.time_limit, args.extra))
+
+
+def smoke(args) -> int:
+    """The whole job on a tiny Llama registered in a temporary home."""
+    from lqlora_dagster.cli import main as lqlora
 
     print(stamp())
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        os.environ["LQLORA_HOME"] = str(home)  # for `lqlora run` too
+        if lqlora(["register", str(save_tiny_llama(home / "tiny")), "--name", SMOKE_MODEL]):
+            return 1
+        return measure(home, SMOKE_MODEL, args.time_limit, [*SMOKE_RUN, *args.extra])
+
+
+def measure(home: Path, model: str, time_limit: float | None, extra: list[str]) -> int:
+    """Run `lqlora run` on `model`, then report; returns its exit code."""
     before, swaps = meminfo(), swapped_pages()
     since = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.perf_counter()
-    run = subprocess.Popen([sys.executable, "-m", "lqlora_dagster.cli", "run", "--model", args.model, *args.extra],
+    run = subprocess.Popen([sys.executable, "-m", "lqlora_dagster.cli", "run", "--model", model, *extra],
                            cwd=REPO, start_new_session=True)  # its own group: a stop reaches its step processes
     try:
-        run.wait(timeout=args.time_limit)
+        run.wait(timeout=time_limit)
     except subprocess.TimeoutExpired:
         os.killpg(run.pid, signal.SIGTERM)
         try:
@@ -150,17 +178,15 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             os.killpg(run.pid, signal.SIGKILL)
             run.wait()
-        print(f"\nstopped at the time limit of {args.time_limit:.0f} s")
+        print(f"\nstopped at the time limit of {time_limit:.0f} s")
     wall = time.perf_counter() - t0
     swapped = swapped_pages() - swaps
-    if args.since:
-        since = datetime.datetime.fromisoformat(args.since)
 
-    print(f"\nmodel {args.model} in {home}: `lqlora run` exited {run.returncode} after {wall / 3600:.2f} h")
+    print(f"\nmodel {model} in {home}: `lqlora run` exited {run.returncode} after {wall / 3600:.2f} h")
     print(f"machine: {before['MemTotal'] / 2**20:.1f} GiB memory, {before['SwapTotal'] / 2**20:.1f} GiB swap; "
           f"pages swapped in or out during the run: {swapped}")
-    report(home, args.model, since)
-    sys.exit(run.returncode)
+    report(home, model, since)
+    return run.returncode
 
 
 def report(home: Path, model: str, since: datetime.datetime) -> None:
@@ -184,7 +210,7 @@ def report(home: Path, model: str, since: datetime.datetime) -> None:
                   f"{1e6 * r.seconds / (r.rows * r.cols):.2f} |")
         print(f"\n{per_matrix['matrices'].sum()} matrices, {per_matrix['total'].sum() / 3600:.2f} compute-hours in all")
     print("the table with the most rows is the error table, any other the exact rows its plans' confirmation "
-          "computed; fit a curve to the error table's medians with bench/bench_scale.py --seconds")
+          "computed; fit a curve to the error table's medians with `python -m bench.bench_scale --seconds`")
     gains = confirmation_gains(home, model)
     if gains:
         print("\nwhat the confirmation bought:")

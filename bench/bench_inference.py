@@ -6,19 +6,24 @@ and with gradient checkpointing (`train-ckpt`, as `--finetune-gradient-checkpoin
 in a fresh process, one after the other, at 1 and 2 torch threads. With `--device cuda`
 the models run on the GPU and the memory is its allocator's peak above its start.
 
-    python bench/bench_inference.py --fp32 MODEL_FOLDER --lq SAVED_LQ_FOLDER [--threads 1 2] [--device cuda]
+    python -m bench.bench_inference --fp32 MODEL_FOLDER --lq SAVED_LQ_FOLDER [--threads 1 2] [--device cuda]
 
 MODEL_FOLDER is a registered model's folder (LQLORA_HOME/models/NAME); SAVED_LQ_FOLDER a
-`decomposed_model` artifact (LQLORA_HOME/artifacts/decomposed_model/NAME/KEY)."""
+`decomposed_model` artifact (LQLORA_HOME/artifacts/decomposed_model/NAME/KEY). --smoke
+measures the tiny Llama built in code and its compressed copy (`make_llama1b_shaped`):
+1 thread, 16 prompt tokens, 4 new ones, no plain `train` step (`train-ckpt` runs it)."""
 
 import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from bench._common import REPO, add_smoke, save_tiny_llama, stamp, tiny_llama
+
+SMOLLM2_VOCAB = 49152  # the token ids are drawn below it (below the model's own vocabulary if smaller)
 
 
 def child(kind: str, folder: str, threads: int, work: str, prompt_len: int, new_tokens: int, device: str,
@@ -38,9 +43,11 @@ def child(kind: str, folder: str, threads: int, work: str, prompt_len: int, new_
     from lqlora_dagster.surgery.lora_linear import add_lora
     from lqlora_dagster.surgery.lq_model_io import load_lq_model
 
+    config = AutoConfig.from_pretrained(folder)
     with init_empty_weights():  # imports the architecture's code (~100 MB) before the baseline
-        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
-    ids = torch.randint(0, 49152, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
+        AutoModelForCausalLM.from_config(config)
+    vocab = min(config.vocab_size, SMOLLM2_VOCAB)
+    ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
     if device.type == "cuda":
         torch.zeros(1, device=device)  # the CUDA context, before the baseline
     after_imports = rss_bytes()
@@ -90,7 +97,7 @@ def child(kind: str, folder: str, threads: int, work: str, prompt_len: int, new_
 
                 enable_checkpointing(net)
             net.train()
-            batch = torch.randint(0, 49152, (4, 256), generator=torch.Generator().manual_seed(1)).to(device)
+            batch = torch.randint(0, vocab, (4, 256), generator=torch.Generator().manual_seed(1)).to(device)
             times = []
             for _ in range(3):
                 start = now()
@@ -105,9 +112,9 @@ def child(kind: str, folder: str, threads: int, work: str, prompt_len: int, new_
 
 
 def run(kind: str, folder: Path, threads: int, work: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, str(folder), str(threads), work,
+    cmd = [sys.executable, "-m", "bench.bench_inference", "--child", kind, str(folder), str(threads), work,
            str(args.prompt_len), str(args.new_tokens), args.device]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if done.returncode:
         raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -118,25 +125,42 @@ def main() -> None:
         kind, folder, threads, work, prompt_len, new_tokens, device = sys.argv[2:9]
         print(json.dumps(child(kind, folder, int(threads), work, int(prompt_len), int(new_tokens), device)))
         return
-    sys.path.insert(0, str(HERE))
-    from _stamp import stamp
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--fp32", type=Path, required=True, help="the registered model's folder")
-    p.add_argument("--lq", type=Path, required=True, help="a saved decomposed model folder")
+    p.add_argument("--fp32", type=Path, help="the registered model's folder")
+    p.add_argument("--lq", type=Path, help="a saved decomposed model folder")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--no-train", action="store_true", help="skip the finetuning-step comparison")
     p.add_argument("--device", default="cpu",
                    help="cpu, or cuda (then added MB is the GPU allocator's peak above its start)")
+    add_smoke(p)
     args = p.parse_args()
     print(stamp())
+    if args.smoke:
+        from bench.make_llama1b_shaped import save_compressed
+
+        args.threads, args.prompt_len, args.new_tokens = [1], 16, 4
+        with tempfile.TemporaryDirectory() as tmp:
+            args.fp32 = save_tiny_llama(Path(tmp) / "tiny")
+            args.lq = Path(tmp) / "tiny-lq"
+            save_compressed(tiny_llama(), args.lq, "nf3-b03-bf16-B016-B164")
+            compare(args)
+        return
+    if args.fp32 is None or args.lq is None:
+        p.error("--fp32 and --lq are required")
+    compare(args)
+
+
+def compare(args) -> None:
+    """Every work at every thread count, fp32 against lq, each in a fresh process."""
     layout = json.loads((args.lq / "lqlora.json").read_text())
     print(f"\ncompressed model: {args.lq} ({len(layout['layers'])} LQ layers)\n")
     print("| work | threads | model | load s | prefill tok/s | decode tok/s | step s | added MB |")
     print("|---|---|---|---|---|---|---|---|")
     works = ["generate"] + ([] if args.no_train else [f"train:{args.lq}", f"train-ckpt:{args.lq}"])
+    if args.smoke:  # the plain step is the checkpointed one minus checkpointing
+        works = [w for w in works if not w.startswith("train:")]
     for work in works:
         for threads in args.threads:
             rows = {kind: run(kind, folder, threads, work, args) for kind, folder in

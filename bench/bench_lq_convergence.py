@@ -3,8 +3,8 @@ LQ iteration itself? Runs cold-start LQ-LoRA for a fixed number of iterations (n
 stop) on real SmolLM2 matrices and a random sample of the 432 configs, three times:
 SVD seed 0 and seed 1 on one torch thread, and seed 0 on two threads.
 
-    python bench/bench_lq_convergence.py [--layer 0] [--kinds q_proj v_proj gate_proj]
-                                         [--configs 10] [--iters 200] [--rank 16]
+    python -m bench.bench_lq_convergence [--layer 0] [--kinds q_proj v_proj gate_proj]
+                                         [--configs 10] [--iters 200] [--rank 16] [--smoke]
 
 Each row is a rule for which error a run reports, applied to the same traces:
 - "stop at 0.1%" is the reference's (`LQSettings.rel_tol`, 1e-3): the best iterate up to
@@ -19,20 +19,14 @@ where the stopping rule fires, the "best of N" rows would show it shrinking with
 import argparse
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from _real_matrices import layer_matrices  # noqa: E402
-from _stamp import stamp  # noqa: E402
-
-from lqlora_dagster.decompose.lq import LQSettings, lq_error_estimate, lq_error_trace  # noqa: E402
-from lqlora_dagster.per_matrix_threads import available_cores, one_thread_per_matrix  # noqa: E402
-from lqlora_dagster.quant.config import CONFIG_GRID  # noqa: E402
+from bench._common import add_smoke, layer_matrices, stamp
+from lqlora_dagster.decompose.lq import LQSettings, lq_error_estimate, lq_error_trace
+from lqlora_dagster.per_matrix_threads import available_cores, one_thread_per_matrix
+from lqlora_dagster.quant.config import CONFIG_GRID
 
 Traces = dict[tuple[str, str], tuple[float, ...]]
 
@@ -81,9 +75,12 @@ def main() -> None:
     ap.add_argument("--configs", type=int, default=10, help="random sample of the 432 (seed 0)")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--rank", type=int, default=16)
+    add_smoke(ap)
     args = ap.parse_args()
+    if args.smoke:  # the tiny model's layer, 3 configs, 20 iterations
+        args.configs, args.iters = 3, 20
     print(stamp(), flush=True)
-    mats = {n: W for n, W in layer_matrices([args.layer]).items() if n.split(".")[-1] in args.kinds}
+    mats = {n: W for n, W in layer_matrices([args.layer], args.smoke).items() if n.split(".")[-1] in args.kinds}
     configs = random.Random(0).sample(list(CONFIG_GRID), args.configs)
     print(f"{len(mats)} matrices x {len(configs)} configs, {args.iters} iterations, rank {args.rank}")
     ref, seed1, threads2 = (traces(mats, configs, args, s, t) for s, t in ((0, 1), (1, 1), (0, 2)))

@@ -13,7 +13,8 @@ estimate / exact for a few configs per matrix at each rank (exact = the cold-sta
 decomposition the decomposition stage runs); plans are confirmed with exact rows,
 so this says how many rows confirmation will have to compute, not what plans cost.
 
-    python bench/bench_multirank_table.py --layers 0 15 29 --accuracy-layer 15
+    python -m bench.bench_multirank_table --layers 0 15 29 --accuracy-layer 15
+    python -m bench.bench_multirank_table --smoke     # a layer of the tiny model, ranks up to 24
 """
 
 import argparse
@@ -23,13 +24,7 @@ import time
 
 import torch
 
-try:
-    from _real_matrices import layer_matrices
-    from _stamp import stamp
-except ImportError:  # run as a module from the repo root
-    from bench._real_matrices import layer_matrices
-    from bench._stamp import stamp
-
+from bench._common import add_smoke, layer_matrices, stamp
 from lqlora_dagster.decompose.inits import INITS, quantization_rows
 from lqlora_dagster.decompose.lq import LQSettings
 from lqlora_dagster.error_table.estimates import (
@@ -38,7 +33,7 @@ from lqlora_dagster.error_table.estimates import (
     estimated_errors,
     estimated_errors_by_rank,
 )
-from lqlora_dagster.error_table.tables import base_rank
+from lqlora_dagster.pipeline.error_table_refs import base_rank
 from lqlora_dagster.quant.config import CONFIG_GRID
 
 N_LAYERS = 30
@@ -59,13 +54,16 @@ def main() -> None:
     p.add_argument("--accuracy-configs", type=int, default=4, help="configs per matrix compared with exact rows")
     p.add_argument("--lower-rank-steps", type=int, default=LOWER_RANK_STEPS,
                    help="alternating steps at each lower rank (the product's default: LOWER_RANK_STEPS)")
+    add_smoke(p)
     args = p.parse_args()
+    if args.smoke:
+        args.layers, args.accuracy_layer, args.accuracy_configs, args.ranks = [0], 0, 2, [0, 8, 16, 24]
     torch.set_num_threads(1)
     print(stamp())
     base = base_rank(tuple(args.ranks), args.rank)  # what the product prices the other ranks on
     others = tuple(r for r in args.ranks if r > 0 and r != base)
     fast = FastSettings()
-    mats = layer_matrices(args.layers)
+    mats = layer_matrices(args.layers, args.smoke)
     print(f"\n# {len(mats)} matrices (layers {args.layers}), {len(CONFIG_GRID)} configs, one thread, "
           f"{args.lower_rank_steps} step(s) at each lower rank\n")
     print("| matrix | shape | single rank s | multi rank s | ratio |\n|---|---|---:|---:|---:|")

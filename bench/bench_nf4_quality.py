@@ -1,16 +1,19 @@
 """Perplexity of SmolLM2-135M at NF4 (QLoRA's config, 4.127 bits) after each init, against
 the fp32 reference, on held-out State-of-the-Union text (2016+).
 
-    python bench/bench_nf4_quality.py [--windows 16] [--seq-len 512] [--ranks 16 64]
+    python -m bench.bench_nf4_quality [--windows 16] [--seq-len 512] [--ranks 16 64] [--smoke]
 
 Rows: QLoRA (quantize only), LQ init at each rank, Fisher-weighted LQ init at each rank
-(Fisher from 32 x 256-token calibration sequences of the 1946-1999 speeches).
+(Fisher from 32 x 256-token calibration sequences of the 1946-1999 speeches). --smoke
+measures the tiny Llama built in code with its word-level tokenizer: 2 windows of 32
+tokens, Fisher from 2 sequences, rank 8.
 """
 
 import argparse
 import copy
 import time
 
+from bench._common import add_smoke, smollm2_folder, stamp, tiny_llama, tiny_tokenizer
 from lqlora_dagster.data.corpora import sotu_text
 from lqlora_dagster.data.windows import token_windows, tokenize
 from lqlora_dagster.decompose.lq import LQSettings
@@ -22,25 +25,26 @@ from lqlora_dagster.models.targets import find_targets
 from lqlora_dagster.quant import QLORA_NF4
 from lqlora_dagster.surgery.decompose_model import apply_decompositions, decompose_targets
 
-try:
-    from _real_matrices import smollm2_weights_file
-    from _stamp import stamp
-except ImportError:  # run as a module from the repo root
-    from bench._real_matrices import smollm2_weights_file
-    from bench._stamp import stamp
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
+    add_smoke(ap)
     args = ap.parse_args()
     print(stamp(), flush=True)
-    folder = smollm2_weights_file().parent
-    model, tokenizer = load_model(folder), load_tokenizer(folder)
+    calibration_len, calibration_sequences = 256, 32
+    if args.smoke:
+        model, tokenizer = tiny_llama(), tiny_tokenizer()
+        args.windows, args.seq_len, args.ranks = 2, 32, [8]
+        calibration_len, calibration_sequences = 32, 2
+    else:
+        folder = smollm2_folder()
+        model, tokenizer = load_model(folder), load_tokenizer(folder)
     windows = token_windows(tokenize(tokenizer, sotu_text("eval")), args.seq_len, args.windows)
-    calibration = token_windows(tokenize(tokenizer, sotu_text("calibration")), 256, 32, seed=0)
+    calibration = token_windows(tokenize(tokenizer, sotu_text("calibration")), calibration_len,
+                                calibration_sequences, seed=0)
     targets = find_targets(model)
     plan = {t.name: QLORA_NF4 for t in targets}
 

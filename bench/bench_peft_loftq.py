@@ -3,19 +3,22 @@ machine: wall time and the memory each adds, every run in a fresh process. PEFT'
 needs bitsandbytes and a CUDA or XPU device; where it cannot run, the error is printed
 as PEFT raised it.
 
-    python bench/bench_peft_loftq.py --model MODEL_FOLDER [--layers 2] [--rank 16] [--bnb PATH] [--device cuda]
+    python -m bench.bench_peft_loftq --model MODEL_FOLDER [--layers 2] [--rank 16] [--bnb PATH] [--device cuda]
 
 --layers limits both sides to the first N transformer blocks (the same matrices);
---bnb is a folder holding bitsandbytes (`pip install --target PATH bitsandbytes`)."""
+--bnb is a folder holding bitsandbytes (`pip install --target PATH bitsandbytes`).
+--smoke compares them on one block of the tiny Llama built in code, at rank 4."""
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from bench._common import REPO, add_smoke, save_tiny_llama, stamp
 
 
 def child(side: str, folder: str, layers: int, rank: int, device: str) -> dict:
@@ -68,27 +71,36 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         print(json.dumps(child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])))
         return
-    sys.path.insert(0, str(HERE))
-    from _stamp import stamp
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--model", type=Path)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--bnb", type=Path, default=None)
     p.add_argument("--device", default="cpu", help="where ours runs; PEFT's picks CUDA itself")
+    add_smoke(p)
     args = p.parse_args()
     print(stamp())
-    env_path = [str(args.bnb)] if args.bnb else []
-    import os
+    if args.smoke:
+        args.layers, args.rank = 1, 4
+        with tempfile.TemporaryDirectory() as tmp:
+            args.model = save_tiny_llama(Path(tmp) / "tiny")
+            compare(args)
+        return
+    if args.model is None:
+        p.error("--model is required")
+    compare(args)
 
+
+def compare(args) -> None:
+    """PEFT's LoftQ and ours, each in a fresh process."""
+    env_path = [str(args.bnb)] if args.bnb else []
     inherited = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*env_path, str(HERE.parent), *inherited]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*env_path, str(REPO), *inherited]))
     print("\n| init | matrices | seconds | added MB | GPU peak MB | result |\n|---|---|---|---|---|---|")
     for side, label in (("peft", "PEFT LoftQ (NF4, 5 iterations)"), ("ours", "lqlora-dagster LoftQ (NF4, 5 iterations)")):
-        cmd = [sys.executable, __file__, "--child", side, str(args.model), str(args.layers), str(args.rank),
+        cmd = [sys.executable, "-m", "bench.bench_peft_loftq", "--child", side, str(args.model), str(args.layers), str(args.rank),
                args.device]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
         if done.returncode:
             print(f"| {label} | | | | | crashed: {done.stderr.strip().splitlines()[-1][:300]} |")
             continue

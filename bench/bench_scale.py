@@ -8,20 +8,19 @@ matrices of SmolLM2-135M, Llama-3.2-1B, Llama-2-7B and Llama-2-70B. The weights 
 N(0, 0.02) from a fixed seed: honest for time (the work does not depend on the values),
 not for the errors.
 
-    python bench/bench_scale.py [--shapes 576x576 2048x2048 ...] [--workers 2] [--device cuda]
+    python -m bench.bench_scale [--shapes 576x576 2048x2048 ...] [--workers 2] [--device cuda]
+    python -m bench.bench_scale --smoke      # the tiny model's shapes: 32x64, 64x64, 128x64
 
 What is measured: the per-matrix seconds printed first. What is extrapolated: the model
 totals (one process per core, matrices spread over `--workers` cores)."""
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
+from bench._common import add_smoke, stamp
 
 # (rows, cols, count per layer) of every target kind, and the number of layers
 MODELS = {
@@ -49,9 +48,6 @@ def time_rows(rows: int, cols: int, device: torch.device) -> float:
 
 
 def main() -> None:
-    sys.path.insert(0, str(HERE))
-    from _stamp import stamp
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES)
     p.add_argument("--workers", type=int, default=2,
@@ -59,7 +55,10 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu, or cuda: the rows on one GPU")
     p.add_argument("--seconds", type=float, nargs="+", default=None,
                    help="seconds already measured for --shapes (refits without timing again)")
+    add_smoke(p)
     args = p.parse_args()
+    if args.smoke:
+        args.shapes = ["32x64", "64x64", "128x64"]
     device = torch.device(args.device)
     torch.set_num_threads(1)
     print(stamp())

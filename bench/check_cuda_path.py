@@ -4,19 +4,21 @@ the CPU reference for every config of the grid and odd shapes; quantizing on the
 gives the CPU's codes; an LQ layer's output and gradients agree; an LQ decomposition
 and the error table's fast rows run there, timed against the CPU.
 
-    python bench/check_cuda_path.py [--device cuda]
+    python -m bench.check_cuda_path [--device cuda]
+    python -m bench.check_cuda_path --smoke --device cpu    # small shapes, every 36th config
 
 Exits 1 when a bit-exactness check fails."""
 
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
+from bench._common import add_smoke, stamp
+
 SHAPES = [(192, 576), (37, 29), (5, 3), (129, 65), (576, 1536)]
+SMOKE_SHAPES = [(37, 29), (5, 3), (64, 48)]
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -33,18 +35,18 @@ def timed(fn, device: torch.device):
     return out, time.perf_counter() - start
 
 
-def check_decode(device: torch.device) -> int:
+def check_decode(device: torch.device, shapes: list[tuple[int, int]], stride: int = 1) -> int:
     """Decode on the device vs the CPU reference, and codes quantized on the device vs
-    on the CPU: every config of the grid (and odd blocks) on every shape."""
+    on the CPU: every `stride`-th config of the grid (and odd blocks) on every shape."""
     from lqlora_dagster.quant.config import CONFIG_GRID, QuantConfig
     from lqlora_dagster.quant.matrix import QuantizedMatrix
 
-    configs = (*CONFIG_GRID, QuantConfig(3, 3, "fp16", 12, 5), QuantConfig(4, 2, "bf16", 7, 3))
+    configs = (*CONFIG_GRID[::stride], QuantConfig(3, 3, "fp16", 12, 5), QuantConfig(4, 2, "bf16", 7, 3))
     print("\n| shape | configs | decode on device = CPU reference | weights decoded differently | "
           "largest relative difference of a decoded weight | codes quantized on device = CPU's | "
           "largest decoded difference where codes differ |\n|---|---|---|---|---|---|---|")
     failures = 0
-    for shape in SHAPES:
+    for shape in shapes:
         W = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0])) * 0.02
         W[0, :3] = 0.0
         decode_same = codes_same = differing = 0
@@ -87,44 +89,43 @@ def check_layer(device: torch.device) -> None:
           f"dL1 {diffs[1]:.2e}, dL2 {diffs[2]:.2e}")
 
 
-def check_decomposition(device: torch.device) -> None:
-    """One LQ decomposition and one matrix's fast error-table rows on each device."""
+def check_decomposition(device: torch.device, size: int = 2048, rows_size: int = 576) -> None:
+    """One LQ decomposition (size x size) and one matrix's fast error-table rows
+    (rows_size x rows_size) on each device."""
     from lqlora_dagster.decompose.lq import LQSettings
     from lqlora_dagster.error_table.estimates import FastSettings, estimated_errors
     from lqlora_dagster.methods import get_method
     from lqlora_dagster.quant.config import CONFIG_GRID, QuantConfig
 
-    W = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0)) * 0.02
+    W = torch.randn(size, size, generator=torch.Generator().manual_seed(0)) * 0.02
     cfg = QuantConfig.parse("nf3-b08-fp32-B064-B1256")
     print("\n| work (rank 16) | device | seconds | error |\n|---|---|---|---|")
     for dev in (torch.device("cpu"), device):
         d, s = timed(lambda dev=dev: get_method("lqlora").decompose(W.to(dev), cfg, LQSettings(rank=16)), dev)
-        print(f"| LQ decomposition (2048 x 2048), {cfg.name} | {dev} | {s:.2f} | {d.error:.5g} |", flush=True)
-    W = W[:576, :576].contiguous()  # SmolLM2-sized: keeps the CPU side short
+        print(f"| LQ decomposition ({size} x {size}), {cfg.name} | {dev} | {s:.2f} | {d.error:.5g} |", flush=True)
+    W = W[:rows_size, :rows_size].contiguous()  # SmolLM2-sized: keeps the CPU side short
     rows = {}
     for dev in (torch.device("cpu"), device):
         found, s = timed(lambda dev=dev: estimated_errors(W.to(dev), CONFIG_GRID, LQSettings(rank=16), None, FastSettings()), dev)
         rows[dev.type] = torch.tensor([r.error for r in found])
-        print(f"| fast error-table rows (576 x 576), {len(CONFIG_GRID)} configs | {dev} | {s:.2f} | "
+        print(f"| fast error-table rows ({rows_size} x {rows_size}), {len(CONFIG_GRID)} configs | {dev} | {s:.2f} | "
               f"sum {float(rows[dev.type].sum()):.5g} |", flush=True)
     gap = ((rows[device.type] - rows["cpu"]).abs() / rows["cpu"]).max()
     print(f"\nfast rows on {device} vs CPU: largest relative difference of a row {float(gap):.2e}")
 
 
 def main() -> None:
-    sys.path.insert(0, str(HERE))
-    from _stamp import stamp
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
+    add_smoke(p)
     args = p.parse_args()
     device = torch.device(args.device)
     print(stamp())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}; CPU threads {torch.get_num_threads()}")
-    failures = check_decode(device)
+    failures = check_decode(device, SMOKE_SHAPES, 36) if args.smoke else check_decode(device, SHAPES)
     check_layer(device)
-    check_decomposition(device)
+    check_decomposition(device, *((128, 64) if args.smoke else ()))
     print(f"\ndecode mismatches: {failures}")
     sys.exit(1 if failures else 0)
 
