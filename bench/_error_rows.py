@@ -18,8 +18,8 @@ from lqlora_dagster.decompose.inits import ConfigError
 from lqlora_dagster.decompose.lq import LQSettings
 from lqlora_dagster.error_table.compute import RowRequest, compute_rows
 from lqlora_dagster.error_table.estimates import FastSettings
+from lqlora_dagster.error_table.table_ref import TableRef
 from lqlora_dagster.models.targets import Target
-from lqlora_dagster.pipeline.handles import TableRef
 from lqlora_dagster.quant.config import QuantConfig, storage_bits
 
 BUDGETS = (2.5, 2.75, 3.0, 3.25, 3.5, 4.0)
