@@ -5,9 +5,10 @@ import base64
 
 import dagster as dg
 
-from assets.shared import BASE_MODELS, stage_context, summary
+from assets.stage_asset import Produced, stage_asset
 from lqlora_dagster.comparison import LM_COMPARISON, Comparison
-from lqlora_dagster.pipeline.handles import EvaluationHandle, PlanHandle, ReportHandle
+from lqlora_dagster.pipeline.context import StageContext
+from lqlora_dagster.pipeline.handles import EvaluationHandle, PlanHandle
 from lqlora_dagster.pipeline.reporting import (
     HEATMAP,
     PARETO,
@@ -16,7 +17,6 @@ from lqlora_dagster.pipeline.reporting import (
     report_folder,
     run_report,
 )
-from resources import ArtifactStoreResource, ComputeDevice, ModelSource, WarehouseResource
 
 COMPARISON_JOB = "comparison_job"
 
@@ -31,32 +31,18 @@ def _inline_png(path) -> str:
     return f"![{path.stem}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
 
 
-@dg.asset(
-    partitions_def=BASE_MODELS,
-    group_name="evaluation",
-    code_version=REPORT_VERSION,
-    description="Every method's perplexity and bits/param as a table, a Pareto plot of perplexity vs "
-    "total bits/param, and a heatmap of one ILP plan's bits per layer and matrix type.",
-    kinds={"duckdb", "matplotlib"},
-)
+@stage_asset("evaluation", REPORT_VERSION, {"duckdb", "matplotlib"}, measured=False)
 def comparison_report(
-    context: dg.AssetExecutionContext,
-    evaluation: EvaluationHandle,
-    allocation_plan: PlanHandle,
-    warehouse: WarehouseResource,
-    artifacts: ArtifactStoreResource,
-    models: ModelSource,
-    compute: ComputeDevice,
-) -> dg.Output[ReportHandle]:
-    ctx = stage_context(context, warehouse, artifacts, models, compute)
+    ctx: StageContext, evaluation: EvaluationHandle, allocation_plan: PlanHandle
+) -> Produced:
+    """Every method's perplexity and bits/param as a table, a Pareto plot of perplexity vs total bits/param, and a heatmap of one ILP plan's bits per layer and matrix type."""
     handle = run_report(ctx, evaluation, allocation_plan)
     folder = report_folder(ctx, handle)
     metadata = {
         "table": dg.MetadataValue.md((folder / TABLE).read_text()),
         "pareto": dg.MetadataValue.md(_inline_png(folder / PARETO)),
         "folder": dg.MetadataValue.path(str(folder)),
-        "summary": summary([f"{', '.join(handle.files)} in {folder}"]),
     }
     if HEATMAP in handle.files:
         metadata["allocation"] = dg.MetadataValue.md(_inline_png(folder / HEATMAP))
-    return dg.Output(handle, data_version=dg.DataVersion(handle.key), metadata=metadata)
+    return Produced(handle, handle.key, [f"{', '.join(handle.files)} in {folder}"], metadata)

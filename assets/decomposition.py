@@ -3,57 +3,39 @@
 import dagster as dg
 import torch
 
-from assets.shared import BASE_MODELS, stage_context, summary
+from assets.stage_asset import Produced, stage_asset
+from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.decomposition import ASSET, DECOMPOSITION_VERSION, run_decomposition
 from lqlora_dagster.pipeline.handles import DecomposedHandle, FisherHandle, ModelHandle, PlanHandle
-from lqlora_dagster.pipeline.stage_runs import measured_stage
 from lqlora_dagster.quant.bitpack import pack_bits, unpack_bits
 from lqlora_dagster.surgery.injector import lq_layers
 from lqlora_dagster.surgery.lq_model_io import load_lq_model
-from resources import ArtifactStoreResource, ComputeDevice, ModelSource, WarehouseResource
+from resources import ArtifactStoreResource, WarehouseResource
 
 
-@dg.asset(
-    partitions_def=BASE_MODELS,
-    group_name="compression",
-    code_version=DECOMPOSITION_VERSION,
-    description="The LQ model per plan: packed Q and L1, L2 (safetensors folder; DuckDB `decompositions`).",
-    kinds={"pytorch", "safetensors"},
-)
+@stage_asset("compression", DECOMPOSITION_VERSION, {"pytorch", "safetensors"})
 def decomposed_model(
-    context: dg.AssetExecutionContext,
-    base_model: ModelHandle,
-    allocation_plan: PlanHandle,
-    fisher_diagonals: FisherHandle,
-    warehouse: WarehouseResource,
-    artifacts: ArtifactStoreResource,
-    models: ModelSource,
-    compute: ComputeDevice,
-) -> dg.Output[DecomposedHandle]:
-    ctx = stage_context(context, warehouse, artifacts, models, compute)
-    with measured_stage(ctx, "decomposed_model", base_model.model):
-        handle = run_decomposition(ctx, base_model, allocation_plan, fisher_diagonals)
-    paths = {
-        f"{d.method}@{d.budget:g}": str(ctx.store.get(ASSET, handle.model, d.decomp_key, verify=False).path)
-        for d in handle.items
-    }
-    return dg.Output(
+    ctx: StageContext, base_model: ModelHandle, allocation_plan: PlanHandle, fisher_diagonals: FisherHandle
+) -> Produced:
+    """The LQ model per plan: packed Q and L1, L2 (safetensors folder; DuckDB `decompositions`)."""
+    handle = run_decomposition(ctx, base_model, allocation_plan, fisher_diagonals)
+    names = [f"{d.method}@{d.budget:g}" for d in handle.items]
+    paths = [str(ctx.store.get(ASSET, handle.model, d.decomp_key, verify=False).path) for d in handle.items]
+    return Produced(
         handle,
-        data_version=dg.DataVersion("-".join(d.decomp_key for d in handle.items)),
-        metadata={
-            "paths": dg.MetadataValue.json(paths),
+        "-".join(d.decomp_key for d in handle.items),
+        [
+            f"{d.method} @ {d.budget:g}: {d.bits_per_param:.3f} bits/param ({d.bits_incl_lowrank:.3f} with the low-rank "
+            "part)"
+            for d in handle.items
+        ],
+        {
+            "paths": dg.MetadataValue.json(dict(zip(names, paths))),
             "bits_per_param": dg.MetadataValue.json(
-                {f"{d.method}@{d.budget:g}": round(d.bits_per_param, 4) for d in handle.items}
+                {n: round(d.bits_per_param, 4) for n, d in zip(names, handle.items)}
             ),
             "bits_incl_lowrank": dg.MetadataValue.json(
-                {f"{d.method}@{d.budget:g}": round(d.bits_incl_lowrank, 4) for d in handle.items}
-            ),
-            "summary": summary(
-                [
-                    f"{d.method} @ {d.budget:g}: {d.bits_per_param:.3f} bits/param "
-                    f"({d.bits_incl_lowrank:.3f} with the low-rank part)"
-                    for d in handle.items
-                ]
+                {n: round(d.bits_incl_lowrank, 4) for n, d in zip(names, handle.items)}
             ),
         },
     )

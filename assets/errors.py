@@ -9,7 +9,7 @@ finishes; `error_table_summary` fans in and returns the handle.
 import dagster as dg
 
 from assets.config import config_class
-from assets.shared import BASE_MODELS, stage_context, summary
+from assets.shared import BASE_MODELS, summary
 from lqlora_dagster.per_matrix_threads import matrix_workers
 from lqlora_dagster.pipeline.base_model import recorded_targets
 from lqlora_dagster.pipeline.error_table_refs import TABLE_VERSION, table_chunks
@@ -21,7 +21,7 @@ from resources import WarehouseResource
 
 ErrorTableConfig = config_class(ErrorTableSettings)
 
-RESOURCES = {"warehouse", "artifacts", "models", "compute"}
+RESOURCES = {"stage"}
 # Static fan-out: a fixed number of chunk steps (a step with no layers left does nothing).
 # Dynamic outputs would size this to the model, but dagster-dask plans its steps up
 # front and silently skips dynamically mapped ones; static steps run on every executor.
@@ -29,8 +29,7 @@ N_CHUNKS = 8
 
 
 def _ctx(context: dg.OpExecutionContext):
-    r = context.resources
-    return stage_context(context, r.warehouse, r.artifacts, r.models, r.compute)
+    return context.resources.stage.context(context)
 
 
 def _chunk_op(index: int) -> dg.OpDefinition:
@@ -74,11 +73,15 @@ def error_table_summary(
         metadata={
             "rows": sum(t.n_rows for t in handle.tables),
             "new_rows": sum(c["written"] for c in chunks),
-            "tables": dg.MetadataValue.json({f"{t.method} rank {t.rank}": t.table_key for t in handle.tables}),
+            "tables": dg.MetadataValue.json(
+                {f"{t.method} rank {t.rank}": t.table_key for t in handle.tables}
+            ),
             "ranks": dg.MetadataValue.json(sorted({t.rank for t in handle.tables})),
             "summary": summary(
-                [f"{sum(t.n_rows for t in handle.tables):,} rows for {len(handle.tables)} method(s), "
-                 f"{sum(c['written'] for c in chunks):,} computed now"]
+                [
+                    f"{sum(t.n_rows for t in handle.tables):,} rows for {len(handle.tables)} method(s), "
+                    f"{sum(c['written'] for c in chunks):,} computed now"
+                ]
             ),
         },
     )

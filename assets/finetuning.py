@@ -4,56 +4,34 @@ import math
 
 import dagster as dg
 
-from assets.config import config_class
-from assets.shared import BASE_MODELS, stage_context, summary
+from assets.stage_asset import Produced, stage_asset
 from lqlora_dagster.data.selection import TaskData
+from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.finetuning import ASSET, FINETUNE_VERSION, label, run_finetuning
 from lqlora_dagster.pipeline.handles import DecomposedHandle, FinetunedHandle, ModelHandle
 from lqlora_dagster.pipeline.settings import FinetuneSettings
-from lqlora_dagster.pipeline.stage_runs import measured_stage
-from resources import ArtifactStoreResource, ComputeDevice, ModelSource, WarehouseResource
-
-FinetuneConfig = config_class(FinetuneSettings)
 
 
-@dg.asset(
-    partitions_def=BASE_MODELS,
-    group_name="finetune",
-    code_version=FINETUNE_VERSION,
-    description="LoRA factors after finetuning (PEFT adapter folders; every step in DuckDB `train_steps`).",
-    kinds={"pytorch", "safetensors"},
-)
+@stage_asset("finetune", FINETUNE_VERSION, {"pytorch", "safetensors"}, settings=FinetuneSettings)
 def finetuned_adapters(
-    context: dg.AssetExecutionContext,
-    config: FinetuneConfig,
+    ctx: StageContext,
+    settings: FinetuneSettings,
     base_model: ModelHandle,
     task_data: TaskData,
     decomposed_model: DecomposedHandle,
-    warehouse: WarehouseResource,
-    artifacts: ArtifactStoreResource,
-    models: ModelSource,
-    compute: ComputeDevice,
-) -> dg.Output[FinetunedHandle]:
-    ctx = stage_context(context, warehouse, artifacts, models, compute)
-    with measured_stage(ctx, "finetuned_adapters", base_model.model):
-        handle = run_finetuning(ctx, base_model, decomposed_model, task_data, config.settings())
-    return dg.Output(
+) -> Produced:
+    """LoRA factors after finetuning (PEFT adapter folders; every step in DuckDB `train_steps`)."""
+    handle = run_finetuning(ctx, base_model, decomposed_model, task_data, settings)
+    paths = {
+        label(a): str(ctx.store.get(ASSET, handle.model, a.run_key, verify=False).path) for a in handle.items
+    }
+    return Produced(
         handle,
-        data_version=dg.DataVersion("-".join(a.run_key for a in handle.items) or "none"),
-        metadata={
-            "final_loss": dg.MetadataValue.json(
-                {label(a): round(a.final_loss, 4) for a in handle.items}
-            ),
-            "summary": summary([_line(a) for a in handle.items])
-            or "nothing selected to finetune",
-            "paths": dg.MetadataValue.json(
-                {
-                    label(a): str(
-                        ctx.store.get(ASSET, handle.model, a.run_key, verify=False).path
-                    )
-                    for a in handle.items
-                }
-            ),
+        "-".join(a.run_key for a in handle.items) or "none",
+        [_line(a) for a in handle.items] or ["nothing selected to finetune"],
+        {
+            "final_loss": dg.MetadataValue.json({label(a): round(a.final_loss, 4) for a in handle.items}),
+            "paths": dg.MetadataValue.json(paths),
         },
     )
 

@@ -3,52 +3,37 @@
 import dagster as dg
 import pandas as pd
 
-from assets.config import config_class
-from assets.shared import BASE_MODELS, stage_context, summary
+from assets.stage_asset import Produced, stage_asset
+from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.handles import ErrorTableHandle, ModelHandle, PlanHandle
 from lqlora_dagster.pipeline.planning import PLAN_VERSION, run_planning
 from lqlora_dagster.pipeline.settings import PlanSettings
-from lqlora_dagster.pipeline.stage_runs import measured_stage
-from resources import ArtifactStoreResource, ComputeDevice, ModelSource, WarehouseResource
-
-PlanConfig = config_class(PlanSettings)
+from resources import WarehouseResource
 
 
-@dg.asset(
-    partitions_def=BASE_MODELS,
-    group_name="allocation",
-    code_version=PLAN_VERSION,
-    description="ILP (or uniform) bit allocation per method and budget (DuckDB `plans`, `plan_assignments`).",
-    kinds={"duckdb"},
-)
+@stage_asset("allocation", PLAN_VERSION, {"duckdb"}, settings=PlanSettings)
 def allocation_plan(
-    context: dg.AssetExecutionContext,
-    config: PlanConfig,
-    error_table: ErrorTableHandle,
-    base_model: ModelHandle,
-    warehouse: WarehouseResource,
-    artifacts: ArtifactStoreResource,
-    models: ModelSource,
-    compute: ComputeDevice,
-) -> dg.Output[PlanHandle]:
-    ctx = stage_context(context, warehouse, artifacts, models, compute)
-    with measured_stage(ctx, "allocation_plan", base_model.model):
-        handle = run_planning(ctx, error_table, config.settings(), base_model)
-    return dg.Output(
+    ctx: StageContext, settings: PlanSettings, error_table: ErrorTableHandle, base_model: ModelHandle
+) -> Produced:
+    """ILP (or uniform) bit allocation per method and budget (DuckDB `plans`, `plan_assignments`)."""
+    handle = run_planning(ctx, error_table, settings, base_model)
+    table = "\n".join(
+        f"| {p.method} | {p.budget:g} | {p.budget_kind} | {','.join(map(str, p.ranks))} | "
+        f"{p.bits_per_param:.4f} | {p.objective:.4g} |"
+        for p in handle.plans
+    )
+    return Produced(
         handle,
-        data_version=dg.DataVersion("-".join(p.plan_id for p in handle.plans)),
-        metadata={
+        "-".join(p.plan_id for p in handle.plans),
+        [
+            f"{p.method} @ {p.budget:g}: {p.bits_per_param:.3f} bits/param, error {p.objective:.4g}"
+            for p in handle.plans
+        ],
+        {
             "plans": dg.MetadataValue.md(
                 "| method | budget | kind | ranks | bits/param (Q) | objective |\n|---|---|---|---|---|---|\n"
-                + "\n".join(
-                    f"| {p.method} | {p.budget:g} | {p.budget_kind} | {','.join(map(str, p.ranks))} | "
-                    f"{p.bits_per_param:.4f} | {p.objective:.4g} |"
-                    for p in handle.plans
-                )
-            ),
-            "summary": summary(
-                [f"{p.method} @ {p.budget:g}: {p.bits_per_param:.3f} bits/param, error {p.objective:.4g}" for p in handle.plans]
-            ),
+                + table
+            )
         },
     )
 

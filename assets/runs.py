@@ -66,7 +66,12 @@ def _innermost_message(error) -> str:
     """The user's error, not Dagster's wrapper: the first error in the cause chain that
     Dagster did not raise (an LQLoRAInputError names what to do; its own cause, say a
     FileNotFoundError, says less), one message without its class name."""
-    while error is not None and error.cls_name and error.cls_name.startswith("Dagster") and error.cause is not None:
+    while (
+        error is not None
+        and error.cls_name
+        and error.cls_name.startswith("Dagster")
+        and error.cause is not None
+    ):
         error = error.cause
     if error is None:
         return "unknown error"
@@ -96,8 +101,13 @@ def _as_event(record, stages: set[str]) -> RunEvent | None:
     return None
 
 
-def _watch(instance: dg.DagsterInstance, token: str, stages: set[str], show: Callable[[RunEvent], None],
-           stop: threading.Event) -> None:
+def _watch(
+    instance: dg.DagsterInstance,
+    token: str,
+    stages: set[str],
+    show: Callable[[RunEvent], None],
+    stop: threading.Event,
+) -> None:
     """Poll the run's event log (written by every step process) and show its events."""
     run_id, cursor = None, None
     while True:
@@ -142,8 +152,11 @@ def fail_orphaned_runs(instance: dg.DagsterInstance | None = None) -> list[str]:
         owner = run.tags.get(PROCESS_TAG)
         if owner is None or _process_id(int(owner.split(":")[0])) == owner:
             continue
-        instance.report_run_failed(run, f"the lqlora process that ran it (pid {owner.split(':')[0]}) ended "
-                                   "without finishing it; its finished stages are stored")
+        instance.report_run_failed(
+            run,
+            f"the lqlora process that ran it (pid {owner.split(':')[0]}) ended "
+            "without finishing it; its finished stages are stored",
+        )
         failed.append(run.run_id)
     return failed
 
@@ -189,7 +202,11 @@ def run_job(
     processes), a job definition in this process. Returns whether the run succeeded;
     raises `RunInterrupted` (the run marked canceled) when the user stopped it."""
     token = uuid.uuid4().hex
-    tags = {"dagster/partition": model, RUN_TAG: token, PROCESS_TAG: _process_id(os.getpid()) or str(os.getpid())}
+    tags = {
+        "dagster/partition": model,
+        RUN_TAG: token,
+        PROCESS_TAG: _process_id(os.getpid()) or str(os.getpid()),
+    }
     terminated = threading.Event()
 
     def on_sigterm(signum, frame) -> None:  # Dagster stops its steps on SIGINT: route SIGTERM there
@@ -199,13 +216,19 @@ def run_job(
     with dg.DagsterInstance.get() as instance:
         fail_orphaned_runs(instance)
         stop = threading.Event()
-        watcher = threading.Thread(target=_watch, args=(instance, token, set(stages), show, stop), daemon=True)
+        watcher = threading.Thread(
+            target=_watch, args=(instance, token, set(stages), show, stop), daemon=True
+        )
         watcher.start()
         previous = signal.signal(signal.SIGTERM, on_sigterm)
         try:
             if isinstance(job, dg.JobDefinition):
                 result = job.execute_in_process(
-                    run_config=run_config, instance=instance, partition_key=model, raise_on_error=False, tags=tags
+                    run_config=run_config,
+                    instance=instance,
+                    partition_key=model,
+                    raise_on_error=False,
+                    tags=tags,
                 )
             else:
                 result = dg.execute_job(job, instance=instance, run_config=run_config, tags=tags)

@@ -24,6 +24,7 @@ from assets.shared import BASE_MODELS
 from lqlora_dagster.pipeline.context import default_home
 from resources import ArtifactStoreResource, ComputeDevice, HandleIOManager, ModelSource, WarehouseResource
 from resources.executors import executor_named
+from resources.stage import StageResources
 
 STAGE_MODULES = [models, data, calibration, errors, plans, decomposition, finetuning, evaluation, comparison]
 MAIN_ASSETS = [
@@ -41,13 +42,17 @@ MAIN_ASSETS = [
 
 def resources_at(home: Path, device: str = "auto") -> dict:
     home = Path(home)
-    return {
+    found = {
         "warehouse": WarehouseResource(database=str(home / "lqlora.duckdb")),
         "artifacts": ArtifactStoreResource(root=str(home / "artifacts")),
         "models": ModelSource(cache_dir=str(home / "models"), inbox_dir=str(home / "inbox")),
         "compute": ComputeDevice(device=device),
         "io_manager": HandleIOManager(root=str(home / "handles")),
     }
+    found["stage"] = StageResources(
+        warehouse=found["warehouse"], artifacts=found["artifacts"], models=found["models"], compute=found["compute"]
+    )
+    return found
 
 
 def build_definitions(home: Path | None = None, executor: str = "multiprocess") -> dg.Definitions:
