@@ -232,6 +232,8 @@ def exact_rows(ctx: StageContext, model: ModelHandle, refs: list[TableRef], lq: 
             out.update({row: known[row[:2]] for row in rows if row[2] == rank and row[:2] in known})
         return out
 
+    rounds: list[int] = []  # matrices computed in each round that computed any
+
     def compute(rows: list[Row]) -> dict[Row, float]:
         out = lookup(rows)
         todo: dict[tuple[str, int], list[str]] = defaultdict(list)
@@ -251,11 +253,14 @@ def exact_rows(ctx: StageContext, model: ModelHandle, refs: list[TableRef], lq: 
             out.update({(request.target.name, r.config.name, request.ref.rank): float(r.error) for r in results})
 
         start = time.perf_counter()
-        method = refs[0].method
+        rounds.append(len(requests))
+        what = f"confirm {refs[0].method}, round {len(rounds)}"  # a new bar (and ETA) per round
 
         def progress(i: int, n: int, request: RowRequest) -> None:
             if i % max(1, n // 20) == 0 or i == n:
-                ctx.progress(f"confirm {method}", i, n, "matrices", f"exact rows, {time.perf_counter() - start:.0f}s")
+                spent = time.perf_counter() - start
+                eta = f", about {spent / i * (n - i):.0f}s left" if i < n else ""
+                ctx.progress(what, i, n, "matrices", f"exact rows, {spent:.0f}s{eta}")
 
         compute_rows(requests, lq, weight_of, fisher_of, commit, ctx.matrix_workers, progress)
         return out

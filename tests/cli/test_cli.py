@@ -1,6 +1,7 @@
 """The `lqlora` command as users run it: the installed entry point in a subprocess,
 its help, a whole run on a tiny model with progress, and its exit codes."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,7 @@ def test_the_full_event_log_goes_to_a_file(ran):
     assert "fisher: 4/4 sequences" in log
     assert "error_table: 14/14 matrices" in log
     assert "confirm lqlora-fisher @ 3 bits/param: every pick exact after" in log
+    assert re.search(r"confirm lqlora-fisher, round 1: \d+/\d+ matrices \(exact rows, \d+s", log)  # a bar per round
     assert "decompose lqlora-fisher @ 3: 14/14 matrices" in log
     assert "finetune lqlora-fisher @ 3: 2/2 steps" in log
     assert "STEP_SUCCESS" in log  # Dagster's own events, at DEBUG
