@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny models built in code, and the real bundled SmolLM2 (cached)."""
+"""Shared fixtures: tiny models built in code (tests/tiny_models.py), and the real
+bundled SmolLM2 and MiniLM (converted once, cached). The tier markers `make test-fast`
+leaves out are put on each test by tests/tiers.py."""
 
 import contextlib
 import os
@@ -8,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.tiers import mark_tiers, may_select
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -16,18 +20,22 @@ def pytest_configure(config) -> None:
     the cores for torch, and so do the processes it starts (OMP_NUM_THREADS): two
     workers with two threads each on two cores spin against each other and run far
     slower than one. The controller converts the bundled models once beforehand, so no
-    two workers write the same cache folder."""
+    two workers write the same cache folder (unless `-m` leaves out the real-model tests)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1:
         threads = max(1, (os.cpu_count() or 1) // workers)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
-    elif getattr(config.option, "numprocesses", None):
+    elif getattr(config.option, "numprocesses", None) and may_select(config, "real_model"):
         from lqlora_dagster.models.source import resolve_model_folder
 
         cache = Path(os.environ.get("LQLORA_HOME", REPO / ".lqlora")) / "models"
         for name in ("smollm2-135m", "minilm-l6"):
             resolve_model_folder(name, cache)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    mark_tiers(items)
 
 
 @pytest.fixture(scope="session")
@@ -57,55 +65,36 @@ def gaussian() -> torch.Tensor:
     return torch.randn(96, 160, generator=torch.Generator().manual_seed(0)) * 0.02
 
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tmp_path_factory) -> Path:
+    """The tiny Llama with the tiny byte-level tokenizer and chat template (tests/tiny_models.py),
+    as a registered model's folder: the whole text pipeline runs, no real model needed."""
+    from tests.tiny_models import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_folder(tmp_path_factory, smollm2_folder: Path) -> Path:
-    """A 2-layer Llama with SmolLM2's real tokenizer (so the real text pipeline runs)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def minilm_folder(model_cache: Path) -> Path:
+    from lqlora_dagster.models.source import resolve_model_folder
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=49152,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        if (smollm2_folder / name).exists():
-            shutil.copy(smollm2_folder / name, folder / name)
+    folder, _ = resolve_model_folder("minilm-l6", model_cache)
     return folder
 
 
 @pytest.fixture(scope="session")
-def tiny_bert_folder(tmp_path_factory) -> Path:
+def tiny_bert_folder(tmp_path_factory, minilm_folder: Path) -> Path:
     """A 2-layer BERT encoder with MiniLM's real tokenizer (the real polarity text runs)."""
     from transformers import BertConfig, BertModel
 
-    from lqlora_dagster.models.source import resolve_model_folder
+    from tests.tiny_models import TINY_SHAPE
 
-    minilm, _ = resolve_model_folder("minilm-l6", Path(os.environ.get("LQLORA_HOME", REPO / ".lqlora")) / "models")
     torch.manual_seed(0)
-    cfg = BertConfig(
-        hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-        vocab_size=30522, max_position_embeddings=128,
-    )
+    cfg = BertConfig(**{**TINY_SHAPE, "vocab_size": 30522})
     folder = tmp_path_factory.mktemp("tiny-bert")
     BertModel(cfg).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        shutil.copy(minilm / name, folder / name)
+        shutil.copy(minilm_folder / name, folder / name)
     return folder
 
 

@@ -15,15 +15,9 @@ from lqlora_dagster import cli
 from lqlora_dagster.models.source import resolve_model_folder
 from lqlora_dagster.pipeline.registry import registered_models
 from lqlora_dagster.store.warehouse import Warehouse
+from tests.tiny_models import TINY_SHAPE, tiny_llama_config
 
-SMALL = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    intermediate_size=128,
-    num_attention_heads=4,
-    vocab_size=256,
-    max_position_embeddings=128,
-)
+SMALL = TINY_SHAPE
 
 
 def register(home: Path, *argv: str, capsys) -> tuple[int, str, str]:
@@ -42,12 +36,6 @@ def save_causal_lm(folder: Path, config) -> Path:
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder
-
-
-def tiny_llama_config(**overrides):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(**{**SMALL, "num_key_value_heads": 2, "tie_word_embeddings": True, **overrides})
 
 
 def write_tiny_gguf(path: Path) -> dict[str, np.ndarray]:

@@ -26,7 +26,7 @@ def _by_definition(model, windows, names):
 def test_fisher_is_the_mean_squared_per_example_gradient(tiny_llama_folder):
     model = load_model(tiny_llama_folder, "causal-lm")
     targets = find_targets(model)
-    windows = torch.randint(0, 49152, (3, 24), generator=torch.Generator().manual_seed(0))
+    windows = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     fisher = estimate_fisher(model, windows, targets)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # restored

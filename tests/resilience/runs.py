@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lqlora_dagster.pipeline.registry import register_model
 from lqlora_dagster.store.warehouse import Warehouse
+from tests.resilience.crash_driver import PAUSE_AFTER_STEP
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "tiny"
@@ -22,8 +23,12 @@ MODEL = "tiny"
 class Run:
     """One driver process; its stderr lines are collected with arrival times."""
 
-    def __init__(self, home: Path, last_asset: str, run_config: dict, partition: str = MODEL):
+    def __init__(self, home: Path, last_asset: str, run_config: dict, partition: str = MODEL,
+                 pause_after_step: int | None = None):
         env = dict(os.environ, LQLORA_HOME=str(home), DAGSTER_HOME=str(home / "dagster"), PYTHONUNBUFFERED="1")
+        env.pop(PAUSE_AFTER_STEP, None)
+        if pause_after_step is not None:
+            env[PAUSE_AFTER_STEP] = str(pause_after_step)  # crash_driver.py stops there
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.resilience.crash_driver", str(home), partition, last_asset, json.dumps(run_config)],
             cwd=REPO,
@@ -67,6 +72,14 @@ class Run:
         self._drain()
         return at
 
+    def orphans(self, grace: float = 10) -> list[int]:
+        """Processes of the run's group still alive `grace` seconds after a kill (zombies,
+        which only wait to be reaped, do not count)."""
+        deadline = time.monotonic() + grace
+        while (left := group_members(self.proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return left
+
     def finish(self, timeout: float = 600) -> int:
         code = self.proc.wait(timeout=timeout)
         self._drain()
@@ -95,3 +108,16 @@ def new_home(tmp_path: Path, name: str, model_folder: Path) -> Path:
     w.init_schema()
     register_model(w, MODEL, str(model_folder))
     return home
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes whose process group is `pgid` (from /proc)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError):
+            continue
+        if int(group) == pgid and state != "Z":
+            members.append(int(stat.parent.name))
+    return members

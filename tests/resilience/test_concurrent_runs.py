@@ -2,15 +2,14 @@
 holds the file for a few seconds (a user's `duckdb` shell): both runs succeed, no lock
 error reaches anyone, no row is lost."""
 
-import shutil
 import subprocess
 import sys
 import textwrap
 
 from lqlora_dagster.pipeline.registry import register_model
 from lqlora_dagster.store.warehouse import Warehouse
-from tests.conftest import TOKENIZER_FILES
 from tests.resilience.runs import Run
+from tests.tiny_models import save_tiny_llama
 
 CONFIG = {
     "calibration_batches": {"config": {"n_sequences": 4, "seq_len": 64}},
@@ -19,25 +18,12 @@ CONFIG = {
 }
 
 
-def second_model(folder, tiny_llama_folder):
-    from tests.tiny_models import tiny_llama
-
-    model = tiny_llama(seed=1)
-    model.config.vocab_size = 49152
-    model.resize_token_embeddings(49152)
-    model.save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        if (tiny_llama_folder / name).exists():
-            shutil.copy(tiny_llama_folder / name, folder / name)
-    return folder
-
-
 def test_two_partitions_at_once_on_one_duckdb_file(tmp_path, tiny_llama_folder):
     home = tmp_path / "home"
     w = Warehouse(home / "lqlora.duckdb")
     w.init_schema()
     register_model(w, "tiny", str(tiny_llama_folder))
-    register_model(w, "tiny-b", str(second_model(tmp_path / "tiny-b", tiny_llama_folder)))
+    register_model(w, "tiny-b", str(save_tiny_llama(tmp_path / "tiny-b", seed=1)))
 
     holder = subprocess.Popen(
         [

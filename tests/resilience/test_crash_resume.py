@@ -2,7 +2,9 @@
 nothing half-done is kept, and the result equals an uninterrupted run's.
 
 Each run is a real `dg.materialize` in its own process group (tests/resilience/
-crash_driver.py) on the tiny model; the kill is a real SIGKILL to that group.
+crash_driver.py) on the tiny model; the kill is a real SIGKILL to that group. The
+finetuning run is killed where the driver paused it, a known step between two
+checkpoints; the error table is killed half a matrix after a progress line.
 """
 
 import re
@@ -12,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from lqlora_dagster.store.warehouse import Warehouse
+from lqlora_dagster.training.state import checkpoint_step
+from tests.resilience.crash_driver import PAUSED
 from tests.resilience.runs import Run, new_home
 
 N_MATRICES = 14  # 2 layers x 7 targets
@@ -90,12 +94,23 @@ def train_rows(home: Path):
     return Warehouse(home / "lqlora.duckdb").query("SELECT run, step, loss FROM train_steps ORDER BY run, step")
 
 
+def saved_checkpoints(home: Path) -> list[int | None]:
+    """The step of each training checkpoint on disk (one folder per finetuning run)."""
+    root = home / "checkpoints"
+    return [checkpoint_step(d) for d in sorted(root.iterdir())] if root.is_dir() else []
+
+
 def test_kill_during_finetuning_resumes_from_the_last_checkpoint(tmp_path, tiny_llama_folder):
     home = new_home(tmp_path, "home", tiny_llama_folder)
-    first = Run(home, "finetuned_adapters", TRAIN_CONFIG)
-    first.wait_for(r"finetune lqlora @ 3: 7/12 steps")
+    # the driver stops after step 7 (checkpoint 5 on disk, steps 6 and 7 only in memory)
+    # and the kill lands there, never after checkpoint 10 however loaded the machine is
+    first = Run(home, "finetuned_adapters", TRAIN_CONFIG, pause_after_step=7)
+    first.wait_for(re.escape(PAUSED.format(7)))
     first.kill()
+    assert first.orphans() == [], "a process of the killed run outlived the kill"
     steps_before = [int(re.search(STEP, line).group(1)) for _, line in first.matching(STEP)]
+    assert steps_before == list(range(1, 8)), first.log_tail()
+    assert saved_checkpoints(home) == [5]
     assert train_rows(home).empty, "steps are written once the adapter is committed, never in part"
 
     second = Run(home, "finetuned_adapters", TRAIN_CONFIG)
@@ -104,6 +119,7 @@ def test_kill_during_finetuning_resumes_from_the_last_checkpoint(tmp_path, tiny_
     steps_after = [int(re.search(STEP, line).group(1)) for _, line in second.matching(STEP)]
     assert steps_after == list(range(6, 13))
     redone = [s for s in steps_before if s > 5]
+    assert redone == [6, 7]
     print(
         f"\ncrash-resume finetune: killed after step {max(steps_before)}, resumed at step 6; "
         f"{len(redone)} steps redone (checkpoint every 5)"
@@ -111,6 +127,7 @@ def test_kill_during_finetuning_resumes_from_the_last_checkpoint(tmp_path, tiny_
 
     rows = train_rows(home)
     assert list(rows["step"]) == list(range(1, 13)) and rows["run"].nunique() == 1
+    assert saved_checkpoints(home) == [], "the committed adapter left its checkpoint behind"
 
     clean = new_home(tmp_path, "clean", tiny_llama_folder)
     assert Run(clean, "finetuned_adapters", TRAIN_CONFIG).finish() == 0

@@ -10,7 +10,7 @@ from lqlora_dagster.models.targets import find_targets, target_weight
 from lqlora_dagster.quant import QLORA_NF4, QuantConfig
 from lqlora_dagster.surgery.decompose_model import apply_decompositions, decompose_targets
 from lqlora_dagster.surgery.injector import lq_layers, mark_trainable
-from tests.tiny_models import tiny_bert, tiny_gpt2, tiny_llama, tokens
+from tests.tiny_models import TINY_SHAPE, tiny_bert, tiny_gpt2, tiny_llama, tokens
 
 SETTINGS = LQSettings(rank=4)
 
@@ -102,8 +102,7 @@ def test_any_architecture_gets_all_linear_layers_of_its_blocks():
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
-    cfg = Gemma3TextConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-                           num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=128)
+    cfg = Gemma3TextConfig(**TINY_SHAPE, num_key_value_heads=2, head_dim=16)
     model = Gemma3ForCausalLM(cfg)
     targets = find_targets(model)
     assert len(targets) == 14 and {t.layer for t in targets} == {0, 1}

@@ -17,6 +17,7 @@ from lqlora_dagster.quant.config import QLORA_NF3
 from lqlora_dagster.quant.matrix import QuantizedMatrix
 from lqlora_dagster.surgery.injector import LayerInit, replace_with_lq
 from lqlora_dagster.surgery.lq_model_io import save_lq_model
+from tests.tiny_models import tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
 MEASURE = """
@@ -40,12 +41,8 @@ print(json.dumps({"added_mb": memory.added_mb}))
 
 
 def mid_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=512, num_hidden_layers=4, intermediate_size=1536, num_attention_heads=8,
-                      num_key_value_heads=8, vocab_size=512, max_position_embeddings=128, tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(hidden_size=512, num_hidden_layers=4, intermediate_size=1536, num_attention_heads=8,
+                      num_key_value_heads=8, vocab_size=512)
 
 
 def added_mb(kind: str, folder: Path) -> float:
