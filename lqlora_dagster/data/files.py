@@ -39,7 +39,9 @@ class Reading:
         """The same reading with the encoding's canonical name; an unknown one is an error."""
         try:
             name = codecs.lookup(self.encoding).name
-            b"".decode(name)  # a bytes-to-bytes codec (hex, base64) is not a text encoding
+            b"a".decode(name)  # a bytes-to-bytes codec (hex, base64, zlib) is not a text encoding
+        except UnicodeDecodeError:  # a text encoding that needs more than one byte
+            pass
         except (LookupError, TypeError) as err:
             raise LQLoRAInputError(
                 f"--encoding {self.encoding!r} is not a text encoding Python knows; use e.g. utf-8, latin-1, "
