@@ -90,7 +90,10 @@ def data_files(path: Path) -> list[Path]:
         raise LQLoRAInputError(f"data path {path} does not exist")
     if not path.is_dir():
         return [path]
-    files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+    try:
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+    except OSError as err:
+        raise LQLoRAInputError(f"cannot list the folder {path}: {err.strerror or err}") from err
     if not files:
         raise LQLoRAInputError(f"folder {path} holds no .txt files; a folder dataset is one document per .txt file")
     return files
@@ -149,11 +152,14 @@ def _read_folder(path: Path, reading: Reading) -> Table:
     digest, texts, where, bad = _digest(reading), [], [], []
     for file in files:
         name = str(file.relative_to(path))
-        data = file.read_bytes()
         try:
+            data = file.read_bytes()
             text = decode(file, data, reading.encoding)
         except Unreadable as err:
             bad.append(f"{name}: {err.why}")
+            continue
+        except OSError as err:
+            bad.append(f"{name}: cannot be read ({err.strerror or err})")
             continue
         if not text.strip():
             bad.append(f"{name}: holds no text")
@@ -173,13 +179,20 @@ def _read_folder(path: Path, reading: Reading) -> Table:
     return Table("txt-folder", pd.DataFrame({"text": texts}, dtype=object), digest.hexdigest(), where, skipped=bad)
 
 
+def _bytes(file: Path) -> bytes:
+    try:
+        return file.read_bytes()
+    except OSError as err:
+        raise LQLoRAInputError(f"cannot read {file}: {err.strerror or err}") from err
+
+
 def _listed(items: list[str]) -> str:
     more = f"; and {len(items) - _SHOWN:,} more" if len(items) > _SHOWN else ""
     return "; ".join(items[:_SHOWN]) + more
 
 
 def _read_file(path: Path, fmt: str, reading: Reading) -> Table:
-    data = path.read_bytes()  # once: a pipe or a file being rewritten is read and hashed as one
+    data = _bytes(path)  # once: a pipe or a file being rewritten is read and hashed as one
     digest = _digest(reading)
     digest.update(data)
     if fmt == "parquet":
@@ -228,7 +241,5 @@ def checksum(path: Path, reading: Reading = Reading()) -> str:
     for file in data_files(path):
         if path.is_dir():
             digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        digest.update(_bytes(file))
     return digest.hexdigest()

@@ -231,6 +231,18 @@ def test_folder_with_skip_unreadable_reports_the_skipped_file_and_hashes_what_wa
     assert "changed since it was registered (5 -> 6 rows)" in notes[0]
 
 
+def test_a_file_that_cannot_be_read_is_a_message_or_left_out(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a readable document")
+    (folder / "b.txt").symlink_to("/proc/self/mem")  # a file whose read fails (EIO)
+    home = tmp_path / "home"
+    err = refused(home, "data", "add", "docs", folder)
+    assert "b.txt: cannot be read (Input/output error)" in err and "--skip-unreadable" in err
+    rc, out, _ = lqlora(home, "data", "add", "docs", folder, "--skip-unreadable")
+    assert rc == 0 and "1 rows from txt-folder" in out and "b.txt: cannot be read" in out
+
+
 # ---------- remove ----------
 
 @pytest.mark.parametrize("name", ["sotu", "polarity"])
