@@ -110,6 +110,32 @@ def _binary_at(sample: bytes | str) -> str | None:
     return f"{controls} control codes in its first {len(head):,}" if controls > 0.05 * len(head) else None
 
 
+def _utf16_without_mark(data: bytes) -> str | None:
+    """'utf-16-le' / 'utf-16-be' when the bytes read as that, NULs in every other byte."""
+    head = data[:8192]
+    if len(head) < 4 or len(head) % 2:
+        return None
+    for codec, zeros in (("utf-16-le", head[1::2]), ("utf-16-be", head[0::2])):
+        if zeros.count(0) > 0.9 * len(zeros):
+            try:
+                data.decode(codec)
+                return codec
+            except UnicodeDecodeError:
+                return None
+    return None
+
+
+def _refuse_binary(file: Path, data: bytes, encoding: str, text: str | None = None) -> None:
+    """Raise when the bytes are UTF-16 without a mark, or binary; else return."""
+    utf16 = _utf16_without_mark(data) if encoding == UTF8 else None
+    if utf16:
+        raise Unreadable(file, f"looks like {utf16.upper()} text without a byte-order mark (every other byte is 0)",
+                         f"pass --encoding {utf16}")
+    binary = _binary_at(data if text is None else text)
+    if binary:
+        raise Unreadable(file, f"is binary, not text ({binary})", "a dataset is text: give the text file it was made from")
+
+
 def decode(file: Path, data: bytes, encoding: str = UTF8) -> str:
     """The file's text; binary data, or bytes the encoding cannot decode, are an error."""
     if encoding == UTF8:
@@ -120,19 +146,15 @@ def decode(file: Path, data: bytes, encoding: str = UTF8) -> str:
     try:
         text = data.decode("utf-8-sig" if encoding == UTF8 else encoding)
     except UnicodeDecodeError as err:
-        binary = _binary_at(data)
-        if binary:
-            raise Unreadable(file, f"is binary, not text ({binary})",
-                             "a dataset is text: give the text file it was made from") from err
+        _refuse_binary(file, data, encoding)
         byte = f"byte {err.object[err.start]:#04x} at offset {err.start}"
         if encoding == UTF8:
             raise Unreadable(file, f"is not UTF-8 text ({byte})",
                              "if it is Latin-1, pass --encoding latin-1 or convert it: "
                              "`iconv -f latin1 -t utf-8 IN > OUT`") from err
         raise Unreadable(file, f"is not {encoding} text ({byte})", "pass the file's encoding with --encoding") from err
-    binary = _binary_at(text)
-    if binary:
-        raise Unreadable(file, f"is binary, not text ({binary})", "a dataset is text: give the text file it was made from")
+    if _binary_at(text):
+        _refuse_binary(file, data, encoding, text)
     return text
 
 

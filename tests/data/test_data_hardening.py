@@ -171,6 +171,9 @@ def test_utf16_file_gets_the_utf16_advice_and_reads_with_its_encoding(tmp_path):
     assert "is UTF-16 text" in err and "--encoding utf-16" in err and "latin1" not in err
     assert lqlora(home, "data", "add", "u", path, "--encoding", "utf-16")[0] == 0
     assert load_rows(lookup_dataset(Warehouse(home / "lqlora.duckdb"), "u"))["text"].tolist() == ["Grüße aus Köln"]
+    path.write_bytes("plain words".encode("utf-16-le"))  # no byte-order mark: NULs, yet not binary
+    err = refused(home, "data", "add", "le", path)
+    assert "looks like UTF-16-LE text" in err and "--encoding utf-16-le" in err and "binary" not in err
 
 
 def test_unknown_encoding_and_misplaced_options_are_refused(tmp_path):
