@@ -17,8 +17,6 @@ from lqlora_dagster.pipeline.registry import registered_models
 from lqlora_dagster.store.warehouse import Warehouse
 from tests.tiny_models import TINY_SHAPE, tiny_llama_config
 
-SMALL = TINY_SHAPE
-
 
 def register(home: Path, *argv: str, capsys) -> tuple[int, str, str]:
     code = cli.main(["--home", str(home), "register", *argv])
@@ -181,25 +179,25 @@ def test_missing_hub_id_names_the_cache_searched(home, tmp_path, monkeypatch, ca
 def _qwen2():
     from transformers import Qwen2Config
 
-    return Qwen2Config(num_key_value_heads=2, **SMALL), "Qwen2ForCausalLM", 14, "q_proj"
+    return Qwen2Config(num_key_value_heads=2, **TINY_SHAPE), "Qwen2ForCausalLM", 14, "q_proj"
 
 
 def _gpt_neox():
     from transformers import GPTNeoXConfig
 
-    return GPTNeoXConfig(**SMALL), "GPTNeoXForCausalLM", 8, r"query_key_value +2 +192 x 64"
+    return GPTNeoXConfig(**TINY_SHAPE), "GPTNeoXForCausalLM", 8, r"query_key_value +2 +192 x 64"
 
 
 def _phi():
     from transformers import PhiConfig
 
-    return PhiConfig(**SMALL), "PhiForCausalLM", 12, "fc1"
+    return PhiConfig(**TINY_SHAPE), "PhiForCausalLM", 12, "fc1"
 
 
 def _gemma3():
     from transformers import Gemma3TextConfig
 
-    return Gemma3TextConfig(num_key_value_heads=2, head_dim=16, **SMALL), "Gemma3ForCausalLM", 14, "gate_proj"
+    return Gemma3TextConfig(num_key_value_heads=2, head_dim=16, **TINY_SHAPE), "Gemma3ForCausalLM", 14, "gate_proj"
 
 
 @pytest.mark.parametrize("make", [_qwen2, _gpt_neox, _phi, _gemma3], ids=lambda f: f.__name__[1:])
