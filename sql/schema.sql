@@ -4,6 +4,19 @@
 -- Config columns: b (weight bits), b0 (scale-code bits), b1 (scale format), and the
 -- paper's B0 and B1 as block_size and group_size (DuckDB names are case-insensitive,
 -- so "B0" would collide with b0).
+--
+-- This file is every table at its current shape: a new home gets it whole. A home made by
+-- older code gets the columns it lacks from sql/migrations/NNN_what.sql, applied once each
+-- in order and recorded in schema_migrations (Warehouse.init_schema). To change a table:
+-- change it here (a new column goes last) and add the next numbered migration that brings an
+-- older table to the same shape while leaving a current one as it is (ADD COLUMN IF NOT
+-- EXISTS); tests/store/test_migrations.py checks that both paths give the same tables.
+
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version     INTEGER PRIMARY KEY,      -- NNN of sql/migrations/NNN_name.sql
+    name        VARCHAR NOT NULL,
+    applied_at  TIMESTAMP NOT NULL
+);
 
 CREATE TABLE IF NOT EXISTS models (
     model          VARCHAR PRIMARY KEY,   -- the Dagster partition key
@@ -23,10 +36,10 @@ CREATE TABLE IF NOT EXISTS datasets (
     sha256    VARCHAR NOT NULL,           -- of the bytes; part of every content key downstream
     use       VARCHAR NOT NULL,           -- JSON {role: column}: which column is text, label, prompt, ...
     labels    VARCHAR NOT NULL,           -- JSON list (classify): the head's output order
-    added_at  TIMESTAMP DEFAULT current_timestamp
+    added_at  TIMESTAMP DEFAULT current_timestamp,
+    reading   VARCHAR                     -- JSON {encoding, skip_unreadable, skipped}: how the
+                                          -- bytes were read (NULL: UTF-8, every file)
 );
--- JSON {encoding, skip_unreadable, skipped}: how the bytes were read (NULL: UTF-8, every file)
-ALTER TABLE datasets ADD COLUMN IF NOT EXISTS reading VARCHAR;
 
 CREATE TABLE IF NOT EXISTS matrices (
     model    VARCHAR NOT NULL,
@@ -101,11 +114,6 @@ CREATE TABLE IF NOT EXISTS plans (
     bits_with_lowrank DOUBLE,             -- achieved, quantized part + factors, per target weight
     total_bytes     BIGINT                -- achieved, the whole model: + the tensors that are not targets
 );
-ALTER TABLE plans ADD COLUMN IF NOT EXISTS budget_kind VARCHAR;
-ALTER TABLE plans ADD COLUMN IF NOT EXISTS ranks VARCHAR;
-ALTER TABLE plans ADD COLUMN IF NOT EXISTS factor_bits INTEGER;
-ALTER TABLE plans ADD COLUMN IF NOT EXISTS bits_with_lowrank DOUBLE;
-ALTER TABLE plans ADD COLUMN IF NOT EXISTS total_bytes BIGINT;
 
 CREATE TABLE IF NOT EXISTS plan_assignments (
     plan_id         VARCHAR NOT NULL,
@@ -121,7 +129,6 @@ CREATE TABLE IF NOT EXISTS plan_assignments (
     rank            INTEGER,              -- of the matrix's factors (0: none)
     PRIMARY KEY (plan_id, matrix)
 );
-ALTER TABLE plan_assignments ADD COLUMN IF NOT EXISTS rank INTEGER;
 
 CREATE TABLE IF NOT EXISTS decompositions (
     decomp_key  VARCHAR NOT NULL,
@@ -146,7 +153,6 @@ CREATE TABLE IF NOT EXISTS train_steps (
     val_loss DOUBLE,                      -- mean validation loss, on the steps that validated
     PRIMARY KEY (run, step)
 );
-ALTER TABLE train_steps ADD COLUMN IF NOT EXISTS val_loss DOUBLE;
 
 CREATE TABLE IF NOT EXISTS evaluations (
     eval_key           VARCHAR PRIMARY KEY,
@@ -168,9 +174,6 @@ CREATE TABLE IF NOT EXISTS evaluations (
     dataset            VARCHAR,           -- the held-out data scored (dataset name and part)
     lr                 DOUBLE             -- after_finetune: the peak learning rate of the adapter kept
 );
-ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS macro_f1 DOUBLE;
-ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS dataset VARCHAR;
-ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS lr DOUBLE;
 
 -- One row per successful stage run (pipeline/stage_runs.py): wall time and memory.
 CREATE TABLE IF NOT EXISTS stage_runs (

@@ -1,5 +1,9 @@
 """Pandera schemas: every frame is validated before it is written to the warehouse,
-so a NaN error or a config outside the grid never reaches the ILP or a user's SQL."""
+so a NaN error or a config outside the grid never reaches the ILP or a user's SQL.
+
+Each schema is named after its DuckDB table (sql/schema.sql); tests/store/test_schema.py
+checks that both agree on columns, types and nullability, and that each stage validates
+what it writes."""
 
 import numpy as np
 import pandas as pd
@@ -19,7 +23,8 @@ _config_columns = {
 }
 
 MATRICES = pa.DataFrameSchema(
-    {
+    name="matrices",
+    columns={
         "model": pa.Column(str),
         "name": pa.Column(str),
         "kind": pa.Column(str),
@@ -35,7 +40,8 @@ MATRICES = pa.DataFrameSchema(
 )
 
 QUANT_ERRORS = pa.DataFrameSchema(
-    {
+    name="quant_errors",
+    columns={
         "table_key": pa.Column(str),
         "model": pa.Column(str),
         "init": pa.Column(str, pa.Check.isin(sorted({init.name for init in INITS.values()}))),
@@ -55,7 +61,8 @@ QUANT_ERRORS = pa.DataFrameSchema(
 )
 
 PLANS = pa.DataFrameSchema(
-    {
+    name="plans",
+    columns={
         "plan_id": pa.Column(str, unique=True),
         "model": pa.Column(str),
         "method": pa.Column(str),
@@ -89,7 +96,8 @@ PLANS = pa.DataFrameSchema(
 )
 
 PLAN_ASSIGNMENTS = pa.DataFrameSchema(
-    {
+    name="plan_assignments",
+    columns={
         "plan_id": pa.Column(str),
         "matrix": pa.Column(str),
         **_config_columns,
@@ -102,7 +110,8 @@ PLAN_ASSIGNMENTS = pa.DataFrameSchema(
 )
 
 TRAIN_STEPS = pa.DataFrameSchema(
-    {
+    name="train_steps",
+    columns={
         "run": pa.Column(str),
         "plan_id": pa.Column(str),
         "step": pa.Column(int, pa.Check.ge(1)),
@@ -116,7 +125,8 @@ TRAIN_STEPS = pa.DataFrameSchema(
 )
 
 EVALUATIONS = pa.DataFrameSchema(
-    {
+    name="evaluations",
+    columns={
         "eval_key": pa.Column(str, unique=True),
         "model": pa.Column(str),
         "method": pa.Column(str),

@@ -7,10 +7,12 @@ with backoff instead of surfacing as an error.
 """
 
 import random
+import re
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -21,11 +23,54 @@ from lqlora_dagster.errors import LQLoRAInputError
 # the schema and canned queries: top-level sql/, reached through the package link
 # lqlora_dagster/sql -> ../sql (a wheel carries them as package data)
 SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
+MIGRATIONS_DIR = SQL_DIR / "migrations"
+_MIGRATION_FILE = re.compile(r"(\d{3})_([a-z0-9_]+)\.sql")
 _LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked", "lock on file")
 
 
 def _is_lock_error(err: Exception) -> bool:
     return any(m in str(err) for m in _LOCK_MARKERS)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """sql/migrations/NNN_name.sql: one change to the tables, applied once per home."""
+
+    version: int
+    name: str
+    path: Path
+
+
+def migrations(folder: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """The numbered migrations in order. A stray name or a gap in the numbers is refused,
+    so a misnamed file is never silently skipped."""
+    if not folder.is_dir():
+        raise LQLoRAInputError(f"{folder} is missing: this lqlora-dagster install is incomplete; reinstall it")
+    found = []
+    for path in sorted(folder.glob("*.sql")):
+        match = _MIGRATION_FILE.fullmatch(path.name)
+        if match is None:
+            raise ValueError(f"{path} is not named NNN_what.sql (three digits, lower-case words); rename it")
+        found.append(Migration(int(match[1]), match[2], path))
+    numbers = [m.version for m in found]
+    if numbers != list(range(1, len(found) + 1)):
+        raise ValueError(f"the migrations in {folder} are numbered {numbers}; number them 1, 2, ... without gaps")
+    return found
+
+
+def apply_migration(con: duckdb.DuckDBPyConnection, migration: Migration) -> None:
+    """Run one migration and record it in schema_migrations, in one transaction: a failing
+    migration leaves neither a half-changed table nor a record."""
+    con.execute("BEGIN")
+    try:
+        con.execute(migration.path.read_text())
+        con.execute(
+            "INSERT INTO schema_migrations VALUES (?, ?, current_timestamp)", [migration.version, migration.name]
+        )
+        con.execute("COMMIT")
+    except Exception as err:
+        con.execute("ROLLBACK")
+        raise RuntimeError(f"schema migration {migration.path.name} failed: {err}") from err
 
 
 class Warehouse:
@@ -85,9 +130,24 @@ class Warehouse:
         return LQLoRAInputError(f"cannot open the warehouse {self.path}: {text.splitlines()[0]}")
 
     def init_schema(self) -> None:
-        ddl = (SQL_DIR / "schema.sql").read_text()
+        """Bring the file to the current shape: schema.sql creates the tables a home lacks
+        (a new home gets each at its current shape), then each numbered migration the file
+        has not recorded adds what a home made by older code lacks. Every CLI command calls
+        this, so a current home costs the CREATE IF NOT EXISTS and one query."""
+        known = migrations()
         with self.connect() as con:
-            con.execute(ddl)
+            con.execute((SQL_DIR / "schema.sql").read_text())
+            applied = {v for (v,) in con.execute("SELECT version FROM schema_migrations").fetchall()}
+            newer = sorted(applied - {m.version for m in known})
+            if newer:
+                raise LQLoRAInputError(
+                    f"the warehouse {self.path} was upgraded by a newer lqlora-dagster (schema migration "
+                    f"{newer[-1]}; this one knows up to {len(known)}); upgrade lqlora-dagster or point "
+                    "LQLORA_HOME at another folder"
+                )
+            for migration in known:
+                if migration.version not in applied:
+                    apply_migration(con, migration)
 
     def replace_rows(self, table: str, frame: pd.DataFrame, where: dict[str, object]) -> int:
         """Delete the rows matching `where` and insert `frame`, in one transaction."""

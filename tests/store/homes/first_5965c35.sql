@@ -1,0 +1,149 @@
+-- sql/schema.sql as of commit 5965c35, the first warehouse: a home made by that code.
+-- lqlora-dagster warehouse: the system of record for everything tabular.
+-- One DuckDB file under LQLORA_HOME. Every table is keyed so that rewriting a
+-- result replaces its rows (idempotent re-runs, no duplicates after a crash).
+-- Config columns: b (weight bits), b0 (scale-code bits), b1 (scale format), and the
+-- paper's B0 and B1 as block_size and group_size (DuckDB names are case-insensitive,
+-- so "B0" would collide with b0).
+
+CREATE TABLE IF NOT EXISTS models (
+    model          VARCHAR PRIMARY KEY,   -- the Dagster partition key
+    source         VARCHAR NOT NULL,      -- bundled name or local folder
+    task           VARCHAR NOT NULL,      -- causal-lm | seq-cls
+    pattern        VARCHAR,               -- target-module regex (NULL: architecture default)
+    registered_at  TIMESTAMP DEFAULT current_timestamp
+);
+
+CREATE TABLE IF NOT EXISTS matrices (
+    model    VARCHAR NOT NULL,
+    name     VARCHAR NOT NULL,            -- module path of the target layer
+    kind     VARCHAR NOT NULL,            -- q_proj, down_proj, query, ...
+    layer    INTEGER NOT NULL,
+    rows     INTEGER NOT NULL,
+    cols     INTEGER NOT NULL,
+    numel    BIGINT NOT NULL,
+    transposed BOOLEAN NOT NULL,          -- stored (in, out), e.g. GPT-2 Conv1D
+    position INTEGER NOT NULL,            -- order of the module in the model
+    PRIMARY KEY (model, name)
+);
+
+CREATE TABLE IF NOT EXISTS calibration (
+    key          VARCHAR PRIMARY KEY,
+    model        VARCHAR NOT NULL,
+    text         VARCHAR NOT NULL,
+    n_sequences  INTEGER NOT NULL,
+    seq_len      INTEGER NOT NULL,
+    path         VARCHAR NOT NULL,
+    created_at   TIMESTAMP DEFAULT current_timestamp
+);
+
+CREATE TABLE IF NOT EXISTS fisher_stats (
+    key     VARCHAR NOT NULL,
+    model   VARCHAR NOT NULL,
+    matrix  VARCHAR NOT NULL,
+    mean    DOUBLE NOT NULL,
+    max     DOUBLE NOT NULL,
+    PRIMARY KEY (key, matrix)
+);
+
+CREATE TABLE IF NOT EXISTS quant_errors (
+    table_key       VARCHAR NOT NULL,     -- which table: model, init, rank, Fisher, settings
+    model           VARCHAR NOT NULL,
+    init            VARCHAR NOT NULL,     -- zero (quantize only) | loftq | lq
+    matrix          VARCHAR NOT NULL,
+    config          VARCHAR NOT NULL,
+    b               INTEGER NOT NULL,
+    b0              INTEGER NOT NULL,
+    b1              VARCHAR NOT NULL,
+    block_size      INTEGER NOT NULL,     -- the paper's B0: weights per block
+    group_size      INTEGER NOT NULL,     -- the paper's B1: blocks per scale group
+    rank            INTEGER NOT NULL,     -- 0: no low-rank part
+    fisher          BOOLEAN NOT NULL,
+    bits_per_param  DOUBLE NOT NULL,      -- storage incl. padding / numel
+    storage_bits    BIGINT NOT NULL,
+    numel           BIGINT NOT NULL,
+    error           DOUBLE NOT NULL,      -- squared (Fisher-weighted) Frobenius error
+    iters           INTEGER NOT NULL,
+    seconds         DOUBLE NOT NULL,
+    PRIMARY KEY (table_key, matrix, config)
+);
+
+CREATE TABLE IF NOT EXISTS plans (
+    plan_id         VARCHAR PRIMARY KEY,
+    model           VARCHAR NOT NULL,
+    method          VARCHAR NOT NULL,
+    budget          DOUBLE NOT NULL,      -- bits/param asked for
+    table_key       VARCHAR NOT NULL,
+    objective       DOUBLE NOT NULL,
+    bound           DOUBLE NOT NULL,
+    gap             DOUBLE NOT NULL,
+    status          VARCHAR NOT NULL,
+    solve_s         DOUBLE NOT NULL,
+    bits_per_param  DOUBLE NOT NULL,      -- achieved
+    created_at      TIMESTAMP DEFAULT current_timestamp
+);
+
+CREATE TABLE IF NOT EXISTS plan_assignments (
+    plan_id         VARCHAR NOT NULL,
+    matrix          VARCHAR NOT NULL,
+    config          VARCHAR NOT NULL,
+    b               INTEGER NOT NULL,
+    b0              INTEGER NOT NULL,
+    b1              VARCHAR NOT NULL,
+    block_size      INTEGER NOT NULL,     -- the paper's B0: weights per block
+    group_size      INTEGER NOT NULL,     -- the paper's B1: blocks per scale group
+    bits_per_param  DOUBLE NOT NULL,
+    error           DOUBLE NOT NULL,
+    PRIMARY KEY (plan_id, matrix)
+);
+
+CREATE TABLE IF NOT EXISTS decompositions (
+    decomp_key  VARCHAR NOT NULL,
+    plan_id     VARCHAR NOT NULL,
+    model       VARCHAR NOT NULL,
+    matrix      VARCHAR NOT NULL,
+    config      VARCHAR NOT NULL,
+    rank        INTEGER NOT NULL,
+    error       DOUBLE NOT NULL,
+    iters       INTEGER NOT NULL,
+    seconds     DOUBLE NOT NULL,
+    PRIMARY KEY (decomp_key, matrix)
+);
+
+CREATE TABLE IF NOT EXISTS train_steps (
+    run      VARCHAR NOT NULL,            -- finetune key
+    plan_id  VARCHAR NOT NULL,
+    step     INTEGER NOT NULL,
+    loss     DOUBLE NOT NULL,
+    lr       DOUBLE NOT NULL,
+    seconds  DOUBLE NOT NULL,
+    PRIMARY KEY (run, step)
+);
+
+CREATE TABLE IF NOT EXISTS evaluations (
+    eval_key           VARCHAR PRIMARY KEY,
+    model              VARCHAR NOT NULL,
+    method             VARCHAR NOT NULL,  -- 'reference' for the unquantized model
+    budget             DOUBLE,            -- NULL for the reference
+    stage              VARCHAR NOT NULL,  -- reference | before_finetune | after_finetune
+    metric             VARCHAR NOT NULL,  -- perplexity | accuracy
+    value              DOUBLE NOT NULL,
+    perplexity         DOUBLE,
+    bits_per_param     DOUBLE,            -- quantized part
+    bits_incl_lowrank  DOUBLE,            -- plus 16-bit L1, L2
+    peak_mb            DOUBLE,
+    n_tokens           BIGINT,
+    seq_len            INTEGER,
+    plan_id            VARCHAR,
+    created_at         TIMESTAMP DEFAULT current_timestamp
+);
+
+CREATE TABLE IF NOT EXISTS artifacts (
+    path       VARCHAR PRIMARY KEY,
+    asset      VARCHAR NOT NULL,
+    partition  VARCHAR NOT NULL,
+    key        VARCHAR NOT NULL,
+    sha256     VARCHAR NOT NULL,          -- JSON {file: checksum}
+    nbytes     BIGINT NOT NULL,
+    created_at TIMESTAMP DEFAULT current_timestamp
+);
