@@ -177,11 +177,13 @@ def check_messages(values: pd.Series, column: str, where: Sequence[str] = ()) ->
         turns = list(turns) if isinstance(turns, _LISTS) else None
         if not _turns_ok(turns):
             raise LQLoRAInputError(
-                f"row {i} of {column!r} is not a list of {{role, content}} turns with text content "
-                f"({_row(i, where)} holds {kind(values.iloc[i])}); a chat row looks like "
+                f"{_row(i, where)} of {column!r} is not a list of {{role, content}} turns with text content (it "
+                f"holds {kind(values.iloc[i])}); a chat row looks like "
                 '[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]'
             )
         if turns[-1]["role"] != "assistant":
-            raise LQLoRAInputError(f"row {i} of {column!r} does not end with an assistant turn (the response to learn)")
+            raise LQLoRAInputError(
+                f"{_row(i, where)} of {column!r} does not end with an assistant turn (the response to learn)"
+            )
         if not turns[-1]["content"].strip():
             raise LQLoRAInputError(f"{_row(i, where)} of {column!r} ends with an empty assistant turn: nothing to learn")

@@ -146,6 +146,8 @@ def _check_columns(table: Table, use: Columns) -> None:
 def inspect_dataset(name: str, path: Path, task: str | None = None, named: Columns = Columns(),
                     reading: Reading = Reading()) -> DatasetSpec:
     """Read the file, choose its task and columns, check every row: the spec to register."""
+    if not str(path).strip():
+        raise LQLoRAInputError("the data path is empty; give a data file or a folder of .txt files")
     path = Path(path).expanduser().resolve()
     reading = reading.checked()
     table = read_table(path, reading)
