@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -364,14 +365,9 @@ finally:
 """
 
 
-def test_two_concurrent_model_registrations_of_one_name_give_one_success_and_one_refusal(tmp_path):
-    sources = []
-    for who in "AB":
-        folder = tmp_path / f"model{who}"
-        folder.mkdir()
-        (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
-        (folder / "model.safetensors").write_bytes(b"")
-        sources.append(str(folder))
+def test_two_concurrent_model_registrations_of_one_name_give_one_success_and_one_refusal(tmp_path, tiny_llama_folder):
+    sources = [str(tiny_llama_folder), str(tmp_path / "copy")]
+    shutil.copytree(tiny_llama_folder, sources[1])
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for round_ in range(2):
         home, sync = tmp_path / f"home{round_}", tmp_path / f"sync{round_}"
