@@ -179,6 +179,11 @@ def test_generate_streams_from_the_finetuned_model(ran):
     assert ref.returncode == 0 and "[tiny, reference]" in ref.stderr
     missing = lqlora(home, "generate", "--model", "tiny", "Hello", "--method", "qlora")
     assert missing.returncode == 2 and "no finetuned adapter for qlora" in missing.stderr
+    too_long = lqlora(home, "generate", "--model", "tiny", "Hello", "--max-new-tokens", "100000")
+    assert too_long.returncode == 2 and "exceed the model's 256 positions" in too_long.stderr
+    assert "Traceback" not in too_long.stderr
+    empty = lqlora(home, "generate", "--model", "tiny", "")
+    assert empty.returncode == 2 and "the prompt is empty" in empty.stderr
 
 
 def test_data_commands_register_list_and_remove(ran, tmp_path):
