@@ -18,10 +18,10 @@ import argparse
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 from lqlora_dagster.cli_args import add_knob_flags, stage_overrides
+from lqlora_dagster.cli_generate import cmd_generate
 from lqlora_dagster.errors import LQLoRAInputError, RunInterrupted
 from lqlora_dagster.pipeline.context import default_home, ensure_writable_home
 from lqlora_dagster.pipeline.registry import (
@@ -36,6 +36,7 @@ from lqlora_dagster.pipeline.settings import PipelineSettings
 from lqlora_dagster.run_log import run_with_log
 from lqlora_dagster.store.warehouse import Warehouse, canned_queries
 from lqlora_dagster.text_tables import text_table
+from lqlora_dagster.ui_session import cmd_ui
 
 
 def _warehouse(home: Path) -> Warehouse:
@@ -197,46 +198,6 @@ def cmd_data(args: argparse.Namespace, home: Path) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace, home: Path) -> int:
-    """Stream a continuation from a finetuned compressed model, then its speed and memory.
-    Everything a user typed is checked before the model is loaded."""
-    from transformers import AutoConfig
-
-    from assets.runs import stored_handle
-    from lqlora_dagster.generate import check_room, generate, load_for_generation, pick_adapter, prompt_ids
-    from lqlora_dagster.memory import PeakMemory
-    from lqlora_dagster.models.loading import load_tokenizer
-    from lqlora_dagster.pipeline.context import StageContext
-
-    if args.max_new_tokens < 1:
-        raise LQLoRAInputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    check_model_name(args.model)
-    if args.model not in set(registered_models(_warehouse(home))["model"]):
-        raise LQLoRAInputError(
-            f"model {args.model!r} is not registered (`lqlora models` lists them); register it with "
-            f"`lqlora register SOURCE --name {args.model}`, then `lqlora run --model {args.model}`"
-        )
-    try:
-        model = stored_handle(home, "base_model", args.model)
-        adapters = stored_handle(home, "finetuned_adapters", args.model)
-    except FileNotFoundError as err:
-        raise LQLoRAInputError(f"nothing finetuned for {args.model!r} yet; run `lqlora run --model {args.model}`") from err
-    ref = pick_adapter(adapters, args.method, args.budget)
-    tokenizer = load_tokenizer(Path(model.folder))
-    ids = prompt_ids(tokenizer, args.prompt, args.chat)
-    check_room(AutoConfig.from_pretrained(model.folder), ids.shape[1], args.max_new_tokens)
-    with PeakMemory() as loading:
-        net = load_for_generation(StageContext.at(home), model, ref, finetuned=not args.no_adapter)
-    print(f"[{args.model}, {ref.method}{'' if ref.budget is None else f' @ {ref.budget:g} bits'}"
-          f"{', no adapter' if args.no_adapter else ''}]", file=sys.stderr)
-    result = generate(net, tokenizer, ids, args.max_new_tokens, stream=lambda text: print(text, end="", flush=True))
-    print()
-    print(f"{result.new_tokens} tokens in {result.seconds:.1f} s ({result.tokens_per_s:.1f} tokens/s); "
-          f"the model took {loading.added_mb:,.0f} MB to load and {result.added_mb:,.0f} MB more to generate",
-          file=sys.stderr)
-    return 0
-
-
 def cmd_unregister(args: argparse.Namespace, home: Path) -> int:
     """Forget a model (its partition and registry row); stored results stay in DuckDB."""
     from assets.runs import prepare_dagster_home, remove_partition
@@ -267,53 +228,6 @@ def cmd_models(args: argparse.Namespace, home: Path) -> int:
                      empty=f"no models registered yet: `lqlora register SOURCE` adds one "
                      f"(`lqlora run` registers the bundled {DEFAULT_MODEL})"))
     return 0
-
-
-def stop_session(proc, grace_s: float = 20.0, hurry=None) -> None:
-    """SIGTERM a process started in its own session and everything in it, then SIGKILL
-    what is left (Dagster's `tail -F` log followers ignore SIGTERM) after `grace_s`, or at
-    once when `hurry` (a threading.Event) is set; returns once the session's process
-    group is empty."""
-    for sig, grace in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and not (sig == signal.SIGTERM and hurry is not None and hurry.is_set()):
-            proc.poll()  # reap the leader, our child
-            try:
-                os.killpg(proc.pid, 0)  # anyone left in the group?
-            except ProcessLookupError:
-                return
-            time.sleep(0.3)
-
-
-def cmd_ui(args: argparse.Namespace, home: Path) -> int:
-    """`dagster dev` on this project, with DAGSTER_HOME under LQLORA_HOME. It runs in its
-    own session (so its children can be stopped together); Ctrl-C and SIGTERM stop it all,
-    and a second one while it stops kills what is left at once."""
-    import subprocess
-    import threading
-
-    from assets.runs import fail_orphaned_runs, prepare_dagster_home
-
-    prepare_dagster_home(home)
-    fail_orphaned_runs()
-    repo = Path(__file__).resolve().parents[1]
-    cmd = [str(Path(sys.executable).with_name("dagster")), "dev", "-w", str(repo / "workspace.yaml"),
-           "-h", args.host, "-p", str(args.port)]
-    print(f"Dagster UI on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
-    proc = subprocess.Popen(cmd, cwd=repo, env=os.environ.copy(), start_new_session=True)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        hurry = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda signum, frame: hurry.set())
-        print("stopping the Dagster UI (again to kill it at once)", file=sys.stderr, flush=True)
-        stop_session(proc, hurry=hurry)
-        return 130
 
 
 def _run_flags(p: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from lqlora_dagster.cli import stop_session
+from lqlora_dagster.ui_session import stop_session
 
 pytestmark = pytest.mark.browser
 
