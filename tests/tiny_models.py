@@ -5,6 +5,7 @@ and tokenizers here, with overrides where a test needs another shape."""
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # the block shape every tiny architecture shares; vocab_size matches `tokens()`
@@ -96,3 +97,58 @@ def tiny_gpt2(seed: int = 0):
 
 def tokens(n: int = 4, length: int = 32, seed: int = 0, vocab: int = 256) -> torch.Tensor:
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+# --- a tiny Llama as llama.cpp writes it (GGUF) ---------------------------------------------
+
+GGUF_HIDDEN, GGUF_INTER, GGUF_KV_ROWS = 64, 128, 32
+
+
+def gguf_tensors() -> dict[str, np.ndarray]:
+    """A 2-layer Llama's tensors under llama.cpp's names (vocabulary of 258 tokens)."""
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (258, GGUF_HIDDEN), "output_norm.weight": (GGUF_HIDDEN,)}
+    for i in range(2):
+        shapes |= {
+            f"blk.{i}.attn_norm.weight": (GGUF_HIDDEN,),
+            f"blk.{i}.ffn_norm.weight": (GGUF_HIDDEN,),
+            f"blk.{i}.attn_q.weight": (GGUF_HIDDEN, GGUF_HIDDEN),
+            f"blk.{i}.attn_k.weight": (GGUF_KV_ROWS, GGUF_HIDDEN),
+            f"blk.{i}.attn_v.weight": (GGUF_KV_ROWS, GGUF_HIDDEN),
+            f"blk.{i}.attn_output.weight": (GGUF_HIDDEN, GGUF_HIDDEN),
+            f"blk.{i}.ffn_gate.weight": (GGUF_INTER, GGUF_HIDDEN),
+            f"blk.{i}.ffn_up.weight": (GGUF_INTER, GGUF_HIDDEN),
+            f"blk.{i}.ffn_down.weight": (GGUF_HIDDEN, GGUF_INTER),
+        }
+    return {name: (rng.standard_normal(shape) * 0.02).astype(np.float32) for name, shape in shapes.items()}
+
+
+def write_gguf(path: Path, tensors: dict[str, np.ndarray]) -> Path:
+    """An fp32 Llama GGUF with a byte-level BPE vocabulary and the given tensors (none:
+    a vocabulary-only file, as llama.cpp's `--vocab-only` writes)."""
+    import gguf
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokens = [*bytes_to_unicode().values(), "he", "<|endoftext|>"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_context_length(128)
+    w.add_embedding_length(GGUF_HIDDEN)
+    w.add_feed_forward_length(GGUF_INTER)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (len(tokens) - 1) + [3])
+    w.add_token_merges(["h e"])
+    w.add_eos_token_id(len(tokens) - 1)
+    for name, value in tensors.items():
+        w.add_tensor(name, value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

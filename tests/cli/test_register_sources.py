@@ -15,7 +15,7 @@ from lqlora_dagster import cli
 from lqlora_dagster.models.source import resolve_model_folder
 from lqlora_dagster.pipeline.registry import registered_models
 from lqlora_dagster.store.warehouse import Warehouse
-from tests.tiny_models import TINY_SHAPE, tiny_llama_config
+from tests.tiny_models import TINY_SHAPE, gguf_tensors, tiny_llama_config, write_gguf
 
 
 def register(home: Path, *argv: str, capsys) -> tuple[int, str, str]:
@@ -39,47 +39,8 @@ def save_causal_lm(folder: Path, config) -> Path:
 def write_tiny_gguf(path: Path) -> dict[str, np.ndarray]:
     """A 2-layer Llama as an fp32 GGUF (llama.cpp tensor names) with a byte-level BPE
     vocabulary; returns the tensors written."""
-    import gguf
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    rng = np.random.default_rng(0)
-    hidden, inter, kv_rows = 64, 128, 32
-    tokens = [*bytes_to_unicode().values(), "he", "<|endoftext|>"]
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(2)
-    w.add_context_length(128)
-    w.add_embedding_length(hidden)
-    w.add_feed_forward_length(inter)
-    w.add_head_count(4)
-    w.add_head_count_kv(2)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_vocab_size(len(tokens))
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([1] * (len(tokens) - 1) + [3])
-    w.add_token_merges(["h e"])
-    w.add_eos_token_id(len(tokens) - 1)
-    shapes = {"token_embd.weight": (len(tokens), hidden), "output_norm.weight": (hidden,)}
-    for i in range(2):
-        shapes |= {
-            f"blk.{i}.attn_norm.weight": (hidden,),
-            f"blk.{i}.ffn_norm.weight": (hidden,),
-            f"blk.{i}.attn_q.weight": (hidden, hidden),
-            f"blk.{i}.attn_k.weight": (kv_rows, hidden),
-            f"blk.{i}.attn_v.weight": (kv_rows, hidden),
-            f"blk.{i}.attn_output.weight": (hidden, hidden),
-            f"blk.{i}.ffn_gate.weight": (inter, hidden),
-            f"blk.{i}.ffn_up.weight": (inter, hidden),
-            f"blk.{i}.ffn_down.weight": (hidden, inter),
-        }
-    tensors = {name: (rng.standard_normal(shape) * 0.02).astype(np.float32) for name, shape in shapes.items()}
-    for name, value in tensors.items():
-        w.add_tensor(name, value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    tensors = gguf_tensors()
+    write_gguf(path, tensors)
     return tensors
 
 

@@ -19,8 +19,7 @@ from safetensors.torch import load_file, save_file
 from lqlora_dagster import cli
 from lqlora_dagster.models.checkpoint_checks import finite_problems
 from lqlora_dagster.models.checkpoint_files import Problem, safetensors_entries, safetensors_slices
-
-HIDDEN, INTER, KV_ROWS = 64, 128, 32
+from tests.tiny_models import gguf_tensors, write_gguf
 
 
 @pytest.fixture()
@@ -78,56 +77,6 @@ def rewrite_weights(folder: Path, edit) -> Path:
     state = load_file(path)
     edit(state)
     save_file(state, path, metadata={"format": "pt"})
-    return path
-
-
-def gguf_tensors() -> dict[str, np.ndarray]:
-    """A 2-layer Llama's tensors under llama.cpp's names (vocabulary of 258 tokens)."""
-    rng = np.random.default_rng(0)
-    shapes = {"token_embd.weight": (258, HIDDEN), "output_norm.weight": (HIDDEN,)}
-    for i in range(2):
-        shapes |= {
-            f"blk.{i}.attn_norm.weight": (HIDDEN,),
-            f"blk.{i}.ffn_norm.weight": (HIDDEN,),
-            f"blk.{i}.attn_q.weight": (HIDDEN, HIDDEN),
-            f"blk.{i}.attn_k.weight": (KV_ROWS, HIDDEN),
-            f"blk.{i}.attn_v.weight": (KV_ROWS, HIDDEN),
-            f"blk.{i}.attn_output.weight": (HIDDEN, HIDDEN),
-            f"blk.{i}.ffn_gate.weight": (INTER, HIDDEN),
-            f"blk.{i}.ffn_up.weight": (INTER, HIDDEN),
-            f"blk.{i}.ffn_down.weight": (HIDDEN, INTER),
-        }
-    return {name: (rng.standard_normal(shape) * 0.02).astype(np.float32) for name, shape in shapes.items()}
-
-
-def write_gguf(path: Path, tensors: dict[str, np.ndarray]) -> Path:
-    """An fp32 Llama GGUF with a byte-level BPE vocabulary and the given tensors (none:
-    a vocabulary-only file, as llama.cpp's `--vocab-only` writes)."""
-    import gguf
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    tokens = [*bytes_to_unicode().values(), "he", "<|endoftext|>"]
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(2)
-    w.add_context_length(128)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(INTER)
-    w.add_head_count(4)
-    w.add_head_count_kv(2)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_vocab_size(len(tokens))
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([1] * (len(tokens) - 1) + [3])
-    w.add_token_merges(["h e"])
-    w.add_eos_token_id(len(tokens) - 1)
-    for name, value in tensors.items():
-        w.add_tensor(name, value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
     return path
 
 
