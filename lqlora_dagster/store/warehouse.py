@@ -6,6 +6,7 @@ its work in one transaction and closes; a lock held by another process is retrie
 with backoff instead of surfacing as an error.
 """
 
+import os
 import random
 import re
 import sys
@@ -90,8 +91,8 @@ class Warehouse:
         waiting_since, told = time.monotonic(), False
         while True:
             try:
-                if not read_only:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                if not read_only and not self.path.exists():
+                    self._create()
                 con = duckdb.connect(str(self.path), read_only=read_only, config=config)
                 break
             except (duckdb.IOException, duckdb.Error) as err:
@@ -110,6 +111,24 @@ class Warehouse:
             yield con
         finally:
             con.close()
+
+    def _create(self) -> None:
+        """Make a new, empty database file whole before anyone can see it: DuckDB writes
+        a new file's header after creating it, so a second process opening the name in
+        between would read a file that is not (yet) a database. The file is built under a
+        private name and linked into place; a process that loses the race uses the winner's."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = self.path.with_name(f".{self.path.name}.{os.getpid()}.new")
+        try:
+            duckdb.connect(str(scratch)).close()
+            os.link(scratch, self.path)
+        except FileExistsError:
+            pass  # another process made it first
+        except OSError:
+            pass  # no hard links on this file system: DuckDB creates the file itself
+        finally:
+            scratch.unlink(missing_ok=True)
+            scratch.with_name(scratch.name + ".wal").unlink(missing_ok=True)
 
     def _explain(self, err: Exception) -> LQLoRAInputError:
         text = str(err)
