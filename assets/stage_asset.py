@@ -17,7 +17,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets.config import config_class
+from assets.run_config import config_class
 from assets.shared import BASE_MODELS, summary
 from lqlora_dagster.pipeline.stage_runs import measured_stage
 from resources.stage import StageResources

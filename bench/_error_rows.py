@@ -16,9 +16,9 @@ from lqlora_dagster.allocate.confirm import confirm_plan
 from lqlora_dagster.allocate.ilp import solve_ilp
 from lqlora_dagster.decompose.inits import ConfigError
 from lqlora_dagster.decompose.lq import LQSettings
-from lqlora_dagster.error_table.compute import RowRequest, compute_rows
-from lqlora_dagster.error_table.estimates import FastSettings
-from lqlora_dagster.error_table.table_ref import TableRef
+from lqlora_dagster.error_estimation.compute import RowRequest, compute_rows
+from lqlora_dagster.error_estimation.estimates import FastSettings
+from lqlora_dagster.error_estimation.table_ref import TableRef
 from lqlora_dagster.models.targets import Target
 from lqlora_dagster.quant.config import QuantConfig, storage_bits
 

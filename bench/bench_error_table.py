@@ -55,8 +55,8 @@ from bench._error_rows import (
 )
 from lqlora_dagster.allocate.ilp import solve_ilp
 from lqlora_dagster.decompose.lq import LQSettings
-from lqlora_dagster.error_table.compute import request_rows
-from lqlora_dagster.error_table.estimates import FastSettings
+from lqlora_dagster.error_estimation.compute import request_rows
+from lqlora_dagster.error_estimation.estimates import FastSettings
 from lqlora_dagster.pipeline.settings import PlanSettings
 from lqlora_dagster.quant.config import CONFIG_GRID
 

@@ -27,7 +27,7 @@ import torch
 from bench._common import add_smoke, layer_matrices, stamp
 from lqlora_dagster.decompose.inits import INITS, quantization_rows
 from lqlora_dagster.decompose.lq import LQSettings
-from lqlora_dagster.error_table.estimates import (
+from lqlora_dagster.error_estimation.estimates import (
     LOWER_RANK_STEPS,
     FastSettings,
     estimated_errors,

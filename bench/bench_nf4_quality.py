@@ -17,9 +17,9 @@ from bench._common import add_smoke, smollm2_folder, stamp, tiny_llama, tiny_tok
 from lqlora_dagster.data.corpora import sotu_text
 from lqlora_dagster.data.windows import token_windows, tokenize
 from lqlora_dagster.decompose.lq import LQSettings
-from lqlora_dagster.evaluation import perplexity, storage
 from lqlora_dagster.fisher import estimate_fisher
 from lqlora_dagster.methods import get_method
+from lqlora_dagster.metrics import perplexity, storage
 from lqlora_dagster.models.loading import load_model, load_tokenizer
 from lqlora_dagster.models.targets import find_targets
 from lqlora_dagster.quant import QLORA_NF4

@@ -34,7 +34,7 @@ DEFAULT_SHAPES = ["192x576", "576x576", "1536x576", "512x2048", "2048x2048", "81
 
 def time_rows(rows: int, cols: int, device: torch.device) -> float:
     from lqlora_dagster.decompose.lq import LQSettings
-    from lqlora_dagster.error_table.estimates import FastSettings, estimated_errors
+    from lqlora_dagster.error_estimation.estimates import FastSettings, estimated_errors
     from lqlora_dagster.quant.config import CONFIG_GRID
 
     W = (torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)) * 0.02).to(device)

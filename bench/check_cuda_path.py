@@ -93,7 +93,7 @@ def check_decomposition(device: torch.device, size: int = 2048, rows_size: int =
     """One LQ decomposition (size x size) and one matrix's fast error-table rows
     (rows_size x rows_size) on each device."""
     from lqlora_dagster.decompose.lq import LQSettings
-    from lqlora_dagster.error_table.estimates import FastSettings, estimated_errors
+    from lqlora_dagster.error_estimation.estimates import FastSettings, estimated_errors
     from lqlora_dagster.methods import get_method
     from lqlora_dagster.quant.config import CONFIG_GRID, QuantConfig
 

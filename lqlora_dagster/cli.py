@@ -18,6 +18,7 @@ import argparse
 import os
 import signal
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from lqlora_dagster.cli_args import add_knob_flags, stage_overrides
@@ -46,8 +47,6 @@ def _warehouse(home: Path) -> Warehouse:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("lqlora-dagster")
     except PackageNotFoundError:  # run from a source tree that was never installed
@@ -56,6 +55,7 @@ def _version() -> str:
 
 def cmd_register(args: argparse.Namespace, home: Path) -> int:
     """Check the model (its targets, from the config alone) before DuckDB is touched."""
+    # deferred: help and refused arguments answer before dagster and torch load
     from assets.runs import add_partition, prepare_dagster_home
     from lqlora_dagster.models.inspect import inspect_targets
 
@@ -80,6 +80,7 @@ def _ensure_model(warehouse: Warehouse, model: str) -> None:
 
 def _run(args: argparse.Namespace, home: Path, run_config: dict, job: str, stages: list[str]) -> bool:
     """Run a job with one summary line per stage on the terminal, the full log in a file."""
+    # deferred: help and refused arguments answer before dagster and torch load
     from assets.runs import add_partition, prepare_dagster_home, run_job
     from lqlora_dagster.definitions import job_definition, reconstructable_job
 
@@ -107,8 +108,9 @@ def run_overrides(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def cmd_run(args: argparse.Namespace, home: Path) -> int:
+    # deferred: help and refused arguments answer before dagster and torch load
     from lqlora_dagster.definitions import MAIN_ASSETS, MAIN_JOB
-    from lqlora_dagster.pipeline.datasets import check_data
+    from lqlora_dagster.pipeline.dataset_registry import check_data
     from lqlora_dagster.pipeline.feasibility import check_run, model_shape
     from lqlora_dagster.pipeline.run_memo import RunMemo, run_inputs
 
@@ -143,10 +145,11 @@ def cmd_run(args: argparse.Namespace, home: Path) -> int:
 
 def cmd_compare(args: argparse.Namespace, home: Path) -> int:
     """The comparison job: every method at the paper's budgets, then the report."""
+    # deferred: help and refused arguments answer before dagster and torch load
     from assets.runs import stored_handle
     from lqlora_dagster.comparison import COMPARISONS, RANK_COMPARISON
     from lqlora_dagster.definitions import COMPARISON_JOB, MAIN_ASSETS
-    from lqlora_dagster.pipeline.datasets import check_data
+    from lqlora_dagster.pipeline.dataset_registry import check_data
     from lqlora_dagster.pipeline.feasibility import check_lengths, model_shape
     from lqlora_dagster.store.artifacts import ArtifactStore
 
@@ -170,9 +173,10 @@ def cmd_compare(args: argparse.Namespace, home: Path) -> int:
 
 def cmd_data(args: argparse.Namespace, home: Path) -> int:
     """Register, list or remove datasets (DuckDB `datasets`)."""
+    # deferred: help and refused arguments answer before dagster and torch load
     from lqlora_dagster.data.datasets import Columns
     from lqlora_dagster.data.files import Reading
-    from lqlora_dagster.pipeline.datasets import add_dataset, registered_datasets, remove_dataset
+    from lqlora_dagster.pipeline.dataset_registry import add_dataset, registered_datasets, remove_dataset
 
     warehouse = _warehouse(home)
     if args.action == "add":
@@ -200,6 +204,7 @@ def cmd_data(args: argparse.Namespace, home: Path) -> int:
 
 def cmd_unregister(args: argparse.Namespace, home: Path) -> int:
     """Forget a model (its partition and registry row); stored results stay in DuckDB."""
+    # deferred: help and refused arguments answer before dagster and torch load
     from assets.runs import prepare_dagster_home, remove_partition
 
     check_model_name(args.name)

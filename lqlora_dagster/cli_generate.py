@@ -13,6 +13,7 @@ from lqlora_dagster.store.warehouse import Warehouse
 def cmd_generate(args: argparse.Namespace, home: Path) -> int:
     """Stream a continuation from a finetuned compressed model, then its speed and memory.
     Everything a user typed is checked before the model is loaded."""
+    # deferred: help and refused arguments answer before dagster and torch load
     from transformers import AutoConfig
 
     from assets.runs import stored_handle

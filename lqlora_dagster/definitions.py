@@ -6,27 +6,34 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets import (
-    automation,
-    calibration,
-    comparison,
-    data,
-    decomposition,
-    errors,
-    evaluation,
-    finetuning,
-    models,
-    plans,
-)
+import assets.allocation_plan
+import assets.base_model
+import assets.comparison_report
+import assets.decomposed_model
+import assets.error_table
+import assets.evaluation
+import assets.finetuned_adapters
+import assets.fisher_diagonals
+import assets.task_data
 from assets.automation import MAIN_JOB, build_stale_schedule, new_model_sensor
-from assets.comparison import COMPARISON_JOB, comparison_run_config
+from assets.comparison_report import COMPARISON_JOB, comparison_run_config
 from assets.shared import BASE_MODELS
 from lqlora_dagster.pipeline.context import default_home
 from resources import ArtifactStoreResource, ComputeDevice, HandleIOManager, ModelSource, WarehouseResource
 from resources.executors import executor_named
 from resources.stage import StageResources
 
-STAGE_MODULES = [models, data, calibration, errors, plans, decomposition, finetuning, evaluation, comparison]
+STAGE_MODULES = [
+    assets.base_model,
+    assets.task_data,
+    assets.fisher_diagonals,
+    assets.error_table,
+    assets.allocation_plan,
+    assets.decomposed_model,
+    assets.finetuned_adapters,
+    assets.evaluation,
+    assets.comparison_report,
+]
 MAIN_ASSETS = [
     "base_model",
     "task_data",
@@ -56,7 +63,7 @@ def resources_at(home: Path, device: str = "auto") -> dict:
 
 
 def build_definitions(home: Path | None = None, executor: str = "multiprocess") -> dg.Definitions:
-    assets = dg.load_assets_from_modules(STAGE_MODULES)
+    stage_assets = dg.load_assets_from_modules(STAGE_MODULES)
     checks = dg.load_asset_checks_from_modules(STAGE_MODULES)
     main_job = dg.define_asset_job(
         MAIN_JOB,
@@ -75,12 +82,12 @@ def build_definitions(home: Path | None = None, executor: str = "multiprocess") 
     # the nightly schedule re-runs the main job, so only the main job's assets count as stale
     versions = {
         k: v
-        for a in assets
+        for a in stage_assets
         for k, v in a.code_versions_by_key.items()
         if v is not None and k.to_user_string() in MAIN_ASSETS
     }
     return dg.Definitions(
-        assets=assets,
+        assets=stage_assets,
         asset_checks=checks,
         jobs=[main_job, comparison_job],
         sensors=[new_model_sensor],
@@ -108,7 +115,6 @@ __all__ = [
     "COMPARISON_JOB",
     "MAIN_ASSETS",
     "MAIN_JOB",
-    "automation",
     "build_definitions",
     "comparison_run_config",
     "defs",

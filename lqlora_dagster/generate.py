@@ -81,6 +81,7 @@ def check_room(config, prompt_tokens: int, max_new_tokens: int) -> None:
 def generate(net, tokenizer, ids: torch.Tensor, max_new_tokens: int, stream=None) -> Generated:
     """Greedy decoding from prompt `ids` (`prompt_ids`); `stream(text)` receives each
     piece as it is decoded."""
+    # transformers loads on first use (0.6 s): commands that read no model skip it
     from transformers import TextStreamer
 
     check_room(net.config, ids.shape[1], max_new_tokens)

@@ -3,7 +3,7 @@
 A knob is declared once, as `name: type = knob(default, "help", ge=..., choices=...)` in
 a frozen settings dataclass. Everything else is derived from that field: the check in
 `__post_init__` (`check_knobs`), the CLI flag (`cli_args.py`), the Dagster launchpad
-schema (`assets/config.py`) and the run config (`knob_values`). So adding a knob is an
+schema (`assets/run_config.py`) and the run config (`knob_values`). So adding a knob is an
 edit in one place plus its use.
 
 Supported types: bool, int, float, str, `X | None`, `tuple[X, ...]` and

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from lqlora_dagster.allocate.uniform import solve_uniform
 from lqlora_dagster.decompose.inits import INITS, Init
 from lqlora_dagster.decompose.lq import Decomposition, LQSettings
 from lqlora_dagster.errors import LQLoRAInputError
@@ -32,12 +33,6 @@ def _solve_ilp(table: pd.DataFrame, budget: float):
     return solve_ilp(table, budget)
 
 
-def _solve_uniform(table: pd.DataFrame, budget: float):
-    from lqlora_dagster.allocate.uniform import solve_uniform
-
-    return solve_uniform(table, budget)
-
-
 @dataclass(frozen=True)
 class Allocation:
     """How a method turns its error table into a plan."""
@@ -47,7 +42,7 @@ class Allocation:
 
 
 ILP = Allocation("ilp", _solve_ilp)
-UNIFORM = Allocation("uniform", _solve_uniform)
+UNIFORM = Allocation("uniform", solve_uniform)
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,20 @@ from pathlib import Path
 
 import torch
 
+from lqlora_dagster.data.encode import (
+    IGNORE,
+    Encoded,
+    bos_id,
+    classification_examples,
+    instruction_examples,
+    lm_windows,
+)
+from lqlora_dagster.data.selection import part_rows, part_stream
+from lqlora_dagster.data.windows import tokenize
 from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.metrics import classification_scores, mean_loss, perplexity
 from lqlora_dagster.models.kinds import HEAD_SEED, ModelKind, model_kind
+from lqlora_dagster.training.finetune import example_batches
 
 DATA_TASKS = {"lm": "causal-lm", "instruct": "instruct", "classify": "seq-cls"}  # dataset task -> task
 
@@ -56,8 +68,6 @@ class Task:
         raise NotImplementedError
 
     def batches(self, examples: dict[str, torch.Tensor], settings):
-        from lqlora_dagster.training.finetune import example_batches
-
         return example_batches(examples, settings)
 
     def score(self, model: torch.nn.Module, examples: dict[str, torch.Tensor], batch_size: int) -> dict[str, float]:
@@ -66,8 +76,6 @@ class Task:
 
     def loss(self, model: torch.nn.Module, examples: dict[str, torch.Tensor], batch_size: int) -> float:
         """Mean loss per predicted token (or per example): what validation tracks."""
-        from lqlora_dagster.evaluation import mean_loss
-
         return mean_loss(model, examples, batch_size)
 
     def n_tokens(self, examples: dict[str, torch.Tensor]) -> int:
@@ -79,16 +87,10 @@ class CausalLM(Task):
     """Next-token prediction on windows of a text stream."""
 
     def examples(self, tokenizer, data, part: str, seq_len: int):
-        from lqlora_dagster.data.encode import Encoded, bos_id, lm_windows
-        from lqlora_dagster.data.selection import part_stream
-        from lqlora_dagster.data.windows import tokenize
-
         ids = part_stream(data, part, lambda text: tokenize(tokenizer, text))
         return Encoded({"input_ids": lm_windows(ids, seq_len, bos_id(tokenizer))}, 0)
 
     def score(self, model, examples, batch_size) -> dict[str, float]:
-        from lqlora_dagster.evaluation import perplexity
-
         return {"perplexity": perplexity(model, examples["input_ids"], batch_size)}
 
 
@@ -97,9 +99,6 @@ class Instruct(Task):
     """Instruction tuning: the prompt is context, the loss is on the response tokens."""
 
     def examples(self, tokenizer, data, part: str, seq_len: int):
-        from lqlora_dagster.data.encode import instruction_examples
-        from lqlora_dagster.data.selection import part_rows
-
         spec, _ = data.source(part)
         return instruction_examples(tokenizer, part_rows(data, part), spec.use, seq_len)
 
@@ -108,8 +107,6 @@ class Instruct(Task):
 
     def n_tokens(self, examples: dict[str, torch.Tensor]) -> int:
         """The response tokens scored (the prompt is context, not target)."""
-        from lqlora_dagster.data.encode import IGNORE
-
         return int((examples["labels"] != IGNORE).sum())
 
 
@@ -144,15 +141,10 @@ class SequenceClassification(Task):
         return model
 
     def examples(self, tokenizer, data, part: str, seq_len: int):
-        from lqlora_dagster.data.encode import classification_examples
-        from lqlora_dagster.data.selection import part_rows
-
         spec, _ = data.source(part)
         return classification_examples(tokenizer, part_rows(data, part), spec.use, data.labels, seq_len)
 
     def score(self, model, examples, batch_size) -> dict[str, float]:
-        from lqlora_dagster.evaluation import classification_scores
-
         return classification_scores(model, examples, batch_size)
 
 

@@ -4,7 +4,9 @@ everything it started on Ctrl-C or SIGTERM (a second one kills what is left at o
 import argparse
 import os
 import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,9 +35,7 @@ def cmd_ui(args: argparse.Namespace, home: Path) -> int:
     """`dagster dev` on this project, with DAGSTER_HOME under LQLORA_HOME. It runs in its
     own session (so its children can be stopped together); Ctrl-C and SIGTERM stop it all,
     and a second one while it stops kills what is left at once."""
-    import subprocess
-    import threading
-
+    # deferred: help and refused arguments answer before dagster and torch load
     from assets.runs import fail_orphaned_runs, prepare_dagster_home
 
     prepare_dagster_home(home)

@@ -13,6 +13,7 @@ import dagster as dg
 
 
 def _dask_executor() -> dg.ExecutorDefinition:
+    # the optional [dask] extra, imported only when its executor is chosen
     from dagster_dask import dask_executor
     from dagster_dask.executor import DaskExecutor
 

@@ -6,9 +6,9 @@ import dagster as dg
 
 from lqlora_dagster.pipeline.context import StageContext
 from resources.artifact_io import ArtifactStoreResource
-from resources.compute import ComputeDevice
+from resources.compute_device import ComputeDevice
 from resources.model_source import ModelSource
-from resources.warehouse import WarehouseResource
+from resources.warehouse_resource import WarehouseResource
 
 
 class StageResources(dg.ConfigurableResource):

@@ -4,7 +4,7 @@
     Dagster    assets.*, resources.*, lqlora_dagster.definitions
     pipeline   lqlora_dagster.pipeline.*, comparison, report, generate
     method     every other module of lqlora_dagster (quant, decompose, allocate, models,
-               surgery, training, data, tasks, evaluation, error_table, fisher, store, ...)
+               surgery, training, data, tasks, metrics, error_estimation, fisher, store, ...)
 
 Read from the source with `ast`, every import counts, those inside functions too (they
 hide cycles from Python, not from a reader). Only the Dagster layer imports dagster.
@@ -153,3 +153,50 @@ def test_the_contract_catches_an_upward_import(tmp_path):
     ]
     edges = {"lqlora_dagster.models": {"lqlora_dagster.surgery"}, "lqlora_dagster.surgery": {"lqlora_dagster.models"}}
     assert cycles(edges) == [["lqlora_dagster.models", "lqlora_dagster.surgery"]]
+
+
+def test_no_file_name_is_used_twice():
+    """A module's name says what it holds: `assets/error_table.py` is the error-table asset,
+    `lqlora_dagster/errors.py` the exceptions. No two modules (or a module and a package)
+    share a name anywhere in the three packages."""
+    seen = defaultdict(list)
+    for top in PACKAGES:
+        for path in (REPO / top).rglob("*"):
+            if path.suffix == ".py" and path.stem != "__init__" or path.is_dir() and (path / "__init__.py").exists():
+                seen[path.stem].append(path.relative_to(REPO).as_posix())
+    assert {name: paths for name, paths in seen.items() if len(paths) > 1} == {}
+
+
+def unexplained_local_imports(source: str) -> list[int]:
+    """Lines of imports inside functions with no reason given: a comment on the line, or
+    on the line above the group of imports that opens the function body."""
+    lines = source.splitlines()
+    missing = []
+    for fn in ast.walk(ast.parse(source)):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        reason = False
+        for node in fn.body:
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                reason = False
+                continue
+            above = lines[node.lineno - 2].strip()
+            reason = reason or above.startswith("#") or "#" in lines[node.lineno - 1]
+            if not reason:
+                missing.append(node.lineno)
+        nested = [n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom)) and n not in fn.body]
+        missing += [n.lineno for n in nested if "#" not in lines[n.lineno - 1] and not lines[n.lineno - 2].strip().startswith("#")]
+    return missing
+
+
+def test_every_import_inside_a_function_says_why():
+    """Imports inside functions only where they save start-up time (the CLI before dagster
+    and torch, transformers before a model is read) or load an optional extra, each with
+    the reason beside it; none to dodge a cycle (the contract above sees those anyway)."""
+    found = {m: unexplained_local_imports(p.read_text()) for m, p in project_modules().items()}
+    assert {m: lines for m, lines in found.items() if lines} == {}
+
+
+def test_an_unexplained_local_import_is_reported():
+    source = "def f():\n    import json\n\n    return json\n\n\ndef g():\n    # optional extra\n    import csv\n    import io\n"
+    assert unexplained_local_imports(source) == [2]

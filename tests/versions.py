@@ -40,7 +40,7 @@ COVERS: dict[str, tuple[str, ...]] = {
     # fisher_diagonals: the empirical Fisher diagonal (DuckDB fisher_stats)
     "FISHER_VERSION": (P + "fisher.py",),
     # error_table: DuckDB quant_errors, exact and estimated rows
-    "TABLE_VERSION": (P + "pipeline/error_table_stage.py", P + "error_table/*.py", P + "decompose/*.py",
+    "TABLE_VERSION": (P + "pipeline/error_table_stage.py", P + "error_estimation/*.py", P + "decompose/*.py",
                       P + "quant/codec.py", P + "quant/normal_float.py", P + "quant/config.py", P + "quant/lut.py",
                       P + "quant/batched_error.py", P + "methods.py"),
     # allocation_plan: DuckDB plans, plan_assignments (the ILP and the budgets)
@@ -56,7 +56,7 @@ COVERS: dict[str, tuple[str, ...]] = {
                          P + "surgery/injector.py", P + "surgery/export.py", P + "tasks.py", P + "data/encode.py",
                          P + "data/windows.py"),
     # evaluation: DuckDB evaluations (metrics, storage, memory)
-    "EVAL_VERSION": (P + "evaluation.py", P + "tasks.py", P + "data/encode.py", P + "data/windows.py",
+    "EVAL_VERSION": (P + "metrics.py", P + "tasks.py", P + "data/encode.py", P + "data/windows.py",
                      P + "memory.py"),
     # comparison_report: the table and plots
     "REPORT_VERSION": (P + "report.py",),

@@ -13,6 +13,7 @@ import torch
 
 from lqlora_dagster.data.checks import first_text, label_key
 from lqlora_dagster.data.datasets import Columns
+from lqlora_dagster.data.windows import token_windows
 from lqlora_dagster.errors import LQLoRAInputError
 
 IGNORE = -100  # label of a token that is not trained on (transformers' convention)
@@ -43,8 +44,6 @@ def pad_id(tokenizer) -> int:
 
 def lm_windows(ids: torch.Tensor, seq_len: int, bos: int | None) -> torch.Tensor:
     """(N, seq_len) windows of a token stream, each led by BOS when the model expects it."""
-    from lqlora_dagster.data.windows import token_windows
-
     if bos is None:
         return token_windows(ids, seq_len)
     body = token_windows(ids, seq_len - 1)

@@ -12,6 +12,7 @@ import io
 import json
 from pathlib import Path
 
+import duckdb
 import pandas as pd
 
 from lqlora_dagster.errors import LQLoRAInputError
@@ -152,8 +153,6 @@ def parse_csv(file: Path, text: str) -> tuple[pd.DataFrame, list[str]]:
 
 def read_parquet(file: Path, data: bytes) -> tuple[pd.DataFrame, dict[str, str]]:
     """(rows as Python values, {column: DuckDB type}) of a parquet file."""
-    import duckdb
-
     if not data:
         raise LQLoRAInputError(f"{file} is empty")
     try:

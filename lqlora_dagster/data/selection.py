@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from lqlora_dagster.data.corpora import sotu_text
 from lqlora_dagster.data.datasets import Columns, DatasetSpec, load_rows
+from lqlora_dagster.data.polarity import polarity_split
 from lqlora_dagster.errors import LQLoRAInputError
 
 PARTS = ("calibration", "train", "val", "eval")
@@ -109,11 +111,7 @@ def stream_split(n_tokens: int, data: TaskData, part: str, builtin: bool = False
 def builtin_rows(spec: DatasetSpec, part: str) -> pd.DataFrame:
     """A bundled dataset's documented split for a part (val is cut later, from train)."""
     if spec.name == "sotu":
-        from lqlora_dagster.data.corpora import sotu_text
-
         return pd.DataFrame({"text": [sotu_text({"val": "train"}.get(part, part))]})
-    from lqlora_dagster.data.polarity import polarity_split
-
     rows = polarity_split("test" if part == "eval" else "train")
     return pd.DataFrame({"text": [t for t, _ in rows], "label": [str(lab) for _, lab in rows]})
 

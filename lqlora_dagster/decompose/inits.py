@@ -26,6 +26,7 @@ from lqlora_dagster.decompose.lq import (
     loftq_decompose,
     lq_decompose,
     lq_error_estimate,
+    qlora_init,
     quantize_only,
 )
 from lqlora_dagster.errors import LQLoRAInputError
@@ -112,8 +113,6 @@ class ZeroInit(Init):
     has_lowrank: bool = False
 
     def decompose(self, W, config, settings, fisher=None):
-        from lqlora_dagster.decompose.lq import qlora_init
-
         return qlora_init(W, config, settings.rank, seed=settings.seed)
 
     def exact_errors(self, W, configs, settings, fisher=None):

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 from safetensors import SafetensorError
@@ -95,6 +96,7 @@ def checkpoint_entries(parsed: ParsedSource) -> tuple[list[TensorEntry], dict[st
 def _renamer(net: torch.nn.Module) -> Callable[[str], tuple[str, bool]]:
     """checkpoint key -> (model key, whether a converter merges it with others), as
     transformers renames keys when it loads (legacy names, a missing base prefix)."""
+    # transformers loads on first use (0.6 s): commands that read no model skip it
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
@@ -185,8 +187,6 @@ def _name_maps_built_once():
     """transformers' GGUF name mapping rebuilds gguf's name table for every submodule
     (397 times, 11 s, for SmolLM2); the table depends only on (architecture, blocks), so
     it is cached for the call. Same result, same function: a pure one, memoized."""
-    import gguf
-
     original = gguf.get_tensor_name_map
     gguf.get_tensor_name_map = functools.cache(original)
     try:
@@ -197,6 +197,7 @@ def _name_maps_built_once():
 
 def _gguf_names(net: torch.nn.Module, config, fields: dict[str, object]) -> dict[str, str]:
     """GGUF tensor name -> model key, as transformers maps them when it loads a GGUF."""
+    # transformers loads on first use (0.6 s): commands that read no model skip it
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
         TensorProcessor,

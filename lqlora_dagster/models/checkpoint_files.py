@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 MAX_ELEMENTS = 1 << 24  # one slice: 64 MB of float32
 # bytes per element of safetensors dtypes (the F8/F4 formats pack 8 bits or fewer)
@@ -145,8 +146,6 @@ def safetensors_entries(path: Path) -> list[TensorEntry]:
 
 def safetensors_slices(entry: TensorEntry, max_elements: int = MAX_ELEMENTS) -> Iterator[torch.Tensor]:
     """The tensor in slices of whole rows (of its first dimension)."""
-    from safetensors import safe_open
-
     with safe_open(str(entry.file), "pt") as f:
         if len(entry.shape) == 0:
             yield f.get_tensor(entry.name)

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
 
 from lqlora_dagster.models.checkpoint_files import (
     MAX_ELEMENTS,
@@ -90,8 +92,6 @@ def _gguf_tensor(path: Path, cursor: _GGUFHeader) -> tuple[str, tuple[int, ...],
 def _gguf_entry(
     path: Path, name: str, dims: tuple[int, ...], kind: int, offset: int
 ) -> TensorEntry | Problem:
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
     try:
         ggml = GGMLQuantizationType(kind)
         block, size = GGML_QUANT_SIZES[ggml]
@@ -171,9 +171,6 @@ def gguf_entries(path: Path) -> tuple[list[TensorEntry], dict[str, object]]:
 def gguf_slices(entry: TensorEntry, max_elements: int = MAX_ELEMENTS) -> Iterator[np.ndarray]:
     """The tensor dequantized to float32 in slices of whole rows (integer types as they
     are stored)."""
-    from gguf.constants import GGMLQuantizationType
-    from gguf.quants import dequantize
-
     if entry.numel == 0:
         return
     kind = GGMLQuantizationType[entry.dtype]

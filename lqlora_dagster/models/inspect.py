@@ -15,8 +15,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.models.checkpoint_checks import check_checkpoint, checkpoint_entries
+from lqlora_dagster.models.kinds import model_kind
 from lqlora_dagster.models.source import ParsedSource, gguf_copy, is_hf_folder, parse_source
 from lqlora_dagster.models.targets import Target, find_targets
 
@@ -52,6 +55,7 @@ class TargetSummary:
 
 def _check_model_type(folder: Path) -> None:
     """An unknown model_type named plainly (transformers' own message is about checkpoints)."""
+    # transformers loads on first use (0.6 s): commands that read no model skip it
     from transformers import __version__
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -74,6 +78,7 @@ def _check_model_type(folder: Path) -> None:
 
 def load_config(source: ParsedSource, cache_dir: Path):
     """The transformers config, without dequantizing a GGUF that has no fp32 copy yet."""
+    # transformers loads on first use (0.6 s): commands that read no model skip it
     from transformers import AutoConfig
 
     if source.gguf_file is not None and is_hf_folder(gguf_copy(source, cache_dir)):
@@ -98,10 +103,6 @@ def load_config(source: ParsedSource, cache_dir: Path):
 def inspect_targets(source: str, pattern: str | None, cache_dir: Path) -> TargetSummary:
     """The targets a registration of `source` would decompose; raises if there are none,
     or if any stored tensor is missing, misshapen, non-finite or cut short."""
-    import torch
-
-    from lqlora_dagster.models.kinds import model_kind
-
     if pattern is not None:
         try:
             re.compile(pattern)

@@ -23,6 +23,7 @@ class ModelKind:
     fresh_head: bool = False  # a classifier: its head is new, seeded, for 2 labels until data sizes it
 
     def _auto(self):
+        # transformers loads on first use (0.6 s): commands that read no model skip it
         import transformers
 
         return getattr(transformers, self.auto_class)

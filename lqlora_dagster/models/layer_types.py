@@ -17,6 +17,7 @@ from torch import nn
 
 def _conv1d_class() -> type | None:
     try:
+        # transformers loads on first use (0.6 s): commands that read no model skip it
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # transformers absent: no GPT-2 layers to meet either
         return None

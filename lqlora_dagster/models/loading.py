@@ -21,6 +21,7 @@ def load_model(folder: Path, task: str = "causal-lm"):
 
 
 def load_tokenizer(folder: Path):
+    # transformers loads on first use (0.6 s): commands that read no model skip it
     from transformers import AutoTokenizer
 
     try:

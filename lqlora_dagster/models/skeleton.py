@@ -6,6 +6,8 @@ Either way the dense model never exists in memory."""
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
 
 from lqlora_dagster.models.kinds import ModelKind
 from lqlora_dagster.models.targets import Target
@@ -15,8 +17,6 @@ from lqlora_dagster.models.weights import key_to_file
 def empty_model(kind: ModelKind, config) -> torch.nn.Module:
     """Parameters on the meta device; buffers real, because non-persistent ones (rotary
     inv_freq, BERT's position_ids) are in no file and only the constructor makes them."""
-    from accelerate import init_empty_weights
-
     with init_empty_weights(include_buffers=False):
         return kind.from_config(config)
 
@@ -47,7 +47,7 @@ def base_without_targets(folder: Path, kind: ModelKind, targets: list[Target]) -
     """The base model with every tensor but the targets' weights read from its safetensors
     (as float32, like `ModelKind.load`), the targets' weights left on meta. None when the
     checkpoint's names do not cover the model (some older checkpoints): load it whole."""
-    from safetensors import safe_open
+    # transformers loads on first use (0.6 s): commands that read no model skip it
     from transformers import AutoConfig
 
     folder = Path(folder)

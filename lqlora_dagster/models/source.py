@@ -27,6 +27,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from lqlora_dagster.errors import LQLoRAInputError
 
 HUB_PREFIX = "hub:"
@@ -216,7 +218,7 @@ def parse_source(source: str) -> ParsedSource:
 def _write_fp32_copy(folder: Path, gguf_file: str, target: Path) -> None:
     """Dequantize a GGUF once and save it as an fp32 HF folder (atomic rename). One
     line says what happens; transformers' per-tensor and per-shard bars stay off."""
-    import torch
+    # transformers loads on first use (0.6 s): commands that read no model skip it
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

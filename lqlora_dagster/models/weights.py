@@ -9,7 +9,9 @@ import torch
 from safetensors import safe_open
 
 from lqlora_dagster.models.checkpoint_files import SAFETENSORS_BYTES
-from lqlora_dagster.models.targets import Target
+from lqlora_dagster.models.loading import load_model
+from lqlora_dagster.models.source import task_of_folder
+from lqlora_dagster.models.targets import Target, target_weight
 
 
 def key_to_file(folder: Path) -> dict[str, Path]:
@@ -29,10 +31,6 @@ def read_target_weights(folder: Path, targets: list[Target]) -> dict[str, torch.
     folder = Path(folder)
     files = key_to_file(folder)
     if not all(f"{t.name}.weight" in files for t in targets):
-        from lqlora_dagster.models.loading import load_model
-        from lqlora_dagster.models.source import task_of_folder
-        from lqlora_dagster.models.targets import target_weight
-
         model = load_model(folder, task_of_folder(folder))
         return {t.name: target_weight(model, t).detach().to(torch.float32).contiguous() for t in targets}
     out = {}
@@ -60,9 +58,6 @@ def nontarget_bytes(folder: Path, targets: list[Target]) -> int:
     files = key_to_file(folder)
     weights = {f"{t.name}.weight" for t in targets}
     if not weights <= set(files):
-        from lqlora_dagster.models.loading import load_model
-        from lqlora_dagster.models.source import task_of_folder
-
         model = load_model(folder, task_of_folder(folder))
         seen = {p.data_ptr() for n, p in model.named_parameters() if n in weights}
         tensors = {p.data_ptr(): p for p in model.state_dict().values() if p.data_ptr() not in seen}

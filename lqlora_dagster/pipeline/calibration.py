@@ -11,7 +11,7 @@ from lqlora_dagster.data.selection import TaskData
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.fisher import estimate_fisher
 from lqlora_dagster.models.loading import load_tokenizer
-from lqlora_dagster.pipeline.base_model import load_with_targets
+from lqlora_dagster.pipeline.base_model_stage import load_with_targets
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.handles import CalibrationHandle, FisherHandle, ModelHandle
 from lqlora_dagster.pipeline.settings import CalibrationSettings

@@ -6,14 +6,14 @@ import pandas as pd
 import torch
 
 from lqlora_dagster.decompose.lq import LQSettings
-from lqlora_dagster.evaluation import storage
 from lqlora_dagster.methods import get_method
+from lqlora_dagster.metrics import storage
 from lqlora_dagster.models.kinds import model_kind
 from lqlora_dagster.models.loading import load_tokenizer
 from lqlora_dagster.models.skeleton import base_without_targets
 from lqlora_dagster.models.targets import Target, find_targets
 from lqlora_dagster.models.weights import read_target_weights
-from lqlora_dagster.pipeline.base_model import load_with_targets, recorded_targets
+from lqlora_dagster.pipeline.base_model_stage import load_with_targets, recorded_targets
 from lqlora_dagster.pipeline.calibration import load_fisher
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.handles import (

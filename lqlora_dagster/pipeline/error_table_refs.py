@@ -18,7 +18,7 @@ import dataclasses
 import pandas as pd
 
 from lqlora_dagster.decompose.inits import ConfigError
-from lqlora_dagster.error_table.estimates import LOWER_RANK_STEPS, FastSettings
+from lqlora_dagster.error_estimation.estimates import LOWER_RANK_STEPS, FastSettings
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.methods import Method, get_method
 from lqlora_dagster.models.targets import Target

@@ -14,11 +14,11 @@ import torch
 from lqlora_dagster.allocate.confirm import ExactRows, Row
 from lqlora_dagster.decompose.inits import ConfigError
 from lqlora_dagster.decompose.lq import LQSettings
-from lqlora_dagster.error_table.compute import RowRequest, compute_rows
+from lqlora_dagster.error_estimation.compute import RowRequest, compute_rows
 from lqlora_dagster.methods import get_method
 from lqlora_dagster.models.targets import Target
 from lqlora_dagster.models.weights import key_to_file, read_target_weights
-from lqlora_dagster.pipeline.base_model import recorded_targets
+from lqlora_dagster.pipeline.base_model_stage import recorded_targets
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.error_table_refs import check_rank_fits, fast_path, table_frame, table_refs
 from lqlora_dagster.pipeline.handles import ErrorTableHandle, FisherHandle, ModelHandle, TableRef

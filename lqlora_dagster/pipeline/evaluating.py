@@ -9,10 +9,10 @@ from pathlib import Path
 import pandas as pd
 
 from lqlora_dagster.data.selection import TaskData
-from lqlora_dagster.evaluation import storage
 from lqlora_dagster.memory import PeakMemory
+from lqlora_dagster.metrics import storage
 from lqlora_dagster.models.loading import load_tokenizer
-from lqlora_dagster.pipeline.base_model import load_base
+from lqlora_dagster.pipeline.base_model_stage import load_base
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.decomposition import ASSET as DECOMPOSED
 from lqlora_dagster.pipeline.finetuning import label, load_finetuned, spread

@@ -42,6 +42,7 @@ class ModelShape:
 def model_shape(warehouse: Warehouse, model: str, cache: Path) -> ModelShape:
     """Target shapes as `base_model` recorded them, or else from the model's module tree
     built on the meta device; no weight is read or allocated."""
+    # transformers loads on first use (0.6 s): commands that read no model skip it
     from transformers import AutoConfig
 
     record = lookup_model(warehouse, model)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from lqlora_dagster.data.selection import TaskData
 from lqlora_dagster.models.loading import load_tokenizer
-from lqlora_dagster.pipeline.base_model import load_with_targets
+from lqlora_dagster.pipeline.base_model_stage import load_with_targets
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.decomposition import ASSET as DECOMPOSED
 from lqlora_dagster.pipeline.handles import AdapterRef, DecomposedHandle, FinetunedHandle, ModelHandle

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from lqlora_dagster.data.selection import TaskData
 from lqlora_dagster.decompose.lq import LQSettings
-from lqlora_dagster.error_table.table_ref import TableRef
+from lqlora_dagster.error_estimation.table_ref import TableRef
 from lqlora_dagster.knobs import from_values
 
 

@@ -20,7 +20,7 @@ from lqlora_dagster.allocate.confirm import Solver, confirm_plan
 from lqlora_dagster.allocate.problem import CANDIDATE, Allocation, cheapest_bits
 from lqlora_dagster.methods import get_method
 from lqlora_dagster.models.weights import nontarget_bytes
-from lqlora_dagster.pipeline.base_model import recorded_targets
+from lqlora_dagster.pipeline.base_model_stage import recorded_targets
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.error_table_stage import exact_rows, known_exact_rows, load_table
 from lqlora_dagster.pipeline.handles import ErrorTableHandle, ModelHandle, PlanHandle, PlanRef, TableRef

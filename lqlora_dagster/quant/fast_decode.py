@@ -35,6 +35,7 @@ def kernel():
     venv_bin = str(Path(sys.executable).parent)  # pip's ninja, when the venv is not activated
     path = os.environ.get("PATH", "")
     try:
+        # the C++ build tools load only when the kernel is compiled
         from torch.utils.cpp_extension import load
 
         if shutil.which("ninja") is None:

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import load_file, save_model
 
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.models.kinds import model_kind
@@ -77,7 +77,7 @@ def load_lq_model(folder: Path, device: torch.device | str = "cpu") -> torch.nn.
     """The saved model, built without allocating its weights: parameters start on the
     meta device and the file's tensors are assigned in, so memory is the packed size
     plus the non-target parameters, never the dense model."""
-    from safetensors.torch import load_file
+    # transformers loads on first use (0.6 s): commands that read no model skip it
     from transformers import AutoConfig
 
     folder = Path(folder)

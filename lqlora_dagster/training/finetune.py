@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from lqlora_dagster.errors import LQLoRAInputError
@@ -117,9 +119,6 @@ def finetune(
     values of the best validation, and training stops after `patience` validations
     without improvement. `stop_after` ends the call early after that many steps (for
     tests and time limits)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LQLoRAInputError("nothing to train: no parameter requires grad (call mark_trainable first)")

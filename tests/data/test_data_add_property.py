@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from lqlora_dagster.data.datasets import load_rows
 from lqlora_dagster.data.files import checksum, read_table
-from lqlora_dagster.pipeline.datasets import lookup_dataset
+from lqlora_dagster.pipeline.dataset_registry import lookup_dataset
 from lqlora_dagster.store.warehouse import Warehouse
 from tests.data.cli_run import lqlora, stored
 

@@ -20,7 +20,7 @@ import torch
 from lqlora_dagster.data.datasets import load_rows
 from lqlora_dagster.data.files import checksum
 from lqlora_dagster.data.selection import TaskData, part_stream
-from lqlora_dagster.pipeline.datasets import current, lookup_dataset, registered_datasets
+from lqlora_dagster.pipeline.dataset_registry import current, lookup_dataset, registered_datasets
 from lqlora_dagster.store.warehouse import Warehouse
 from tests.data.cli_run import lqlora, refused, stored
 

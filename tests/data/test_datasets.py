@@ -12,7 +12,7 @@ from lqlora_dagster.data.encode import IGNORE, classification_examples, instruct
 from lqlora_dagster.data.selection import TaskData, part_rows, row_split, stream_split
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.models.loading import load_tokenizer
-from lqlora_dagster.pipeline.datasets import add_dataset, registered_datasets, select_data
+from lqlora_dagster.pipeline.dataset_registry import add_dataset, registered_datasets, select_data
 from lqlora_dagster.pipeline.handles import ModelHandle
 from lqlora_dagster.pipeline.settings import DataSettings
 from lqlora_dagster.store.warehouse import Warehouse

@@ -7,7 +7,7 @@ import torch
 from lqlora_dagster.data.corpora import read_text, sotu_files
 from lqlora_dagster.data.windows import check_token_ids, token_windows, tokenize
 from lqlora_dagster.errors import LQLoRAInputError
-from lqlora_dagster.evaluation import perplexity
+from lqlora_dagster.metrics import perplexity
 from lqlora_dagster.models.loading import load_tokenizer
 from tests.tiny_models import tiny_llama
 

@@ -18,7 +18,7 @@ import torch
 
 from lqlora_dagster import cli
 from lqlora_dagster.errors import LQLoRAInputError
-from lqlora_dagster.pipeline.base_model import run_base_model
+from lqlora_dagster.pipeline.base_model_stage import run_base_model
 from lqlora_dagster.pipeline.calibration import run_calibration
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.error_table_stage import compute_table_rows, table_handle
@@ -299,7 +299,7 @@ def test_fisher_method_without_fisher(ctx, tiny_base):
 
 
 def test_more_calibration_windows_than_text(ctx, tiny_base, tmp_path):
-    from lqlora_dagster.pipeline.datasets import add_dataset, select_data
+    from lqlora_dagster.pipeline.dataset_registry import add_dataset, select_data
     from lqlora_dagster.pipeline.settings import DataSettings
 
     path = tmp_path / "calibration.txt"
@@ -350,7 +350,7 @@ def test_config_unknown_grid(home):
 
 
 def test_config_misspelled_method():
-    from assets.errors import ErrorTableConfig
+    from assets.error_table import ErrorTableConfig
 
     with pytest.raises(LQLoRAInputError) as err:
         ErrorTableConfig(methods=["lqlora-fishr"]).settings()

@@ -11,7 +11,7 @@ from lqlora_dagster.allocate.confirm import confirm_plan
 from lqlora_dagster.allocate.ilp import solve_ilp
 from lqlora_dagster.allocate.uniform import solve_uniform
 from lqlora_dagster.decompose.lq import LQSettings, lq_error_estimate
-from lqlora_dagster.error_table.estimates import estimated_errors
+from lqlora_dagster.error_estimation.estimates import estimated_errors
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.pipeline.handles import TableRef
 from lqlora_dagster.pipeline.planning import plan_id, row_margin

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from lqlora_dagster.decompose.fisher_weights import residual_error
 from lqlora_dagster.decompose.lowrank import LowRank
 from lqlora_dagster.decompose.lq import LQSettings, lq_error_estimate
-from lqlora_dagster.error_table.estimates import FastSettings, anchor_of, estimated_errors
+from lqlora_dagster.error_estimation.estimates import FastSettings, anchor_of, estimated_errors
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.pipeline.settings import ErrorTableSettings
 from lqlora_dagster.quant.codec import simulate

@@ -13,7 +13,7 @@ from lqlora_dagster.allocate.budget import Budget, capacity, counted_bits, figur
 from lqlora_dagster.allocate.ilp import solve_ilp
 from lqlora_dagster.decompose.inits import INITS
 from lqlora_dagster.decompose.lq import LQSettings, quantize_only
-from lqlora_dagster.error_table.estimates import FastSettings, estimated_errors, estimated_errors_by_rank
+from lqlora_dagster.error_estimation.estimates import FastSettings, estimated_errors, estimated_errors_by_rank
 from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.methods import METHODS
 from lqlora_dagster.pipeline.settings import ErrorTableSettings, PlanSettings

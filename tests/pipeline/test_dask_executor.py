@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from assets.errors import N_CHUNKS
+from assets.error_table import N_CHUNKS
 from lqlora_dagster.definitions import reconstructable_job
 from lqlora_dagster.pipeline.registry import register_model
 from lqlora_dagster.store.warehouse import Warehouse

@@ -4,7 +4,7 @@ realizes each matrix's rank (0: no factors), and training and evaluation run on 
 
 import pytest
 
-from assets.plans import plans_meet_budget
+from assets.allocation_plan import plans_meet_budget
 from lqlora_dagster.store.warehouse import Warehouse
 from resources import WarehouseResource
 from tests.conftest import registered_home

@@ -10,7 +10,7 @@ import pytest
 
 from assets.runs import stored_handle
 from lqlora_dagster.definitions import build_definitions, resources_at
-from lqlora_dagster.pipeline.datasets import add_dataset
+from lqlora_dagster.pipeline.dataset_registry import add_dataset
 from lqlora_dagster.pipeline.finetuning import REFERENCE
 from tests.conftest import registered_home
 from tests.pipeline.conftest import tiny_settings

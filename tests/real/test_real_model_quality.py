@@ -8,8 +8,8 @@ import pytest
 from lqlora_dagster.data.corpora import sotu_text
 from lqlora_dagster.data.windows import token_windows, tokenize
 from lqlora_dagster.decompose.lq import LQSettings
-from lqlora_dagster.evaluation import perplexity, storage
 from lqlora_dagster.methods import get_method
+from lqlora_dagster.metrics import perplexity, storage
 from lqlora_dagster.models.targets import find_targets
 from lqlora_dagster.quant import QLORA_NF4
 from lqlora_dagster.quant.config import storage_bits

@@ -8,10 +8,10 @@ finishes; `error_table_summary` fans in and returns the handle.
 
 import dagster as dg
 
-from assets.config import config_class
+from assets.run_config import config_class
 from assets.shared import BASE_MODELS, summary
 from lqlora_dagster.per_matrix_threads import matrix_workers
-from lqlora_dagster.pipeline.base_model import recorded_targets
+from lqlora_dagster.pipeline.base_model_stage import recorded_targets
 from lqlora_dagster.pipeline.error_table_refs import TABLE_VERSION, table_chunks
 from lqlora_dagster.pipeline.error_table_stage import compute_table_rows, table_handle
 from lqlora_dagster.pipeline.handles import ErrorTableHandle, FisherHandle, ModelHandle

@@ -3,7 +3,7 @@
 from assets.stage_asset import Produced, stage_asset
 from lqlora_dagster.data.selection import PARTS
 from lqlora_dagster.pipeline.context import StageContext
-from lqlora_dagster.pipeline.datasets import DATA_VERSION, select_data
+from lqlora_dagster.pipeline.dataset_registry import DATA_VERSION, select_data
 from lqlora_dagster.pipeline.handles import ModelHandle
 from lqlora_dagster.pipeline.settings import DataSettings
 from lqlora_dagster.store.keys import stable_key

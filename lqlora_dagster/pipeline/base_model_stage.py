@@ -57,6 +57,7 @@ def checked_targets(folder: Path, task: str, pattern: str | None, model_name: st
     weight then read from disk and checked for NaN and Inf on its own (one would otherwise
     surface hours later as a NaN error table): the stage holds one matrix, not the model.
     A checkpoint whose names do not cover the targets (older names) is loaded whole."""
+    # transformers loads on first use (0.6 s): commands that read no model skip it
     from transformers import AutoConfig
 
     try:

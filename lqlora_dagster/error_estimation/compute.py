@@ -16,8 +16,8 @@ import torch
 
 from lqlora_dagster.decompose.inits import ConfigError
 from lqlora_dagster.decompose.lq import LQSettings
-from lqlora_dagster.error_table.estimates import FastSettings, estimated_errors_by_rank
-from lqlora_dagster.error_table.table_ref import TableRef
+from lqlora_dagster.error_estimation.estimates import FastSettings, estimated_errors_by_rank
+from lqlora_dagster.error_estimation.table_ref import TableRef
 from lqlora_dagster.methods import get_method
 from lqlora_dagster.models.targets import Target
 from lqlora_dagster.per_matrix_threads import one_thread_per_matrix

@@ -3,7 +3,7 @@
 import dagster as dg
 
 from assets.stage_asset import Produced, stage_asset
-from lqlora_dagster.pipeline.base_model import CODE_VERSION, run_base_model
+from lqlora_dagster.pipeline.base_model_stage import CODE_VERSION, run_base_model
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.handles import ModelHandle
 from resources import WarehouseResource
