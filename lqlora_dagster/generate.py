@@ -10,8 +10,9 @@ from lqlora_dagster.memory import PeakMemory
 from lqlora_dagster.models.positions import context_length
 from lqlora_dagster.pipeline.context import StageContext
 from lqlora_dagster.pipeline.decomposition import ASSET as DECOMPOSED
-from lqlora_dagster.pipeline.finetuning import REFERENCE, label, load_finetuned
-from lqlora_dagster.pipeline.handles import AdapterRef, FinetunedHandle, ModelHandle
+from lqlora_dagster.pipeline.finetuning import REFERENCE, load_finetuned
+from lqlora_dagster.pipeline.handles import AdapterRef, ModelHandle
+from lqlora_dagster.sampling import Sampling
 from lqlora_dagster.surgery.lq_model_io import load_lq_model
 
 
@@ -25,19 +26,6 @@ class Generated:
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds else float("nan")
-
-
-def pick_adapter(adapters: FinetunedHandle, method: str | None, budget: float | None) -> AdapterRef:
-    """The adapter of a method (and budget); the first one trained when neither is given."""
-    found = [a for a in adapters.items if (method is None or a.method == method)
-             and (budget is None or (a.budget is not None and abs(a.budget - budget) < 1e-9))]
-    if not found:
-        have = ", ".join(label(a) for a in adapters.items) or "none"
-        raise LQLoRAInputError(
-            f"no finetuned adapter for {method or 'any method'}{f' @ {budget:g}' if budget else ''} "
-            f"(trained: {have}); run `lqlora run` with that method and budget first"
-        )
-    return found[0]
 
 
 def load_for_generation(ctx: StageContext, model: ModelHandle, ref: AdapterRef, finetuned: bool = True):
@@ -78,9 +66,10 @@ def check_room(config, prompt_tokens: int, max_new_tokens: int) -> None:
 
 
 @torch.no_grad()
-def generate(net, tokenizer, ids: torch.Tensor, max_new_tokens: int, stream=None) -> Generated:
-    """Greedy decoding from prompt `ids` (`prompt_ids`); `stream(text)` receives each
-    piece as it is decoded."""
+def generate(net, tokenizer, ids: torch.Tensor, max_new_tokens: int, stream=None,
+             sampling: Sampling = Sampling()) -> Generated:
+    """Decoding from prompt `ids` (`prompt_ids`), greedy or sampled (`sampling`);
+    `stream(text)` receives each piece as it is decoded."""
     # transformers loads on first use (0.6 s): commands that read no model skip it
     from transformers import TextStreamer
 
@@ -91,9 +80,11 @@ def generate(net, tokenizer, ids: torch.Tensor, max_new_tokens: int, stream=None
             if stream is not None:
                 stream(text)
 
+    drawn = {} if sampling.greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+    torch.manual_seed(sampling.seed)
     with PeakMemory(ids.device) as memory:
         out = net.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                           do_sample=False, streamer=_Streamer(tokenizer, skip_prompt=True),
-                           pad_token_id=tokenizer.pad_token_id)
+                           do_sample=not sampling.greedy, streamer=_Streamer(tokenizer, skip_prompt=True),
+                           pad_token_id=tokenizer.pad_token_id, **drawn)
     new = out[0, ids.shape[1]:]
     return Generated(tokenizer.decode(new, skip_special_tokens=True), len(new), memory.seconds, memory.added_mb)

@@ -172,7 +172,9 @@ CREATE TABLE IF NOT EXISTS evaluations (
     created_at         TIMESTAMP DEFAULT current_timestamp,
     macro_f1           DOUBLE,            -- classification
     dataset            VARCHAR,           -- the held-out data scored (dataset name and part)
-    lr                 DOUBLE             -- after_finetune: the peak learning rate of the adapter kept
+    lr                 DOUBLE,            -- after_finetune: the peak learning rate of the adapter kept
+    runtime            VARCHAR,           -- exported: what scored the file (llama.cpp | transformers)
+    export_key         VARCHAR            -- exported: the export scored (exports)
 );
 
 -- One row per successful stage run (pipeline/stage_runs.py): wall time and memory.
@@ -195,4 +197,34 @@ CREATE TABLE IF NOT EXISTS artifacts (
     sha256     VARCHAR NOT NULL,          -- JSON {file: checksum}
     nbytes     BIGINT NOT NULL,
     created_at TIMESTAMP DEFAULT current_timestamp
+);
+
+-- One row per exported file or folder (pipeline/exporting.py): what it came from and holds.
+CREATE TABLE IF NOT EXISTS exports (
+    export_key        VARCHAR PRIMARY KEY,
+    model             VARCHAR NOT NULL,
+    method            VARCHAR NOT NULL,    -- 'reference': the uncompressed model with its LoRA
+    budget            DOUBLE,              -- the method's budget (NULL for the reference)
+    plan_id           VARCHAR NOT NULL,    -- the allocation plan of the base ('reference' for none)
+    run_key           VARCHAR NOT NULL,    -- the finetuned adapter merged in
+    format            VARCHAR NOT NULL,    -- gguf | hf | peft
+    path              VARCHAR NOT NULL,    -- the artifact (file or folder) in the store
+    file_bytes        BIGINT NOT NULL,     -- every file of it
+    sha256            VARCHAR NOT NULL,    -- JSON {file: checksum}
+    target_bits       DOUBLE,              -- gguf: bits per weight over the target matrices
+    objective         DOUBLE,              -- gguf: Fisher-weighted error of the chosen types
+    notes             VARCHAR,             -- what the converter said that a user should know
+    created_at        TIMESTAMP DEFAULT current_timestamp
+);
+
+-- gguf exports: every tensor of the file, its llama.cpp type and size.
+CREATE TABLE IF NOT EXISTS export_tensors (
+    export_key  VARCHAR NOT NULL,
+    tensor      VARCHAR NOT NULL,          -- the GGUF name (blk.N.attn_q.weight)
+    type        VARCHAR NOT NULL,          -- Q4_K, IQ4_NL, F32, ...
+    numel       BIGINT NOT NULL,
+    nbytes      BIGINT NOT NULL,
+    is_target   BOOLEAN NOT NULL,          -- chosen by the plan (else: the other-type knob, or F32)
+    error       DOUBLE,                    -- targets: Fisher-weighted squared error of the type
+    PRIMARY KEY (export_key, tensor)
 );

@@ -1,6 +1,6 @@
 """The layering contract: imports only point down, and nothing imports in a circle.
 
-    CLI        lqlora_dagster.cli, cli_args, cli_generate, run_log, ui_session
+    CLI        lqlora_dagster.cli, cli_args, cli_export, cli_generate, run_log, ui_session
     Dagster    assets.*, resources.*, lqlora_dagster.definitions
     pipeline   lqlora_dagster.pipeline.*, comparison, report, generate
     method     every other module of lqlora_dagster (quant, decompose, allocate, models,
@@ -19,8 +19,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("lqlora_dagster", "assets", "resources")
 LAYERS = ("method", "pipeline", "dagster", "cli")
-CLI = {"lqlora_dagster.cli", "lqlora_dagster.cli_args", "lqlora_dagster.cli_generate", "lqlora_dagster.run_log",
-       "lqlora_dagster.ui_session"}
+CLI = {"lqlora_dagster.cli", "lqlora_dagster.cli_args", "lqlora_dagster.cli_export", "lqlora_dagster.cli_generate",
+       "lqlora_dagster.run_log", "lqlora_dagster.ui_session"}
 PIPELINE = ("lqlora_dagster.pipeline", "lqlora_dagster.comparison", "lqlora_dagster.report", "lqlora_dagster.generate")
 
 

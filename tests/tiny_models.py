@@ -45,15 +45,17 @@ def tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
 
 
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer with no merges (every byte one token) plus SmolLM2's
-    special tokens and a chat template: any text encodes, and the instruction path runs
-    through the chat template as it does on the real model."""
+def tiny_tokenizer(merges: tuple[tuple[str, str], ...] = ()):
+    """A byte-level BPE tokenizer, by default with no merges (every byte one token), plus
+    SmolLM2's special tokens and a chat template: any text encodes, and the instruction
+    path runs through the chat template as it does on the real model. `merges` (pairs of
+    byte-level symbols, e.g. ("Ġ", "t")) add their joined tokens after the bytes, as a
+    trained BPE vocabulary has them (llama.cpp loads no BPE vocabulary without merges)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tokens = [*SPECIAL_TOKENS, *sorted(pre_tokenizers.ByteLevel.alphabet())]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[]))
+    tokens = [*SPECIAL_TOKENS, *sorted(pre_tokenizers.ByteLevel.alphabet()), *(a + b for a, b in merges)]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=list(merges)))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(SPECIAL_TOKENS))

@@ -53,11 +53,13 @@ COVERS: dict[str, tuple[str, ...]] = {
     "FORMAT_VERSION": (P + "quant/matrix.py", P + "quant/bitpack.py"),
     # finetuned_adapters: the trained factors, DuckDB train_steps
     "FINETUNE_VERSION": (P + "training/*.py", P + "surgery/lq_linear.py", P + "surgery/lora_linear.py",
-                         P + "surgery/injector.py", P + "surgery/export.py", P + "tasks.py", P + "data/encode.py",
+                         P + "surgery/injector.py", P + "surgery/peft_adapter.py", P + "tasks.py", P + "data/encode.py",
                          P + "data/windows.py"),
     # evaluation: DuckDB evaluations (metrics, storage, memory)
     "EVAL_VERSION": (P + "metrics.py", P + "tasks.py", P + "data/encode.py", P + "data/windows.py",
                      P + "memory.py"),
+    # exported_model: the written file (GGUF types and bytes, merged weights), DuckDB exports
+    "EXPORT_VERSION": (P + "export/*.py", P + "surgery/injector.py", P + "surgery/peft_adapter.py"),
     # comparison_report: the table and plots
     "REPORT_VERSION": (P + "report.py",),
 }

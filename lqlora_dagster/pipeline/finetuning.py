@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from lqlora_dagster.data.selection import TaskData
+from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.models.loading import load_tokenizer
 from lqlora_dagster.pipeline.base_model_stage import load_with_targets
 from lqlora_dagster.pipeline.context import StageContext
@@ -27,10 +28,10 @@ from lqlora_dagster.pipeline.handles import AdapterRef, DecomposedHandle, Finetu
 from lqlora_dagster.pipeline.settings import FinetuneSettings
 from lqlora_dagster.store.keys import stable_key
 from lqlora_dagster.store.schemas import TRAIN_STEPS
-from lqlora_dagster.surgery.export import export_peft_adapter
 from lqlora_dagster.surgery.injector import factor_layers, mark_trainable
 from lqlora_dagster.surgery.lora_linear import add_lora
 from lqlora_dagster.surgery.lq_model_io import load_lq_model
+from lqlora_dagster.surgery.peft_adapter import export_peft_adapter
 from lqlora_dagster.tasks import get_task, task_of_data
 from lqlora_dagster.training.finetune import TrainingDiverged, best_step, finetune
 from lqlora_dagster.training.state import checkpoint_step
@@ -222,3 +223,16 @@ def load_finetuned(
             for pname, p in net.get_submodule(head).named_parameters():
                 p.copy_(tensors[f"base_model.model.{head}.{pname}"])
     return net.eval()
+
+
+def pick_adapter(adapters: FinetunedHandle, method: str | None, budget: float | None) -> AdapterRef:
+    """The adapter of a method (and budget); the first one trained when neither is given."""
+    found = [a for a in adapters.items if (method is None or a.method == method)
+             and (budget is None or (a.budget is not None and abs(a.budget - budget) < 1e-9))]
+    if not found:
+        have = ", ".join(label(a) for a in adapters.items) or "none"
+        raise LQLoRAInputError(
+            f"no finetuned adapter for {method or 'any method'}{f' @ {budget:g}' if budget else ''} "
+            f"(trained: {have}); run `lqlora run` with that method and budget first"
+        )
+    return found[0]

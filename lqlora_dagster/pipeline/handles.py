@@ -113,6 +113,20 @@ class EvaluationHandle:
 
 
 @dataclass(frozen=True)
+class ExportHandle:
+    model: str
+    export_key: str  # DuckDB exports, export_tensors; the artifact under exported_model/<model>/<key>
+    format: str
+    path: str  # the file (gguf) or folder (hf, peft) in the store
+    file_bytes: int
+    method: str
+    budget: float | None
+    exported_ppl: float | None = None  # in the file's runtime, when checked
+    in_tool_ppl: float | None = None  # the finetuned model in lqlora, same windows
+    margin: float = 0.05  # how far above in_tool_ppl the file may score before the check warns
+
+
+@dataclass(frozen=True)
 class ReportHandle:
     model: str
     key: str  # the stored report folder: comparison.md, pareto.png, allocation.png
@@ -132,6 +146,7 @@ HANDLE_TYPES = {
         FinetunedHandle,
         EvaluationHandle,
         ReportHandle,
+        ExportHandle,
         TaskData,
     )
 }

@@ -15,6 +15,8 @@ from typing import ClassVar
 from lqlora_dagster.allocate.budget import Budget, parse_size
 from lqlora_dagster.decompose.lq import LQSettings
 from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.export.ggml_types import BY_NAME as GGML_TYPES
+from lqlora_dagster.export.ggml_types import CANDIDATES as GGML_CANDIDATES
 from lqlora_dagster.knobs import check_knobs, from_values, knob, knob_values
 from lqlora_dagster.methods import METHODS, Method
 from lqlora_dagster.quant.config import CONFIG_GRID, REDUCED_GRID, QuantConfig
@@ -247,6 +249,45 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         check_knobs(self)
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """What `exported_model` writes: which adapter, in which format, at which size. Not in
+    `PipelineSettings`: the export runs in its own job, after the main one."""
+
+    cli_prefix: ClassVar[str] = ""
+
+    format: str = knob("gguf", "gguf: one file for llama.cpp; hf: merged weights for transformers/vLLM; "
+                       "peft: the dequantized base plus the adapter", choices=("gguf", "hf", "peft"))
+    method: str | None = knob(None, "the finetuned method to export (default: the first one trained; "
+                              "'reference' is the uncompressed model with its LoRA)")
+    budget: float | None = knob(None, "the budget that method trained at, when it trained at several", gt=0)
+    bits: float = knob(4.5, "gguf: average bits per weight over the target matrices (the file's other tensors "
+                       "are counted apart)", gt=0)
+    max_size: str | None = knob(None, "gguf: a size for the whole file (e.g. 90MB) instead of --bits")
+    types: tuple[str, ...] = knob(tuple(t.name for t in GGML_CANDIDATES),
+                                  "gguf: the llama.cpp types the plan may give a target matrix",
+                                  choices=tuple(t.name for t in GGML_CANDIDATES), nonempty=True)
+    other_type: str = knob("Q8_0", "gguf: the type of the matrices that are not targets (embeddings, an untied "
+                           "output layer); vectors stay F32", choices=tuple(GGML_TYPES))
+    dtype: str = knob("fp32", "hf and peft: the dtype of the written weights", choices=("fp32", "bf16", "fp16"))
+    check: bool = knob(True, "score the written file in its runtime on the held-out windows (llama.cpp for "
+                       "gguf, transformers for hf) and record it beside the in-tool model",
+                       flags=("--no-check",), off="write the file without scoring it")
+    check_len: int = knob(512, "tokens per window the check scores", ge=2)
+    check_windows: int = knob(16, "windows the check scores, spread over the held-out text", ge=1)
+    margin: float = knob(0.05, "the asset check warns when the file's perplexity is more than this fraction "
+                         "above the in-tool model's", ge=0)
+
+    def __post_init__(self) -> None:
+        check_knobs(self)
+        if self.max_size is not None:
+            parse_size(self.max_size)
+
+    @property
+    def max_bytes(self) -> int | None:
+        return None if self.max_size is None else parse_size(self.max_size)
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,7 @@ EVALUATIONS = pa.DataFrameSchema(
         "model": pa.Column(str),
         "method": pa.Column(str),
         "budget": pa.Column(float, nullable=True, coerce=True),
-        "stage": pa.Column(str, pa.Check.isin(["reference", "before_finetune", "after_finetune"])),
+        "stage": pa.Column(str, pa.Check.isin(["reference", "before_finetune", "after_finetune", "exported"])),
         "metric": pa.Column(str, pa.Check.isin(["perplexity", "response_perplexity", "accuracy"])),
         "value": pa.Column(float, _finite_nonneg),
         "perplexity": pa.Column(float, nullable=True, coerce=True),
@@ -144,6 +144,44 @@ EVALUATIONS = pa.DataFrameSchema(
         "macro_f1": pa.Column(float, nullable=True, coerce=True),
         "dataset": pa.Column(str, nullable=True),
         "lr": pa.Column(float, pa.Check.gt(0), nullable=True, coerce=True),
+        # exported rows only: the other stages' frames leave them out
+        "runtime": pa.Column(str, pa.Check.isin(["llama.cpp", "transformers"]), nullable=True, required=False),
+        "export_key": pa.Column(str, nullable=True, required=False),
     },
+    strict=True,
+)
+
+EXPORTS = pa.DataFrameSchema(
+    name="exports",
+    columns={
+        "export_key": pa.Column(str, unique=True),
+        "model": pa.Column(str),
+        "method": pa.Column(str),
+        "budget": pa.Column(float, nullable=True, coerce=True),
+        "plan_id": pa.Column(str),
+        "run_key": pa.Column(str),
+        "format": pa.Column(str, pa.Check.isin(["gguf", "hf", "peft"])),
+        "path": pa.Column(str),
+        "file_bytes": pa.Column("int64", pa.Check.gt(0)),
+        "sha256": pa.Column(str),
+        "target_bits": pa.Column(float, pa.Check.gt(0), nullable=True, coerce=True),
+        "objective": pa.Column(float, _finite_nonneg, nullable=True, coerce=True),
+        "notes": pa.Column(str, nullable=True),
+    },
+    strict=True,
+)
+
+EXPORT_TENSORS = pa.DataFrameSchema(
+    name="export_tensors",
+    columns={
+        "export_key": pa.Column(str),
+        "tensor": pa.Column(str),
+        "type": pa.Column(str),
+        "numel": pa.Column("int64", pa.Check.gt(0)),
+        "nbytes": pa.Column("int64", pa.Check.gt(0)),
+        "is_target": pa.Column(bool),
+        "error": pa.Column(float, _finite_nonneg, nullable=True, coerce=True),
+    },
+    unique=["export_key", "tensor"],
     strict=True,
 )

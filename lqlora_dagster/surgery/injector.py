@@ -79,11 +79,13 @@ def mark_trainable(model: nn.Module, head: str | None = None) -> list[str]:
 
 
 def to_dense(model: nn.Module, merge: bool) -> nn.Module:
-    """Replace each LQLinear in place by the original layer type holding deq(Q)
-    (merge=False) or deq(Q) + scaling L1 L2 (merge=True), fp32. Returns the model."""
-    for name, layer in lq_layers(model).items():
+    """Replace each factor layer in place by the original layer type holding its base
+    (deq(Q) for an LQLinear, the frozen weight for a LoRALinear; merge=False) or the base
+    plus scaling L1 L2 (merge=True), fp32. Returns the model."""
+    for name, layer in factor_layers(model).items():
         with torch.no_grad():
-            weight = layer.merged_weight() if merge else layer.dequantized_weight()
+            base = layer.dequantized_weight() if isinstance(layer, LQLinear) else layer.weight.float()
+            weight = base + layer.scaling * (layer.L1.float() @ layer.L2.float()) if merge else base
         bias = layer.bias.detach() if layer.bias is not None else None
         set_submodule(model, name, layer_type_named(layer.layer_type).dense(weight, bias))
     return model

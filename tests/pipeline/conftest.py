@@ -1,6 +1,11 @@
 """Small run configs for materializing the graph on the tiny model (tests/conftest.py)."""
 
+import dagster as dg
+
 from lqlora_dagster.pipeline.settings import PipelineSettings
+
+# every asset but the export (its own job, after the main one: tests/pipeline/test_exported_model.py)
+MAIN_GRAPH = dg.AssetSelection.all() - dg.AssetSelection.assets("exported_model")
 
 
 def tiny_settings(budgets=(3.0,), methods=("lqlora-fisher",), steps=3) -> PipelineSettings:

@@ -9,7 +9,7 @@ import pytest
 from lqlora_dagster.definitions import build_definitions, resources_at
 from lqlora_dagster.store.warehouse import Warehouse
 from tests.conftest import registered_home
-from tests.pipeline.conftest import tiny_run_config
+from tests.pipeline.conftest import MAIN_GRAPH, tiny_run_config
 
 MODEL = "tiny-llama"
 TABLES = ("matrices", "quant_errors", "plans", "plan_assignments", "decompositions", "train_steps", "evaluations")
@@ -24,6 +24,7 @@ def materialize(home: Path, run_config: dict, instance: dg.DagsterInstance,
         partition_key=partition,
         resources=resources_at(home),
         run_config=run_config,
+        selection=MAIN_GRAPH,
         raise_on_error=True,
     )
 

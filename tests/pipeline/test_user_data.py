@@ -13,14 +13,14 @@ from lqlora_dagster.definitions import build_definitions, resources_at
 from lqlora_dagster.pipeline.dataset_registry import add_dataset
 from lqlora_dagster.pipeline.finetuning import REFERENCE
 from tests.conftest import registered_home
-from tests.pipeline.conftest import tiny_settings
+from tests.pipeline.conftest import MAIN_GRAPH, tiny_settings
 
 
 def materialize(home, model: str, run_config: dict, instance) -> bool:
     defs = build_definitions(home)
     return dg.materialize(
         list(defs.assets) + list(defs.asset_checks or []), instance=instance, partition_key=model,
-        resources=resources_at(home), run_config=run_config, raise_on_error=True,
+        resources=resources_at(home), run_config=run_config, selection=MAIN_GRAPH, raise_on_error=True,
     ).success
 
 

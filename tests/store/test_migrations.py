@@ -54,7 +54,7 @@ def test_a_new_home_records_every_migration(new_home):
     known = migrations()
     assert [m.version for m in known] == list(range(1, len(known) + 1)) and len(known) >= 6
     assert [(v, n) for v, n, _ in recorded(new_home)] == [(m.version, m.name) for m in known]
-    assert known[-1].name == "datasets_reading"
+    assert known[-1].name == "exports"
 
 
 @pytest.mark.parametrize("old", HOMES, ids=[p.stem for p in HOMES])

@@ -62,7 +62,8 @@ def migrated_columns() -> set[tuple[str, str]]:
 
 def test_every_pandera_schema_names_a_table(ddl):
     assert None not in SCHEMAS, "a pandera schema in store/schemas.py has no name= (its DuckDB table)"
-    assert set(SCHEMAS) == {"matrices", "quant_errors", "plans", "plan_assignments", "train_steps", "evaluations"}
+    assert set(SCHEMAS) == {"matrices", "quant_errors", "plans", "plan_assignments", "train_steps", "evaluations",
+                            "exports", "export_tensors"}
     assert set(SCHEMAS) <= set(ddl), f"pandera schemas for tables the DDL lacks: {set(SCHEMAS) - set(ddl)}"
 
 

@@ -1,13 +1,16 @@
 """Save/load of LQ models, PEFT adapters over the dequantized base, merged exports."""
 
+import copy
+
 import pytest
 import torch
 
 from lqlora_dagster.errors import LQLoRAInputError
+from lqlora_dagster.export.folders import write_merged
 from lqlora_dagster.surgery.decompose_model import apply_decompositions
-from lqlora_dagster.surgery.export import dequantized_base, export_merged, export_peft_adapter
-from lqlora_dagster.surgery.injector import lq_layers
+from lqlora_dagster.surgery.injector import lq_layers, to_dense
 from lqlora_dagster.surgery.lq_model_io import load_lq_model, save_lq_model
+from lqlora_dagster.surgery.peft_adapter import dequantized_base, export_peft_adapter
 from tests.surgery.test_lq_layers import lq_model
 from tests.tiny_models import tiny_bert, tiny_gpt2, tiny_llama, tokens
 
@@ -82,7 +85,7 @@ def test_merged_export_loads_in_plain_transformers(tmp_path, arch):
 
     build, task = BUILDERS[arch]
     model = trained_lq(build)
-    export_merged(model, tmp_path / "merged")
+    write_merged(to_dense(copy.deepcopy(model), merge=True), None, tmp_path / "merged")
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     plain = auto.from_pretrained(tmp_path / "merged").eval()
     x = tokens(2, 16)

@@ -1,4 +1,4 @@
-"""Exports for other tools: PEFT LoRA adapters, and merged dense checkpoints.
+"""PEFT LoRA adapters of a model with factors (the merged and GGUF exports: `lqlora_dagster/export/`).
 
 PEFT's LoRA computes base(x) + (alpha / r) * lora_B(lora_A(x)); ours computes
 deq(Q) x + scaling * L1 L2 x. So lora_A = L2, lora_B = L1 and lora_alpha =
@@ -69,14 +69,3 @@ def dequantized_base(model: torch.nn.Module) -> torch.nn.Module:
     """A copy with each LQLinear replaced by its dequantized Q alone: the base model a
     PEFT adapter exported from `model` applies to."""
     return to_dense(copy.deepcopy(model), merge=False)
-
-
-def export_merged(
-    model: torch.nn.Module, folder: Path, tokenizer=None, dtype: torch.dtype = torch.float32
-) -> Path:
-    """Dense weights deq(Q) + L1 L2 as a plain HF checkpoint (loads without this package)."""
-    merged = to_dense(copy.deepcopy(model), merge=True).to(dtype)
-    merged.save_pretrained(folder, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    return Path(folder)
