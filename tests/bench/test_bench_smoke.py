@@ -48,6 +48,14 @@ SMOKES: dict[str, tuple[list[str], list[str]]] = {
             r"plan \w+ \(lqlora-fisher @ 3\.25\): confirmed, exact error [\d.e+-]+; `--no-confirm` would",
         ],
     ),
+    "bench_gguf_export": (
+        [],
+        [
+            "| file | size MB | bits per target weight | perplexity | prefill tok/s | decode tok/s |",
+            r"# our \(tensor, type\) table from the uncompressed model: 84 rows, [\d.]+ s",
+            r"\| ours, uncompressed, at 5\.0 bits's size \| [\d.]+ \| 4\.\d+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|",
+        ],
+    ),
     "bench_inference": (
         [],
         [
