@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from bench._common import add_smoke, stamp
+from lqlora_dagster.export.ggml_types import CANDIDATES
 
 
 def target_bits(path: Path, targets: set[str]) -> float:
@@ -44,11 +45,11 @@ class OurMix:
     """One source model converted once, its (tensor, type) table priced once, then a file
     per budget."""
 
-    def __init__(self, merged: Path, fisher: dict[str, torch.Tensor], work: Path, tag: str):
+    def __init__(self, merged: Path, fisher: dict[str, torch.Tensor], work: Path, tag: str, types: list[str]):
         from gguf import GGUFReader
 
         from lqlora_dagster.export.folders import write_fisher_twin
-        from lqlora_dagster.export.ggml_types import CANDIDATES
+        from lqlora_dagster.export.ggml_types import ggml_type
         from lqlora_dagster.export.gguf_mix import marked_targets, type_table
         from lqlora_dagster.export.hf_to_gguf import convert
 
@@ -60,7 +61,7 @@ class OurMix:
         self.fisher = GGUFReader(work / f"{tag}-fisher.gguf")
         self.targets = set(marked_targets(self.fisher))
         start = time.perf_counter()
-        self.table = type_table(self.weights, self.fisher, CANDIDATES)
+        self.table = type_table(self.weights, self.fisher, tuple(ggml_type(t) for t in types))
         self.table_s = time.perf_counter() - start
 
     def at_size(self, max_bytes: int, other: str, name: str) -> Path:
@@ -139,6 +140,8 @@ def main() -> None:
     p.add_argument("--tools", type=Path, help="the folder holding llama-quantize and llama-imatrix")
     p.add_argument("--presets", nargs="+", default=["Q3_K_S", "Q3_K_M", "IQ4_XS", "Q4_K_M"])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--types", nargs="+", default=[t.name for t in CANDIDATES],
+                   help="the llama.cpp types our plans may use (default: all of `lqlora export`'s)")
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=64)
     add_smoke(p)
@@ -152,9 +155,9 @@ def main() -> None:
         base_folder, finetuned, fisher, windows, calib, in_tool, label = inputs
         prompt = [int(i) for i in windows[0, : min(args.prompt_len, windows.shape[1])]]
         new_tokens = 4 if args.smoke else args.new_tokens
-        mixes = {"uncompressed": OurMix(base_folder, fisher, work, "base")}
+        mixes = {"uncompressed": OurMix(base_folder, fisher, work, "base", args.types)}
         if not args.smoke:
-            mixes[label] = OurMix(finetuned, fisher, work, "finetuned")
+            mixes[label] = OurMix(finetuned, fisher, work, "finetuned", args.types)
         for name, mix in mixes.items():
             print(f"# our (tensor, type) table from the {name} model: {len(mix.table)} rows, {mix.table_s:.1f} s")
         targets = mixes["uncompressed"].targets
@@ -183,7 +186,7 @@ def main() -> None:
                 rows.append((f"ours, {name}, at {size_name}'s size", size_name, path))
         print(f"\n# {len(windows)} held-out windows of {windows.shape[1]} tokens, llama.cpp, {args.threads} thread(s); "
               f"prefill {len(prompt)} tokens, decode {new_tokens}")
-        print(f"# in lqlora, the finetuned {label}: perplexity {in_tool:.3f}")
+        print(f"# in lqlora, the finetuned {label}: perplexity {in_tool:.3f}; our types: {' '.join(args.types)}")
         print("| file | size MB | bits per target weight | perplexity | prefill tok/s | decode tok/s |")
         print("|---|---|---|---|---|---|")
         for name, _, path in rows:

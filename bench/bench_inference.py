@@ -7,6 +7,10 @@ in a fresh process, one after the other, at 1 and 2 torch threads. With `--devic
 the models run on the GPU and the memory is its allocator's peak above its start.
 
     python -m bench.bench_inference --fp32 MODEL_FOLDER --lq SAVED_LQ_FOLDER [--threads 1 2] [--device cuda]
+        [--gguf FILE.gguf ...]
+
+--gguf adds llama.cpp (llama-cpp-python) rows to `generate`: the same prompt ids, the same
+threads, one fresh process each (an `lqlora export` file, or a `llama-quantize` one).
 
 MODEL_FOLDER is a registered model's folder (LQLORA_HOME/models/NAME); SAVED_LQ_FOLDER a
 `decomposed_model` artifact (LQLORA_HOME/artifacts/decomposed_model/NAME/KEY). --smoke
@@ -26,8 +30,43 @@ from bench._common import REPO, add_smoke, save_tiny_llama, stamp, tiny_llama
 SMOLLM2_VOCAB = 49152  # the token ids are drawn below it (below the model's own vocabulary if smaller)
 
 
+def llama_cpp_child(path: str, threads: int, prompt_len: int, new_tokens: int, repeats: int = 3) -> dict:
+    """Load, prefill and greedy decode of a GGUF in llama.cpp, timed as the torch rows are."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    from lqlora_dagster.memory import PeakMemory, rss_bytes
+
+    after_imports = rss_bytes()
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        llm = Llama(model_path=path, n_ctx=prompt_len + new_tokens + 8, n_batch=prompt_len, n_ubatch=prompt_len,
+                    n_threads=threads, n_threads_batch=threads, verbose=False)
+        load_s = time.perf_counter() - start
+        vocab = min(llm.n_vocab(), SMOLLM2_VOCAB)
+        ids = np.random.default_rng(0).integers(0, vocab, prompt_len).tolist()
+        llm.eval(ids[:8])  # warm-up
+        prefill, decode = [], []
+        for _ in range(repeats):
+            llm.reset()
+            start = time.perf_counter()
+            llm.eval(ids)
+            prefill.append(prompt_len / (time.perf_counter() - start))
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            start = time.perf_counter()
+            for _ in range(new_tokens):
+                llm.eval([token])
+                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            decode.append(new_tokens / (time.perf_counter() - start))
+    return {"kind": "llama.cpp", "threads": threads, "work": "generate", "load_s": load_s,
+            "prefill_tok_s": max(prefill), "decode_tok_s": max(decode),
+            "added_mb": (memory.peak - after_imports) / 2**20}
+
+
 def child(kind: str, folder: str, threads: int, work: str, prompt_len: int, new_tokens: int, device: str,
           repeats: int = 3) -> dict:
+    if kind == "llama.cpp":
+        return llama_cpp_child(folder, threads, prompt_len, new_tokens, repeats)
     import torch
 
     from lqlora_dagster.memory import PeakMemory, rss_bytes
@@ -132,6 +171,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--no-train", action="store_true", help="skip the finetuning-step comparison")
+    p.add_argument("--gguf", type=Path, nargs="+", default=[], help="GGUF files to run in llama.cpp beside them")
     p.add_argument("--device", default="cpu",
                    help="cpu, or cuda (then added MB is the GPU allocator's peak above its start)")
     add_smoke(p)
@@ -165,6 +205,8 @@ def compare(args) -> None:
         for threads in args.threads:
             rows = {kind: run(kind, folder, threads, work, args) for kind, folder in
                     (("fp32", args.fp32), ("lq", args.lq))}
+            if work == "generate":
+                rows.update({f"llama.cpp {g.name}": run("llama.cpp", g, threads, work, args) for g in args.gguf})
             for kind, r in rows.items():
                 print(f"| {work.split(':')[0]} | {threads} | {kind} | {r['load_s']:.2f} | "
                       f"{r.get('prefill_tok_s', float('nan')):.1f} | {r.get('decode_tok_s', float('nan')):.1f} | "
@@ -173,6 +215,11 @@ def compare(args) -> None:
             if work == "generate":
                 print(f"| ratio lq/fp32 | {threads} | | | {lq['prefill_tok_s'] / fp['prefill_tok_s']:.2f}x | "
                       f"{lq['decode_tok_s'] / fp['decode_tok_s']:.2f}x | | {lq['added_mb'] / fp['added_mb']:.2f}x |")
+                for g in args.gguf:
+                    ref = rows[f"llama.cpp {g.name}"]
+                    print(f"| ratio lq/llama.cpp {g.name} | {threads} | | | "
+                          f"{lq['prefill_tok_s'] / ref['prefill_tok_s']:.2f}x | "
+                          f"{lq['decode_tok_s'] / ref['decode_tok_s']:.2f}x | | |")
             else:
                 print(f"| ratio lq/fp32 | {threads} | | | | | {lq['step_s'] / fp['step_s']:.2f}x | "
                       f"{lq['added_mb'] / fp['added_mb']:.2f}x |")
