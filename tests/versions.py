@@ -59,7 +59,9 @@ COVERS: dict[str, tuple[str, ...]] = {
     "EVAL_VERSION": (P + "metrics.py", P + "tasks.py", P + "data/encode.py", P + "data/windows.py",
                      P + "memory.py"),
     # exported_model: the written file (GGUF types and bytes, merged weights), DuckDB exports
-    "EXPORT_VERSION": (P + "export/*.py", P + "surgery/injector.py", P + "surgery/peft_adapter.py"),
+    "EXPORT_VERSION": (P + "export/ggml_types.py", P + "export/ggml_quant.py", P + "export/gguf_mix.py",
+                       P + "export/gguf_export.py", P + "export/hf_to_gguf.py", P + "export/convert_runner.py",
+                       P + "export/folders.py", P + "surgery/injector.py", P + "surgery/peft_adapter.py"),
     # comparison_report: the table and plots
     "REPORT_VERSION": (P + "report.py",),
 }

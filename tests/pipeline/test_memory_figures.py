@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from lqlora_dagster.quant import fast_decode
 from lqlora_dagster.store.warehouse import Warehouse
 from tests.conftest import registered_home
 from tests.pipeline.conftest import tiny_run_config
@@ -26,6 +27,9 @@ def wide_llama_folder(tmp_path_factory) -> Path:
 
 
 def test_evaluation_memory_in_duckdb_differs_between_fp32_and_compressed(tmp_path, wide_llama_folder):
+    # the decode kernel's library loads once per process; a test run before this one in the same
+    # worker may have loaded it or not, so load it first: the figures are then the models' alone
+    fast_decode.kernel()
     with registered_home(tmp_path, {MODEL: wide_llama_folder}) as (_, instance):
         # QLoRA-ILP: its error table needs no LQ iterations, so the whole graph runs in a minute
         result = materialize(tmp_path, tiny_run_config(methods=("qlora-ilp",), steps=1), instance, partition=MODEL)
