@@ -45,6 +45,10 @@ def llama_cpp_child(path: str, threads: int, prompt_len: int, new_tokens: int, r
         load_s = time.perf_counter() - start
         vocab = min(llm.n_vocab(), SMOLLM2_VOCAB)
         ids = np.random.default_rng(0).integers(0, vocab, prompt_len).tolist()
+
+        def next_token() -> int:  # greedy, from the last position's logits (as the torch rows pick)
+            return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
+
         llm.eval(ids[:8])  # warm-up
         prefill, decode = [], []
         for _ in range(repeats):
@@ -52,11 +56,11 @@ def llama_cpp_child(path: str, threads: int, prompt_len: int, new_tokens: int, r
             start = time.perf_counter()
             llm.eval(ids)
             prefill.append(prompt_len / (time.perf_counter() - start))
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = next_token()
             start = time.perf_counter()
             for _ in range(new_tokens):
                 llm.eval([token])
-                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                token = next_token()
             decode.append(new_tokens / (time.perf_counter() - start))
     return {"kind": "llama.cpp", "threads": threads, "work": "generate", "load_s": load_s,
             "prefill_tok_s": max(prefill), "decode_tok_s": max(decode),
