@@ -9,6 +9,7 @@ the architecture and that the budget is within reach of the allowed types.
 import argparse
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from lqlora_dagster.cli_args import add_knob_flags, stage_overrides
@@ -106,6 +107,11 @@ def cmd_export(args: argparse.Namespace, home: Path, run) -> int:
     if handle.exported_ppl is not None:
         runtime = "llama.cpp" if handle.format == "gguf" else "transformers"
         print(f"held-out perplexity in {runtime}: {handle.exported_ppl:.3f} (in lqlora: {handle.in_tool_ppl:.3f})")
+        rise = handle.exported_ppl / handle.in_tool_ppl - 1
+        if rise > handle.margin:
+            hint = "; a larger --bits or --max-size keeps more" if handle.format == "gguf" else ""
+            print(f"warning: the file scores {rise:.1%} above the in-tool model (margin {handle.margin:.0%}){hint}",
+                  file=sys.stderr)
     if handle.format == "gguf":
         print(f"run it: llama-cli -m {out} -p \"...\"   or   lqlora generate \"...\" --engine llama.cpp "
               f"--model {args.model}")
