@@ -18,6 +18,7 @@ from lqlora_dagster.pipeline.decomposition import ASSET as DECOMPOSED
 from lqlora_dagster.pipeline.finetuning import label, load_finetuned, spread
 from lqlora_dagster.pipeline.handles import DecomposedHandle, EvaluationHandle, FinetunedHandle, ModelHandle
 from lqlora_dagster.pipeline.settings import EvalSettings
+from lqlora_dagster.quant import fast_decode
 from lqlora_dagster.store.keys import stable_key
 from lqlora_dagster.store.schemas import EVALUATIONS
 from lqlora_dagster.surgery.lq_model_io import load_lq_model
@@ -69,6 +70,8 @@ def run_evaluation(
         )
     examples = None
     keys = []
+    if ctx.device.type == "cpu":
+        fast_decode.kernel()  # its library loads once per process: no model's memory
     for key, stage, ref, plan_id, load in jobs:
         keys.append(key)
         if _done(ctx, key):
