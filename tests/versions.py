@@ -42,13 +42,13 @@ COVERS: dict[str, tuple[str, ...]] = {
     # error_table: DuckDB quant_errors, exact and estimated rows
     "TABLE_VERSION": (P + "pipeline/error_table_stage.py", P + "error_estimation/*.py", P + "decompose/*.py",
                       P + "quant/codec.py", P + "quant/normal_float.py", P + "quant/config.py", P + "quant/lut.py",
-                      P + "quant/batched_error.py", P + "methods.py"),
+                      P + "quant/batched_error.py", P + "quant/kernels/lq_step.cpp", P + "methods.py"),
     # allocation_plan: DuckDB plans, plan_assignments (the ILP and the budgets)
     "PLAN_VERSION": (P + "allocate/*.py",),
     # decomposed_model: packed Q + L1, L2 per matrix, DuckDB decompositions
     "DECOMPOSITION_VERSION": (P + "surgery/decompose_model.py", P + "decompose/*.py", P + "quant/codec.py",
                               P + "quant/normal_float.py", P + "quant/config.py", P + "quant/matrix.py",
-                              P + "quant/bitpack.py"),
+                              P + "quant/bitpack.py", P + "quant/lut.py", P + "quant/kernels/lq_step.cpp"),
     # the saved LQ model's folder layout (checked when it is loaded)
     "FORMAT_VERSION": (P + "quant/matrix.py", P + "quant/bitpack.py"),
     # finetuned_adapters: the trained factors, DuckDB train_steps
@@ -92,7 +92,11 @@ def _version_name(node: ast.stmt) -> str | None:
 def normalized(path: Path) -> str:
     """The module's code without docstrings, comments, layout and `*_VERSION` lines, as a
     canonical dump of its syntax tree (no line numbers; empty fields left out, so
-    Python versions that add fields agree)."""
+    Python versions that add fields agree). A C++ kernel's source counts line by line,
+    without its // comments and blank lines."""
+    if path.suffix == ".cpp":
+        lines = (line.split("//", 1)[0].strip() for line in path.read_text().splitlines())
+        return "\n".join(line for line in lines if line)
     tree = ast.parse(path.read_text())
     tree.body = [node for node in tree.body if not _version_name(node)]
     for node in ast.walk(tree):

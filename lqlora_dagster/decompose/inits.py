@@ -26,6 +26,7 @@ from lqlora_dagster.decompose.lq import (
     loftq_decompose,
     lq_decompose,
     lq_error_estimate,
+    prepare,
     qlora_init,
     quantize_only,
 )
@@ -98,10 +99,11 @@ class Init:
         fisher: torch.Tensor | None = None,
     ) -> list[ConfigError]:
         """Exact rows: for each config, the error the decomposition stage will realize."""
+        data = prepare(W, fisher if self.fisher else None)  # checked once, first fit shared
         out = []
         for config in configs:
             start = time.perf_counter()
-            d = self.error(W, config, settings, fisher if self.fisher else None)
+            d = self.error(data, config, settings, None)
             out.append(ConfigError(config, d.error, len(d.trace), time.perf_counter() - start))
         return out
 

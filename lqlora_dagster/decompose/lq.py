@@ -5,12 +5,14 @@ the error stops falling), its Fisher-weighted variant (weighted SVD and error), 
 LoftQ (quantize first, a fixed number of iterations, keep the last).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from lqlora_dagster.decompose.fisher_weights import (
+    RowColWeights,
     check_fisher,
     residual_error,
     row_col_weights,
@@ -20,7 +22,7 @@ from lqlora_dagster.errors import LQLoRAInputError
 from lqlora_dagster.knobs import check_knobs, knob
 from lqlora_dagster.quant.codec import Codes, decode, encode
 from lqlora_dagster.quant.config import QuantConfig
-from lqlora_dagster.quant.lut import RepeatedQuantizer
+from lqlora_dagster.quant.lut import RepeatedQuantizer, native_steps
 from lqlora_dagster.quant.matrix import QuantizedMatrix
 from lqlora_dagster.validation import check_matrix, check_rank
 
@@ -78,17 +80,65 @@ class Decomposition:
         return decode(self.codes) + self.L1 @ self.L2
 
 
-class _LowRankStep:
-    """Rank-r fit of a residual, optionally in Fisher-scaled coordinates, warm-started."""
+@dataclass
+class LQInput:
+    """A matrix (and its Fisher diagonal) validated once, as contiguous fp32 on W's device,
+    for every decomposition of it: an error table runs dozens. A cold start's first fit
+    (of W itself) depends only on the matrix and the fit's settings, so it is computed
+    once here and shared by every config (the same bits as computing it each time)."""
 
-    def __init__(self, settings: LQSettings, fisher: torch.Tensor | None, device: torch.device):
-        self.s = settings
-        self.weights = row_col_weights(fisher) if fisher is not None else None
+    W: torch.Tensor
+    fisher: torch.Tensor | None
+    weights: RowColWeights | None = None
+    _first_fits: dict = field(default_factory=dict)
+
+    def first_fit(self, settings: LQSettings, compute: Callable[[], tuple[LowRank, torch.Tensor | None]]):
+        key = (settings.rank, settings.svd, settings.oversample, settings.power_iters, settings.seed)
+        if key not in self._first_fits:
+            self._first_fits[key] = compute()
+        return self._first_fits[key]
+
+
+def prepare(W: "torch.Tensor | LQInput", fisher: torch.Tensor | None = None) -> LQInput:
+    """`W` and `fisher` checked and converted once (an LQInput is returned as it is)."""
+    if isinstance(W, LQInput):
+        if fisher is not None:
+            raise ValueError("an LQInput carries its own Fisher diagonal; pass fisher=None with it")
+        return W
+    check_matrix(W)
+    if fisher is not None:
+        check_fisher(fisher, tuple(W.shape))
+    W = W.detach().to(torch.float32).contiguous()
+    f = fisher.to(W.device, torch.float32).contiguous() if fisher is not None else None
+    return LQInput(W, f, row_col_weights(f) if f is not None else None)
+
+
+class _LowRankStep:
+    """Rank-r fit of the residual W - Q, optionally in Fisher-scaled coordinates, warm-started."""
+
+    def __init__(self, data: LQInput, settings: LQSettings):
+        self.s, self.W, self.data = settings, data.W, data
+        self.weights = data.weights
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.basis: torch.Tensor | None = None
+        self.native = native_steps(self.W.device)
+        self._A = torch.empty_like(self.W)  # the (scaled) residual is formed here each step
 
-    def __call__(self, R: torch.Tensor) -> LowRank:
-        A = self.weights.scale(R) if self.weights is not None else R
+    def first(self) -> LowRank:
+        """The fit of W - 0, a cold start's first step: shared by every config of the matrix."""
+        fit, self.basis = self.data.first_fit(self.s, lambda: (self(torch.zeros_like(self.W)), self.basis))
+        return fit
+
+    def _residual(self, Q: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            row, col = (self.weights.row, self.weights.col) if self.weights is not None else (_NONE, _NONE)
+            self.native.scaled_difference(self.W, Q, row, col, self._A)
+            return self._A
+        R = torch.sub(self.W, Q, out=self._A)
+        return self.weights.scale(R) if self.weights is not None else R
+
+    def __call__(self, Q: torch.Tensor) -> LowRank:
+        A = self._residual(Q)
         if self.s.svd == "full":
             fit = full_low_rank(A, self.s.rank)
         else:
@@ -105,11 +155,13 @@ class _LowRankStep:
         return LowRank(*self.weights.unscale(fit.L1, fit.L2))
 
 
+_NONE = torch.empty(0)
+
+
 def _alternate(
-    W: torch.Tensor,
+    data: LQInput,
     config: QuantConfig,
     settings: LQSettings,
-    fisher: torch.Tensor | None,
     order: Literal["svd_first", "quantize_first"],
     fixed_iters: int | None,
     start: LowRank | None = None,
@@ -118,70 +170,75 @@ def _alternate(
     """The loop, quantizing by table (`quant/lut.py`) at every step; the chosen iterate's
     input is encoded once at the end. So the stored decomposition follows exactly the
     trajectory the error table priced: same iterate, same error (to ~1e-6 of the
-    residual of the packed Q), whether asked for codes or only for the error."""
+    residual of the packed Q), whether asked for codes or only for the error.
+
+    Every m x n intermediate lives in a buffer allocated once (fresh ones cost page
+    faults that, at these sizes, took as long as the arithmetic)."""
+    W, fisher = data.W, data.fisher
+    check_rank(settings.rank, tuple(W.shape))
     quantize = RepeatedQuantizer(tuple(W.shape), config, W.device)
-    step = _LowRankStep(settings, fisher, W.device)
+    step = _LowRankStep(data, settings)
+    native = native_steps(W.device)
     trace: list[float] = []
     best: Decomposition | None = None
     last: Decomposition | None = None
-    best_input = last_input = None  # the residual quantized into the best / last iterate's Q
+    keep_last = fixed_iters is not None  # which iterate's quantizer input the codes need
+    # quantizer inputs: one holds the kept iterate's (when codes are wanted), one is scratch
+    inputs = [torch.empty_like(W), torch.empty_like(W) if with_codes else None]
+    kept: torch.Tensor | None = None
     Q = torch.zeros_like(W)
     LR = torch.zeros_like(W)
-    R = torch.empty_like(W)  # scratch: residuals are formed here, not in fresh tensors
+    R = torch.empty_like(W)  # scratch for the error
 
     def error_of(Q: torch.Tensor, LR: torch.Tensor) -> float:
-        torch.sub(W, Q, out=R)
-        R.sub_(LR).square_()
+        if native is not None:
+            native.squared_residual(W, Q, LR, R)
+        else:
+            torch.sub(W, Q, out=R)
+            R.sub_(LR).square_()
         return float(torch.dot(R.view(-1), fisher.view(-1)) if fisher is not None else R.sum())
 
+    def quantized_input() -> torch.Tensor:
+        return inputs[1] if with_codes and inputs[0] is kept else inputs[0]
+
     if start is not None:  # warm start: Q <- q(W - L1 L2) for the given factors, then alternate
-        LR = start.product()
-        quantized = torch.sub(W, LR)
-        Q = quantize(quantized)
+        torch.mm(start.L1, start.L2, out=LR)
+        kept = quantized_input()
+        Q = quantize.difference(W, LR, kept)
         err = error_of(Q, LR)
         trace.append(err)
         best = last = Decomposition(None, start.L1, start.L2, err, best_iter=0)
-        best_input = last_input = quantized
     n_iters = fixed_iters if fixed_iters is not None else settings.max_iters
     for _ in range(n_iters):
+        X = quantized_input()
         if order == "svd_first":  # L <- SVD(W - Q); Q <- q(W - L)
-            fit = step(torch.sub(W, Q, out=R))
-            LR = fit.product()
-            quantized = torch.sub(W, LR)
-            Q = quantize(quantized)
+            fit = step.first() if start is None and not trace else step(Q)
+            torch.mm(fit.L1, fit.L2, out=LR)
+            Q = quantize.difference(W, LR, X)
         else:  # Q <- q(W - L); L <- SVD(W - Q)
-            quantized = torch.sub(W, LR)
-            Q = quantize(quantized)
-            fit = step(torch.sub(W, Q, out=R))
-            LR = fit.product()
+            Q = quantize.difference(W, LR, X)
+            fit = step(Q)
+            torch.mm(fit.L1, fit.L2, out=LR)
         err = error_of(Q, LR)
         trace.append(err)
-        last, last_input = Decomposition(None, fit.L1, fit.L2, err, best_iter=len(trace) - 1), quantized
+        last = Decomposition(None, fit.L1, fit.L2, err, best_iter=len(trace) - 1)
         improved = best is None or err < best.error * (1 - settings.rel_tol)
         if best is None or err < best.error:
-            best, best_input = last, quantized
+            best = last
+            if not keep_last:
+                kept = X
+        if keep_last:
+            kept = X
         if fixed_iters is None and not improved:
             break
-    chosen, chosen_input = (last, last_input) if fixed_iters is not None else (best, best_input)
-    assert chosen is not None and chosen_input is not None
-    codes = encode(chosen_input, config) if with_codes else None
+    chosen = last if keep_last else best
+    assert chosen is not None and kept is not None
+    codes = encode(kept, config) if with_codes else None
     return Decomposition(codes, chosen.L1, chosen.L2, chosen.error, tuple(trace), chosen.best_iter)
 
 
-def _checked(
-    W: torch.Tensor, settings: LQSettings, fisher: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """W and F validated, as fp32 on W's device."""
-    check_matrix(W)
-    check_rank(settings.rank, tuple(W.shape))
-    if fisher is not None:
-        check_fisher(fisher, tuple(W.shape))
-    W = W.detach().to(torch.float32)
-    return W, fisher.to(W.device, torch.float32) if fisher is not None else None
-
-
 def lq_decompose(
-    W: torch.Tensor,
+    W: "torch.Tensor | LQInput",
     config: QuantConfig,
     settings: LQSettings = LQSettings(),
     fisher: torch.Tensor | None = None,
@@ -193,12 +250,11 @@ def lq_decompose(
     the error is sum F * (W - Q - L1 L2)^2. With `start` (factors from a neighbouring
     config) the loop begins at Q <- quantize(W - start) instead of Q <- 0.
     """
-    W, f = _checked(W, settings, fisher)
-    return _alternate(W, config, settings, f, "svd_first", fixed_iters=None, start=start)
+    return _alternate(prepare(W, fisher), config, settings, "svd_first", fixed_iters=None, start=start)
 
 
 def lq_error_estimate(
-    W: torch.Tensor,
+    W: "torch.Tensor | LQInput",
     config: QuantConfig,
     settings: LQSettings = LQSettings(),
     fisher: torch.Tensor | None = None,
@@ -206,8 +262,7 @@ def lq_error_estimate(
 ) -> Decomposition:
     """`lq_decompose` without the final encoding: the same iterates and the same error,
     bit for bit, but no codes (for error tables, not for storing)."""
-    W, f = _checked(W, settings, fisher)
-    return _alternate(W, config, settings, f, "svd_first", fixed_iters=None, start=start, with_codes=False)
+    return _alternate(prepare(W, fisher), config, settings, "svd_first", fixed_iters=None, start=start, with_codes=False)
 
 
 def lq_error_trace(
@@ -222,8 +277,7 @@ def lq_error_trace(
     (bench/bench_lq_convergence.py). The first entries equal `lq_error_estimate`'s trace."""
     if iters < 1:
         raise LQLoRAInputError(f"iters must be >= 1, got {iters}")
-    W, f = _checked(W, settings, fisher)
-    return _alternate(W, config, settings, f, "svd_first", fixed_iters=iters, with_codes=False).trace
+    return _alternate(prepare(W, fisher), config, settings, "svd_first", fixed_iters=iters, with_codes=False).trace
 
 
 def loftq_decompose(
@@ -233,8 +287,7 @@ def loftq_decompose(
     keeping the last iterate (no early stop), as in Li et al. 2023, Algorithm 1."""
     if iters < 1:
         raise LQLoRAInputError(f"LoftQ needs at least 1 iteration, got {iters}")
-    W, _ = _checked(W, settings, None)
-    return _alternate(W, config, settings, None, "quantize_first", fixed_iters=iters)
+    return _alternate(prepare(W), config, settings, "quantize_first", fixed_iters=iters)
 
 
 def quantize_only(W: torch.Tensor, config: QuantConfig, fisher: torch.Tensor | None = None) -> Decomposition:
@@ -254,7 +307,9 @@ def quantize_only(W: torch.Tensor, config: QuantConfig, fisher: torch.Tensor | N
 def qlora_init(W: torch.Tensor, config: QuantConfig, rank: int, seed: int = 0) -> Decomposition:
     """QLoRA: Q <- quantize(W) and LoRA's default init, L1 = 0 and L2 ~ U(+-1/sqrt(n))
     (PEFT's kaiming-uniform lora_A), so Q + L1 L2 = Q at step 0."""
-    W, _ = _checked(W, LQSettings(rank=rank), None)
+    settings = LQSettings(rank=rank)
+    W = prepare(W).W
+    check_rank(settings.rank, tuple(W.shape))
     m, n = W.shape
     codes = encode(W, config)
     g = torch.Generator().manual_seed(seed)

@@ -36,7 +36,7 @@ import torch
 
 from lqlora_dagster.decompose.inits import ConfigError
 from lqlora_dagster.decompose.lowrank import LowRank
-from lqlora_dagster.decompose.lq import LQSettings, lq_error_estimate
+from lqlora_dagster.decompose.lq import LQInput, LQSettings, lq_error_estimate, prepare
 from lqlora_dagster.quant.batched_error import quantization_errors
 from lqlora_dagster.quant.config import SCALE_FORMAT_BITS, QuantConfig
 
@@ -96,7 +96,8 @@ def estimated_errors_by_rank(
     bad = [r for r in other_ranks if r <= 0 or r == settings.rank]
     if bad:
         raise ValueError(f"other ranks must be positive and differ from the base rank {settings.rank}, got {bad}")
-    F = fisher
+    data = prepare(W, fisher)  # checked once; the anchors' first fit is shared
+    W, F = data.W, data.fisher
     groups: dict[tuple, list[QuantConfig]] = defaultdict(list)
     for c in configs:
         groups[tuple(getattr(c, f) for f in fast.anchor_fields)].append(c)
@@ -108,86 +109,83 @@ def estimated_errors_by_rank(
         group = groups[key]
         t0 = time.perf_counter()
         anchor = anchor_of(group)
-        d = lq_error_estimate(W, anchor, settings, F)
+        d = lq_error_estimate(data, anchor, settings)
         factors = LowRank(d.L1, d.L2)
         results[anchor] = ConfigError(anchor, d.error, len(d.trace), time.perf_counter() - t0)
         anchors.append((anchor, group, factors))
         siblings = [c for c in group if c != anchor]
         stepped = [c for c in siblings if fast.refine_steps and c.b0 <= fast.refine_max_b0]
-        results.update(_priced(W, factors, [c for c in siblings if c not in stepped], F))
+        results.update(_priced(data, factors, [c for c in siblings if c not in stepped]))
         sets.append((anchor, [c for c in group if c not in stepped], factors))
         subgroups: dict[tuple, list[QuantConfig]] = defaultdict(list)
         for c in stepped:
             subgroups[tuple(getattr(c, f) for f in fast.refine_by)].append(c)
         for sub in subgroups.values():  # start at q_c(W - L_anchor), alternate, keep the best
             lead = anchor_of(sub)
-            rows, lead_factors = _stepped(W, lead, sub, refine, factors, F)
+            rows, lead_factors = _stepped(data, lead, sub, refine, factors)
             results.update(rows)
             sets.append((lead, sub, lead_factors))
     out = {settings.rank: [results[c] for c in configs]}
     for rank in other_ranks:
         if rank < settings.rank:
-            out[rank] = _lower_rank_rows(W, configs, sets, rank, settings, lower_rank_steps, F)
+            out[rank] = _lower_rank_rows(data, configs, sets, rank, settings, lower_rank_steps)
         else:
-            out[rank] = _higher_rank_rows(W, configs, anchors, rank, settings, F)
+            out[rank] = _higher_rank_rows(data, configs, anchors, rank, settings)
     return out
 
 
 def _higher_rank_rows(
-    W: torch.Tensor,
+    data: LQInput,
     configs: tuple[QuantConfig, ...],
     anchors: list[tuple[QuantConfig, list[QuantConfig], LowRank]],
     rank: int,
     settings: LQSettings,
-    F: torch.Tensor | None,
 ) -> list[ConfigError]:
     """Each anchor takes one step at `rank` from its base factors (Q <- q(W - L), L <-
     the rank-r fit of W - Q, keep the better); its whole group is priced there."""
     step = dataclasses.replace(settings, rank=rank, max_iters=1)
     priced: dict[QuantConfig, ConfigError] = {}
     for anchor, group, factors in anchors:
-        priced.update(_stepped(W, anchor, group, step, factors, F)[0])
+        priced.update(_stepped(data, anchor, group, step, factors)[0])
     return [priced[c] for c in configs]
 
 
 def _lower_rank_rows(
-    W: torch.Tensor,
+    data: LQInput,
     configs: tuple[QuantConfig, ...],
     sets: list[tuple[QuantConfig, list[QuantConfig], LowRank]],
     rank: int,
     settings: LQSettings,
     n_steps: int,
-    F: torch.Tensor | None,
 ) -> list[ConfigError]:
     steps = dataclasses.replace(settings, rank=rank, max_iters=max(1, n_steps))
     priced: dict[QuantConfig, ConfigError] = {}
     for leader, members, factors in sets:
         start = LowRank(factors.L1[:, :rank], factors.L2[:rank])
-        priced.update(_stepped(W, leader, members, steps, start, F)[0] if n_steps else _priced(W, start, members, F))
+        priced.update(
+            _stepped(data, leader, members, steps, start)[0] if n_steps else _priced(data, start, members)
+        )
     return [priced[c] for c in configs]
 
 
 def _stepped(
-    W: torch.Tensor, leader: QuantConfig, members: list[QuantConfig], settings: LQSettings, start: LowRank,
-    F: torch.Tensor | None,
+    data: LQInput, leader: QuantConfig, members: list[QuantConfig], settings: LQSettings, start: LowRank
 ) -> tuple[dict[QuantConfig, ConfigError], LowRank]:
     """The leader alternates from `start` (`settings.max_iters` steps, keeping the best);
     the other members are priced on the factors it ends with (returned too)."""
     t0 = time.perf_counter()
-    r = lq_error_estimate(W, leader, settings, F, start=start)
+    r = lq_error_estimate(data, leader, settings, start=start)
     out = {leader: ConfigError(leader, r.error, len(r.trace) - 1, time.perf_counter() - t0)}
     factors = LowRank(r.L1, r.L2)
-    out.update(_priced(W, factors, [c for c in members if c != leader], F))
+    out.update(_priced(data, factors, [c for c in members if c != leader]))
     return out, factors
 
 
-def _priced(
-    W: torch.Tensor, factors: LowRank, configs: list[QuantConfig], F: torch.Tensor | None
-) -> dict[QuantConfig, ConfigError]:
+def _priced(data: LQInput, factors: LowRank, configs: list[QuantConfig]) -> dict[QuantConfig, ConfigError]:
     """Error of q_c(W - L1 L2) + L1 L2 for each config (all sharing b and B0), in one pass."""
     if not configs:
         return {}
     t0 = time.perf_counter()
-    errors = quantization_errors(W - factors.product(), configs, F)
+    errors = quantization_errors(data.W - factors.product(), configs, data.fisher)
     per = (time.perf_counter() - t0) / len(configs)
     return {c: ConfigError(c, e, 0, per) for c, e in zip(configs, errors)}

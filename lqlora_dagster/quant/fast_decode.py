@@ -8,46 +8,22 @@ packed bytes instead of a dense copy. Its values are bit-identical to `codec.dec
 off the CPU, or with LQLORA_FAST_DECODE=0, callers get None and use the pure-torch decoder.
 """
 
-import logging
-import os
-import shutil
-import sys
 import threading
 from functools import cache
-from pathlib import Path
 
 import torch
 
+from lqlora_dagster.quant.native_build import load_extension
 from lqlora_dagster.quant.normal_float import nf_codebook
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("kernels") / "packed_matmul.cpp"
+SOURCE = "packed_matmul.cpp"
 MATVEC_MAX_ROWS = 16  # activation rows the fused kernel takes; more rows decode once and use mm
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 
 
 @cache
 def kernel():
     """The compiled extension, or None when it cannot be built here (said once in the log)."""
-    if os.environ.get("LQLORA_FAST_DECODE", "1") == "0":
-        return None
-    venv_bin = str(Path(sys.executable).parent)  # pip's ninja, when the venv is not activated
-    path = os.environ.get("PATH", "")
-    try:
-        # the C++ build tools load only when the kernel is compiled
-        from torch.utils.cpp_extension import load
-
-        if shutil.which("ninja") is None:
-            os.environ["PATH"] = os.pathsep.join([venv_bin, path])
-        log.info("loading the fast decode kernel (built once per machine, about a minute)")
-        return load(name="lqlora_packed_matmul", sources=[str(SOURCE)], extra_cflags=FLAGS,
-                    extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as err:  # no compiler, no headers, an unsupported platform
-        log.warning("fast decode unavailable, using the pure-torch decoder: %s", str(err).splitlines()[0][:200])
-        return None
-    finally:
-        os.environ["PATH"] = path
+    return load_extension("lqlora_packed_matmul", SOURCE, "LQLORA_FAST_DECODE", openmp=True)
 
 
 def available(device: torch.device) -> bool:

@@ -7,7 +7,9 @@ bins whose entry is the NF level nearest the bin centre. Only values inside the
 level, and there both levels are (almost) equally far away, so the error moves by
 ~1e-6 relative (1e-4 for NF8). Scales and their double quantization are exact.
 The LQ loop quantizes with it at every step; stored Q always comes from `codec.encode`
-(of the chosen iterate's input, once).
+(of the chosen iterate's input, once). On the CPU the passes over the matrix run in one
+compiled kernel (`kernels/lq_step.cpp`), with the same roundings as the torch sequence
+here, which serves the GPU and machines without a compiler.
 """
 
 from functools import cache
@@ -15,6 +17,7 @@ from functools import cache
 import torch
 
 from lqlora_dagster.quant.codec import block_scales, quantize_scales
+from lqlora_dagster.quant.native_build import load_extension
 from lqlora_dagster.quant.config import QuantConfig
 from lqlora_dagster.quant.normal_float import nf_codebook
 
@@ -31,6 +34,26 @@ def _table_cpu(bits: int) -> torch.Tensor:
 
 def level_table(bits: int, device: torch.device) -> torch.Tensor:
     return _table_cpu(bits).to(device)
+
+
+@cache
+def _native():
+    return load_extension("lqlora_lq_step", "lq_step.cpp", "LQLORA_LQ_KERNEL")
+
+
+def native_steps(device: torch.device):
+    """The compiled elementwise steps for tensors on `device`, or None (then pure torch)."""
+    return _native() if device.type == "cpu" else None
+
+
+def native_scales(absmax: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, scale) per block for the kernel: BINS/2 over the (nonzero) scale, and the
+    double-quantized scale, with the roundings of `BlockQuantizer.dequantized`."""
+    t, scales = _native().block_scales(absmax, config.b0, _FORMAT_CODES[config.b1], config.B1, LUT_BINS)
+    return t, scales
+
+
+_FORMAT_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}  # the kernel's names for the b1 formats
 
 
 def block_scales_for(absmax: torch.Tensor, config: QuantConfig) -> torch.Tensor:
@@ -76,9 +99,27 @@ class RepeatedQuantizer:
 
     def __init__(self, shape: tuple[int, int], config: QuantConfig, device: torch.device):
         self.config, self.shape, self.n = config, shape, shape[0] * shape[1]
-        n_blocks = -(-self.n // config.B0)
-        self._q = BlockQuantizer(torch.zeros(n_blocks, config.B0, device=device))
+        self._native = native_steps(device)
+        if self._native is not None:
+            self._out = torch.empty(shape, device=device)
+            self._table = level_table(config.b, device)
+        else:
+            n_blocks = -(-self.n // config.B0)
+            self._q = BlockQuantizer(torch.zeros(n_blocks, config.B0, device=device))
 
     def __call__(self, W: torch.Tensor) -> torch.Tensor:
+        if self._native is not None:
+            return self._quantized(W.contiguous(), self._native.block_absmax(W.contiguous(), self.config.B0))
         self._q.load(W)
         return self._q.dequantized(self.config).view(-1)[: self.n].view(self.shape)
+
+    def difference(self, W: torch.Tensor, LR: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Quantize W - LR, formed in `out` (which then holds the quantizer's input)."""
+        if self._native is not None:
+            return self._quantized(out, self._native.sub_absmax(W, LR, out, self.config.B0))
+        return self(torch.sub(W, LR, out=out))
+
+    def _quantized(self, X: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+        t, scales = native_scales(absmax, self.config)
+        self._native.lut_quantize(X, t, scales, self._table, self.config.B0, self._out)
+        return self._out

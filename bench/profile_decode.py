@@ -1,0 +1,154 @@
+"""Where each millisecond of a decoded token goes in our runtime, and what bounds it.
+
+    python -m bench.profile_decode --lq SAVED_LQ_FOLDER [--threads 1 2] [--tokens 32]
+
+One process per thread count: load the compressed model, prefill 64 tokens, then
+1. decode --tokens tokens greedily with the KV cache, no instrumentation: ms per token;
+2. the same with a timer around every module's forward: each module's own time (its
+   children's subtracted), grouped by class (LQLinear, the LM head, attention, norms,
+   the MLP's activation), and what no module accounts for (the loop, sampling, cache
+   bookkeeping);
+3. the LQ layers' kernel alone on the same shapes and configs (the packed matrix-vector
+   product, then the whole fused layer with its factors), against fp32's dense
+   matrix-vector product of the same shapes, and the bytes each reads per token against
+   the bandwidth of one streaming read of this machine.
+The timers add their own cost: step 2's total is printed beside step 1's.
+"""
+
+import argparse
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from bench._common import REPO, stamp
+
+
+def best_ms(fn, calls: int = 20) -> float:
+    fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 4] * 1e3  # lower quartile: the machine's noise is one-sided
+
+
+def child(folder: str, threads: int, tokens: int) -> None:
+    import torch
+
+    from lqlora_dagster.quant import fast_decode
+    from lqlora_dagster.surgery.injector import lq_layers
+    from lqlora_dagster.surgery.lq_model_io import load_lq_model
+
+    torch.set_num_threads(threads)
+    fast_decode.kernel()
+    net = load_lq_model(Path(folder), torch.device("cpu")).eval()
+    vocab = min(net.config.vocab_size, 49152)
+    ids = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(0))
+
+    def decode(n: int) -> float:
+        with torch.no_grad():
+            step = net(ids, use_cache=True, logits_to_keep=1)
+            token = step.logits[:, -1:].argmax(-1)
+            start = time.perf_counter()
+            for _ in range(n):
+                step = net(token, past_key_values=step.past_key_values, use_cache=True)
+                token = step.logits[:, -1:].argmax(-1)
+            return (time.perf_counter() - start) * 1e3 / n
+
+    decode(4)
+    plain = min(decode(tokens) for _ in range(3))
+
+    own: dict[str, float] = defaultdict(float)
+    stack: list[list] = []
+
+    def pre(module, _inputs):
+        stack.append([module, time.perf_counter(), 0.0])
+
+    def post(module, _inputs, _output):
+        mod, start, children = stack.pop()
+        spent = time.perf_counter() - start
+        name = "LM head" if mod is net.get_output_embeddings() else type(mod).__name__
+        own[name] += spent - children
+        if stack:
+            stack[-1][2] += spent
+
+    hooks = [m.register_forward_pre_hook(pre) for m in net.modules()] + [
+        m.register_forward_hook(post) for m in net.modules()
+    ]
+    decode(2)
+    own.clear()
+    timed = decode(tokens)
+    for h in hooks:
+        h.remove()
+    print(f"\n### {threads} thread(s)\n")
+    print(f"- decode, no timers: **{plain:.1f} ms per token** ({1e3 / plain:.1f} tokens/s)")
+    print(f"- with a timer on every module: {timed:.1f} ms per token\n")
+    print("| where (own time, children subtracted) | ms per token | share |\n|---|---|---|")
+    accounted = 0.0
+    for name, ms in sorted(own.items(), key=lambda kv: -kv[1]):
+        per = ms * 1e3 / tokens
+        accounted += per
+        if per >= 0.05:
+            print(f"| {name} | {per:.2f} | {per / timed:.0%} |")
+    print(f"| outside every module (loop, argmax, cache) | {timed - accounted:.2f} | {(timed - accounted) / timed:.0%} |")
+
+    # the kernel alone, per shape and config, summed over the model's layers
+    torch.set_grad_enabled(False)
+    packed_ms = fused_ms = dense_ms = 0.0
+    packed_bytes = factor_bytes = dense_bytes = 0
+    seen: dict[tuple, tuple[float, float, float]] = {}
+    for layer in lq_layers(net).values():
+        qm, args = layer._packed()
+        key = (qm.shape, qm.config.name, layer.rank)
+        if key not in seen:
+            x_rows = torch.randn(1, qm.shape[1])
+            dense = torch.randn(qm.shape)
+            seen[key] = (
+                best_ms(lambda: fast_decode.matmul(x_rows, qm, args)),
+                best_ms(lambda: layer(x_rows)),
+                best_ms(lambda: torch.nn.functional.linear(x_rows, dense)),
+            )
+        p, f, d = seen[key]
+        packed_ms, fused_ms, dense_ms = packed_ms + p, fused_ms + f, dense_ms + d
+        packed_bytes += sum(getattr(layer, n).numel() * getattr(layer, n).element_size() for n in
+                            ("packed_codes", "packed_scale_codes", "group_scales"))
+        factor_bytes += (layer.L1.numel() + layer.L2.numel()) * 4
+        dense_bytes += qm.shape[0] * qm.shape[1] * 4
+    big = torch.empty(64 * 2**20)
+    big.fill_(1.0)
+    gbps = big.numel() * 4 / best_ms(lambda: big.sum(), 5) / 1e6
+    head = net.get_output_embeddings().weight
+    print(f"\nThe {len(lq_layers(net))} LQ layers alone, on one token (lower quartile of 20 calls, summed):\n")
+    print("| | ms per token | MB read | ms at this machine's streaming bandwidth |\n|---|---|---|---|")
+    print(f"| packed matrix-vector products (codes, scales) | {packed_ms:.2f} | {packed_bytes / 1e6:.1f} | {packed_bytes / gbps / 1e6:.2f} |")
+    print(f"| whole fused layers (+ factors, bias) | {fused_ms:.2f} | {(packed_bytes + factor_bytes) / 1e6:.1f} | {(packed_bytes + factor_bytes) / gbps / 1e6:.2f} |")
+    print(f"| fp32 dense matrix-vector products, same shapes | {dense_ms:.2f} | {dense_bytes / 1e6:.1f} | {dense_bytes / gbps / 1e6:.2f} |")
+    print(f"| the LM head ({tuple(head.shape)}, {head.dtype}, not a target) | | {head.numel() * head.element_size() / 1e6:.1f} | {head.numel() * head.element_size() / gbps / 1e6:.2f} |")
+    print(f"\nstreaming read bandwidth, one `sum` over 256 MB at {threads} thread(s): {gbps:.1f} GB/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lq", type=Path, help="a decomposed_model artifact folder")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]), int(args.child[2]))
+        return
+    print(stamp())
+    print(f"\ncompressed model: {args.lq}")
+    for threads in args.threads:
+        done = subprocess.run([sys.executable, "-m", "bench.profile_decode", "--child", str(args.lq), str(threads),
+                               str(args.tokens)], cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(done.stderr[-2000:])
+        print(done.stdout)
+
+
+if __name__ == "__main__":
+    main()
