@@ -1,6 +1,7 @@
 """Wall and CPU time of every stage of `lqlora run`, for any checkout of this repository.
 
     python -m bench.bench_stage_cpu --home /tmp/newhome [--checkout PATH] [-- extra `lqlora run` flags]
+    python -m bench.bench_stage_cpu --smoke     # the whole graph on a tiny Llama, every stage at its smallest
 
 Runs `python -m lqlora_dagster.cli run` from `--checkout` (default: this one) with
 LQLORA_HOME=--home, and meanwhile samples, twice a second, the CPU time of every process
@@ -10,7 +11,8 @@ run's log file says which process was which step: a step's CPU time is the last 
 of its process (at most half a second is missed at its end). A stage's wall time runs
 from its first step's start to its last step's end (the error table fans out over
 chunk steps). The same script measures older commits, which know nothing about it:
-that is what makes the side-by-side comparison fair. Linux only (/proc).
+that is what makes the side-by-side comparison fair. A step shorter than the sampling
+period may end unsampled (0 s). Linux only (/proc).
 """
 
 import argparse
@@ -19,12 +21,13 @@ import re
 import resource
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import datetime
 from pathlib import Path
 
-from bench._common import REPO, stamp
+from bench._common import REPO, add_smoke, save_tiny_llama, stamp
 
 TICK = os.sysconf("SC_CLK_TCK")
 STEP_LINE = re.compile(
@@ -93,15 +96,35 @@ def stage_of(step: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--home", type=Path, required=True, help="LQLORA_HOME for the run (fresh: every stage computes)")
+    parser.add_argument("--home", type=Path, help="LQLORA_HOME for the run (fresh: every stage computes)")
     parser.add_argument("--checkout", type=Path, default=REPO, help="the code to run (a git worktree of any commit)")
     parser.add_argument("--label", default="", help="what to call this code in the printed table")
     parser.add_argument("extra", nargs="*", help="more `lqlora run` flags, after --")
+    add_smoke(parser)
     args = parser.parse_args()
+    print(stamp())
+    if args.smoke:
+        from bench.bench_full_graph import SMOKE_MODEL, SMOKE_RUN
+        from lqlora_dagster.cli import main as lqlora
+
+        with tempfile.TemporaryDirectory() as tmp:
+            args.home = Path(tmp)
+            os.environ["LQLORA_HOME"] = tmp
+            if lqlora(["register", str(save_tiny_llama(args.home / "tiny")), "--name", SMOKE_MODEL]):
+                sys.exit("could not register the tiny model")
+            # every step in a process of its own, as a real run: that is what is measured
+            args.extra = ["--model", SMOKE_MODEL, *(f for f in SMOKE_RUN if f != "--in-process"), *args.extra]
+            measure(args)
+        return
+    if args.home is None:
+        parser.error("--home is required")
+    measure(args)
+
+
+def measure(args) -> None:
     checkout = args.checkout.resolve()
     commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    print(stamp())
     print(f"- measured code: {checkout} at {commit}; LQLORA_HOME={args.home}")
     env = dict(os.environ, LQLORA_HOME=str(args.home), PYTHONPATH=str(checkout))
     logs = args.home / "logs"

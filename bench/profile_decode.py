@@ -1,6 +1,7 @@
 """Where each millisecond of a decoded token goes in our runtime, and what bounds it.
 
     python -m bench.profile_decode --lq SAVED_LQ_FOLDER [--threads 1 2] [--tokens 32]
+    python -m bench.profile_decode --smoke     # a tiny compressed Llama built in code, 4 tokens
 
 One process per thread count: load the compressed model, prefill 64 tokens, then
 1. decode --tokens tokens greedily with the KV cache, no instrumentation: ms per token;
@@ -18,21 +19,13 @@ The timers add their own cost: step 2's total is printed beside step 1's.
 import argparse
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
-from bench._common import REPO, stamp
-
-
-def best_ms(fn, calls: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 4] * 1e3  # lower quartile: the machine's noise is one-sided
+from bench._common import REPO, add_smoke, stamp, tiny_llama
+from bench.profile_prefill_layers import lower_quartile_ms
 
 
 def child(folder: str, threads: int, tokens: int) -> None:
@@ -48,10 +41,11 @@ def child(folder: str, threads: int, tokens: int) -> None:
     vocab = min(net.config.vocab_size, 49152)
     ids = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(0))
 
-    def decode(n: int) -> float:
+    def decode(n: int, prefilled=lambda: None) -> float:
         with torch.no_grad():
             step = net(ids, use_cache=True, logits_to_keep=1)
             token = step.logits[:, -1:].argmax(-1)
+            prefilled()  # the timers count from here: decoded tokens only
             start = time.perf_counter()
             for _ in range(n):
                 step = net(token, past_key_values=step.past_key_values, use_cache=True)
@@ -79,8 +73,7 @@ def child(folder: str, threads: int, tokens: int) -> None:
         m.register_forward_hook(post) for m in net.modules()
     ]
     decode(2)
-    own.clear()
-    timed = decode(tokens)
+    timed = decode(tokens, own.clear)
     for h in hooks:
         h.remove()
     print(f"\n### {threads} thread(s)\n")
@@ -107,9 +100,9 @@ def child(folder: str, threads: int, tokens: int) -> None:
             x_rows = torch.randn(1, qm.shape[1])
             dense = torch.randn(qm.shape)
             seen[key] = (
-                best_ms(lambda: fast_decode.matmul(x_rows, qm, args)),
-                best_ms(lambda: layer(x_rows)),
-                best_ms(lambda: torch.nn.functional.linear(x_rows, dense)),
+                lower_quartile_ms(lambda: fast_decode.matmul(x_rows, qm, args), 20),
+                lower_quartile_ms(lambda: layer(x_rows), 20),
+                lower_quartile_ms(lambda: torch.nn.functional.linear(x_rows, dense), 20),
             )
         p, f, d = seen[key]
         packed_ms, fused_ms, dense_ms = packed_ms + p, fused_ms + f, dense_ms + d
@@ -119,7 +112,7 @@ def child(folder: str, threads: int, tokens: int) -> None:
         dense_bytes += qm.shape[0] * qm.shape[1] * 4
     big = torch.empty(64 * 2**20)
     big.fill_(1.0)
-    gbps = big.numel() * 4 / best_ms(lambda: big.sum(), 5) / 1e6
+    gbps = big.numel() * 4 / lower_quartile_ms(lambda: big.sum(), 8) / 1e6
     head = net.get_output_embeddings().weight
     print(f"\nThe {len(lq_layers(net))} LQ layers alone, on one token (lower quartile of 20 calls, summed):\n")
     print("| | ms per token | MB read | ms at this machine's streaming bandwidth |\n|---|---|---|---|")
@@ -136,11 +129,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    add_smoke(parser)
     args = parser.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]), int(args.child[2]))
         return
     print(stamp())
+    if args.smoke:
+        from bench.make_llama1b_shaped import save_compressed
+
+        with tempfile.TemporaryDirectory() as tmp:
+            args.lq, args.threads, args.tokens = Path(tmp) / "tiny-lq", [1], 4
+            save_compressed(tiny_llama(), args.lq, "nf3-b03-bf16-B016-B164")
+            profile(args)
+        return
+    if args.lq is None:
+        parser.error("--lq is required")
+    profile(args)
+
+
+def profile(args) -> None:
     print(f"\ncompressed model: {args.lq}")
     for threads in args.threads:
         done = subprocess.run([sys.executable, "-m", "bench.profile_decode", "--child", str(args.lq), str(threads),

@@ -109,6 +109,22 @@ SMOKES: dict[str, tuple[list[str], list[str]]] = {
             r"\| lqlora-dagster LoftQ \(NF4, 5 iterations\) \| 7 \| [\d.]+ \| -?[\d,]+ \| nan \| ran \|",
         ],
     ),
+    "bench_shape_cost": (
+        [],
+        [
+            r"\| 64x64 \| fast table, 432 configs \(CPU s\) \| [\d.]+ \| [\d.]+ \| [\d.]+x \|",
+            r"\| 64x64 \| one LQ iteration \(CPU s\) \| [\d.]+ \| [\d.]+ \| [\d.]+x \|",
+        ],
+    ),
+    "bench_stage_cpu": (
+        [],
+        [
+            r"\| stage \(.+\) \| steps \| wall s \| CPU s \|",
+            r"\| error_table \| 9 \| \d+ \| [\d.]+ \|",
+            r"\| allocation_plan \| 1 \| \d+ \| [\d.]+ \|",
+            r"\| whole run \(`lqlora run`, launch and display included\) \| \| \d+ \| [\d.]+ \|",
+        ],
+    ),
     "bench_scale": (
         [],
         [
@@ -133,6 +149,15 @@ SMOKES: dict[str, tuple[list[str], list[str]]] = {
             r"tiny: 0\.00B parameters",
             "quantized 14/14",
             r"tiny-lq: 14 targets at nf3-b03-bf16-B016-B164, rank 16",
+        ],
+    ),
+    "profile_decode": (
+        [],
+        [
+            r"- decode, no timers: \*\*[\d.]+ ms per token\*\* \([\d.]+ tokens/s\)",
+            r"\| LQLinear \| [\d.]+ \| \d+% \|",
+            r"\| packed matrix-vector products \(codes, scales\) \| [\d.]+ \| [\d.]+ \| [\d.]+ \|",
+            r"streaming read bandwidth, one `sum` over 256 MB at 1 thread\(s\): [\d.]+ GB/s",
         ],
     ),
     "profile_prefill_layers": (

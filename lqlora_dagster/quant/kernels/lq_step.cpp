@@ -102,67 +102,15 @@ torch::Tensor block_absmax(torch::Tensor X, int64_t B0) {
 
 namespace {
 
-// level[bin(x)] * scale, as lut.BlockQuantizer computes it; `emit8(i, q)` takes 8 values
-// from x[i] on (AVX2), `emit(i, q)` one
-template <typename Emit8, typename Emit>
-void for_each_quantized(const float* x, const float* t, const float* scale, const float* levels, int64_t n_levels,
-                        int64_t n, int64_t B0, Emit8 emit8, Emit emit) {
-  const float half = static_cast<float>(n_levels) / 2.0f, top = static_cast<float>(n_levels - 1);
-  const int64_t nb = n_blocks(n, B0);
-#ifdef __AVX2__
-  const __m256 vhalf = _mm256_set1_ps(half), vtop = _mm256_set1_ps(top), zero = _mm256_setzero_ps();
-#endif
-  for (int64_t blk = 0; blk < nb; ++blk) {
-    const int64_t end = std::min(n, (blk + 1) * B0);
-    const float tb = t[blk], sb = scale[blk];
-    int64_t i = blk * B0;
-#ifdef __AVX2__
-    const __m256 vt = _mm256_set1_ps(tb), vs = _mm256_set1_ps(sb);
-    for (; i + 8 <= end; i += 8) {
-      __m256 y = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), vt, vhalf);
-      y = _mm256_min_ps(_mm256_max_ps(y, zero), vtop);
-      const __m256 level = _mm256_i32gather_ps(levels, _mm256_cvttps_epi32(y), 4);
-      emit8(i, _mm256_mul_ps(level, vs));
-    }
-#endif
-    for (; i < end; ++i) {
-      float y = std::fma(x[i], tb, half);
-      y = y < 0.0f ? 0.0f : (y > top ? top : y);
-      emit(i, levels[static_cast<int32_t>(y)] * sb);
-    }
-  }
-}
+// What the table-based quantization of X reads: X, per block BINS/2 over its (nonzero)
+// scale (`t`) and the scale itself, and the BINS-entry level table.
+struct LutInput {
+  const float *x, *t, *scale, *levels;
+  int64_t n_levels, n, B0;
+};
 
-}  // namespace
-
-// Q = the table-quantized X: `t` is BINS/2 over each block's (nonzero) scale, `scale` the
-// block's dequantized scale, `levels` the BINS-entry level table.
-void lut_quantize(torch::Tensor X, torch::Tensor t, torch::Tensor scale, torch::Tensor levels, int64_t B0,
-                  torch::Tensor Q) {
-  check(X, "X");
-  check_same(X, Q, "Q");
-  check(t, "t");
-  check(scale, "scale");
-  check(levels, "levels");
-  const int64_t n = X.numel();
-  TORCH_CHECK(t.numel() >= n_blocks(n, B0) && scale.numel() >= n_blocks(n, B0), "one t and scale per block");
-  const float *x = X.data_ptr<float>(), *ts = t.data_ptr<float>(), *ss = scale.data_ptr<float>();
-  const float* lv = levels.data_ptr<float>();
-  float* q = Q.data_ptr<float>();
-  pybind11::gil_scoped_release release;
-  for_each_quantized(
-      x, ts, ss, lv, levels.numel(), n, B0,
-#ifdef __AVX2__
-      [q](int64_t i, __m256 v) { _mm256_storeu_ps(q + i, v); },
-#else
-      [](int64_t, float) {},
-#endif
-      [q](int64_t i, float v) { q[i] = v; });
-}
-
-// out = (quantized X - X)^2, elementwise: a config's squared error without keeping its Q.
-void lut_squared_error(torch::Tensor X, torch::Tensor t, torch::Tensor scale, torch::Tensor levels, int64_t B0,
-                       torch::Tensor out) {
+LutInput lut_input(const torch::Tensor& X, const torch::Tensor& t, const torch::Tensor& scale,
+                   const torch::Tensor& levels, int64_t B0, const torch::Tensor& out) {
   check(X, "X");
   check_same(X, out, "out");
   check(t, "t");
@@ -170,24 +118,75 @@ void lut_squared_error(torch::Tensor X, torch::Tensor t, torch::Tensor scale, to
   check(levels, "levels");
   const int64_t n = X.numel();
   TORCH_CHECK(t.numel() >= n_blocks(n, B0) && scale.numel() >= n_blocks(n, B0), "one t and scale per block");
-  const float *x = X.data_ptr<float>(), *ts = t.data_ptr<float>(), *ss = scale.data_ptr<float>();
-  const float* lv = levels.data_ptr<float>();
+  return {X.data_ptr<float>(), t.data_ptr<float>(), scale.data_ptr<float>(), levels.data_ptr<float>(),
+          levels.numel(), n, B0};
+}
+
+// level[bin(x)] * scale, as lut.BlockQuantizer computes it; `emit8(i, q)` takes 8 values
+// from x[i] on (AVX2), `emit(i, q)` one
+template <typename Emit8, typename Emit>
+void for_each_quantized(const LutInput& in, Emit8 emit8, Emit emit) {
+  const float half = static_cast<float>(in.n_levels) / 2.0f, top = static_cast<float>(in.n_levels - 1);
+  const int64_t nb = n_blocks(in.n, in.B0);
+#ifdef __AVX2__
+  const __m256 vhalf = _mm256_set1_ps(half), vtop = _mm256_set1_ps(top), zero = _mm256_setzero_ps();
+#endif
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const int64_t end = std::min(in.n, (blk + 1) * in.B0);
+    const float tb = in.t[blk], sb = in.scale[blk];
+    int64_t i = blk * in.B0;
+#ifdef __AVX2__
+    const __m256 vt = _mm256_set1_ps(tb), vs = _mm256_set1_ps(sb);
+    for (; i + 8 <= end; i += 8) {
+      __m256 y = _mm256_fmadd_ps(_mm256_loadu_ps(in.x + i), vt, vhalf);
+      y = _mm256_min_ps(_mm256_max_ps(y, zero), vtop);
+      const __m256 level = _mm256_i32gather_ps(in.levels, _mm256_cvttps_epi32(y), 4);
+      emit8(i, _mm256_mul_ps(level, vs));
+    }
+#endif
+    for (; i < end; ++i) {
+      float y = std::fma(in.x[i], tb, half);
+      y = y < 0.0f ? 0.0f : (y > top ? top : y);
+      emit(i, in.levels[static_cast<int32_t>(y)] * sb);
+    }
+  }
+}
+
+}  // namespace
+
+// Q = the table-quantized X.
+void lut_quantize(torch::Tensor X, torch::Tensor t, torch::Tensor scale, torch::Tensor levels, int64_t B0,
+                  torch::Tensor Q) {
+  const LutInput in = lut_input(X, t, scale, levels, B0, Q);
+  float* q = Q.data_ptr<float>();
+  pybind11::gil_scoped_release release;
+#ifdef __AVX2__
+  auto emit8 = [q](int64_t i, __m256 v) { _mm256_storeu_ps(q + i, v); };
+#else
+  auto emit8 = [](int64_t, float) {};  // never called without AVX2
+#endif
+  for_each_quantized(in, emit8, [q](int64_t i, float v) { q[i] = v; });
+}
+
+// out = (quantized X - X)^2, elementwise: a config's squared error without keeping its Q.
+void lut_squared_error(torch::Tensor X, torch::Tensor t, torch::Tensor scale, torch::Tensor levels, int64_t B0,
+                       torch::Tensor out) {
+  const LutInput in = lut_input(X, t, scale, levels, B0, out);
+  const float* x = in.x;
   float* o = out.data_ptr<float>();
   pybind11::gil_scoped_release release;
-  for_each_quantized(
-      x, ts, ss, lv, levels.numel(), n, B0,
 #ifdef __AVX2__
-      [o, x](int64_t i, __m256 v) {
-        const __m256 d = _mm256_sub_ps(v, _mm256_loadu_ps(x + i));
-        _mm256_storeu_ps(o + i, _mm256_mul_ps(d, d));
-      },
+  auto emit8 = [o, x](int64_t i, __m256 v) {
+    const __m256 d = _mm256_sub_ps(v, _mm256_loadu_ps(x + i));
+    _mm256_storeu_ps(o + i, _mm256_mul_ps(d, d));
+  };
 #else
-      [](int64_t, float) {},
+  auto emit8 = [](int64_t, float) {};  // never called without AVX2
 #endif
-      [o, x](int64_t i, float v) {
-        const float d = v - x[i];
-        o[i] = d * d;
-      });
+  for_each_quantized(in, emit8, [o, x](int64_t i, float v) {
+    const float d = v - x[i];
+    o[i] = d * d;
+  });
 }
 
 // out = ((W - Q) - LR)^2, elementwise (the caller sums it, Fisher-weighted or not).
