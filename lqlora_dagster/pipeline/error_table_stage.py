@@ -94,12 +94,35 @@ def _table_progress(ctx: StageContext, refs: list[TableRef]) -> tuple[int, int]:
     return done, n_matrices * len(wanted)
 
 
-def _committer(ctx: StageContext, model: ModelHandle):
-    def commit(request: RowRequest, results: list[ConfigError]) -> None:
-        frame = table_frame(request.table_key, request.ref, model.model, request.target, results)
-        ctx.warehouse.upsert("quant_errors", QUANT_ERRORS.validate(frame), ["table_key", "matrix", "config"])
+# confirmation's exact rows gather this many seconds of work before one write: opening
+# the shared database file and checking a frame cost ~35 ms each, as much as a small
+# matrix's exact row, and written one matrix at a time (a row or two each) they were a
+# fifth of confirmation's CPU time
+EXACT_FLUSH_SECONDS = 5.0
 
-    return commit
+
+class _Committer:
+    """Rows go to DuckDB in batches at most `every` seconds apart (0: each matrix as it
+    finishes): one pandera check and one upsert per batch. `flush` writes what is
+    gathered; confirmation calls it when a round's loop ends, normally or not, so a crash
+    there loses at most the last few seconds of exact rows."""
+
+    def __init__(self, ctx: StageContext, model: ModelHandle, every: float):
+        self.ctx, self.model, self.every = ctx, model, every
+        self.frames: list[pd.DataFrame] = []
+        self.last = time.monotonic()
+
+    def __call__(self, request: RowRequest, results: list[ConfigError]) -> None:
+        self.frames.append(table_frame(request.table_key, request.ref, self.model.model, request.target, results))
+        if time.monotonic() - self.last >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last = time.monotonic()
+        if not self.frames:
+            return
+        frame, self.frames = pd.concat(self.frames, ignore_index=True), []
+        self.ctx.warehouse.upsert("quant_errors", QUANT_ERRORS.validate(frame), ["table_key", "matrix", "config"])
 
 
 class _ReadOnDemand:
@@ -176,7 +199,8 @@ def compute_table_rows(
         ctx.progress("error_table", done, total, "matrices", f"{request.target.name}, {time.perf_counter() - start:.0f}s")
 
     workers = ctx.matrix_workers if workers is None else workers
-    return compute_rows(requests, s.lq(), weight_of, fisher_of, _committer(ctx, model), workers, progress)
+    commit = _Committer(ctx, model, every=0.0)  # each matrix as it finishes: a kill loses only the one in flight
+    return compute_rows(requests, s.lq(), weight_of, fisher_of, commit, workers, progress)
 
 
 def load_table(ctx: StageContext, ref: TableRef) -> pd.DataFrame:
@@ -246,7 +270,7 @@ def exact_rows(ctx: StageContext, model: ModelHandle, refs: list[TableRef], lq: 
         if not requests:
             return out
         weight_of, fisher_of = _sources(ctx, model, requests)
-        commit_to_db = _committer(ctx, model)
+        commit_to_db = _Committer(ctx, model, every=EXACT_FLUSH_SECONDS)
 
         def commit(request: RowRequest, results: list[ConfigError]) -> None:
             commit_to_db(request, results)
@@ -262,7 +286,10 @@ def exact_rows(ctx: StageContext, model: ModelHandle, refs: list[TableRef], lq: 
                 eta = f", about {spent / i * (n - i):.0f}s left" if i < n else ""
                 ctx.progress(what, i, n, "matrices", f"exact rows, {spent:.0f}s{eta}")
 
-        compute_rows(requests, lq, weight_of, fisher_of, commit, ctx.matrix_workers, progress)
+        try:
+            compute_rows(requests, lq, weight_of, fisher_of, commit, ctx.matrix_workers, progress)
+        finally:
+            commit_to_db.flush()
         return out
 
     return compute
