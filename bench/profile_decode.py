@@ -100,9 +100,9 @@ def child(folder: str, threads: int, tokens: int) -> None:
             x_rows = torch.randn(1, qm.shape[1])
             dense = torch.randn(qm.shape)
             seen[key] = (
-                lower_quartile_ms(lambda: fast_decode.matmul(x_rows, qm, args), 20),
-                lower_quartile_ms(lambda: layer(x_rows), 20),
-                lower_quartile_ms(lambda: torch.nn.functional.linear(x_rows, dense), 20),
+                lower_quartile_ms(lambda x=x_rows, q=qm, a=args: fast_decode.matmul(x, q, a), 20),
+                lower_quartile_ms(lambda x=x_rows, f=layer: f(x), 20),
+                lower_quartile_ms(lambda x=x_rows, d=dense: torch.nn.functional.linear(x, d), 20),
             )
         p, f, d = seen[key]
         packed_ms, fused_ms, dense_ms = packed_ms + p, fused_ms + f, dense_ms + d

@@ -97,7 +97,6 @@ def estimated_errors_by_rank(
     if bad:
         raise ValueError(f"other ranks must be positive and differ from the base rank {settings.rank}, got {bad}")
     data = prepare(W, fisher)  # checked once; the anchors' first fit is shared
-    W, F = data.W, data.fisher
     groups: dict[tuple, list[QuantConfig]] = defaultdict(list)
     for c in configs:
         groups[tuple(getattr(c, f) for f in fast.anchor_fields)].append(c)

@@ -17,8 +17,8 @@ from functools import cache
 import torch
 
 from lqlora_dagster.quant.codec import block_scales, quantize_scales
-from lqlora_dagster.quant.native_build import load_extension
 from lqlora_dagster.quant.config import QuantConfig
+from lqlora_dagster.quant.native_build import load_extension
 from lqlora_dagster.quant.normal_float import nf_codebook
 
 LUT_BINS = 8192
@@ -109,7 +109,8 @@ class RepeatedQuantizer:
 
     def __call__(self, W: torch.Tensor) -> torch.Tensor:
         if self._native is not None:
-            return self._quantized(W.contiguous(), self._native.block_absmax(W.contiguous(), self.config.B0))
+            X = W.contiguous()
+            return self._quantized(X, self._native.block_absmax(X, self.config.B0))
         self._q.load(W)
         return self._q.dequantized(self.config).view(-1)[: self.n].view(self.shape)
 
