@@ -39,5 +39,8 @@ tar -xzf "$sdist" -C .venv/share/lqlora --strip-components=3 \
   "llama_cpp_python-${LLAMA_CPP_PYTHON}/vendor/llama.cpp/gguf-py"
 mkdir -p .venv/share/lqlora/llama.cpp
 for part in convert_hf_to_gguf.py conversion gguf-py; do mv ".venv/share/lqlora/$part" .venv/share/lqlora/llama.cpp/; done
+# the compiled kernels (lqlora_dagster/quant/kernels), built once per machine here rather
+# than inside the first stage or test that needs one; without a compiler they stay off
+python -c "import torch; from lqlora_dagster.quant import fast_decode, lut; fast_decode.kernel(); lut.native_steps(torch.device('cpu'))"
 rm -f .venv/.installed-*
 touch "$stamp"
