@@ -21,6 +21,20 @@ _STATM = "/proc/self/statm"
 MB = 2**20
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and hand the allocator's free pages back to the OS (glibc's
+    malloc_trim), so a measurement that starts next counts what it allocates, not whether
+    earlier work happened to leave freed memory behind for it to reuse."""
+    import ctypes  # only here: the one caller measures, nothing else needs libc
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def rss_bytes() -> int:
     """Resident set size now; the process peak where /proc is missing (macOS)."""
     try:
