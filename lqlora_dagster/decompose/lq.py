@@ -49,7 +49,13 @@ class LQSettings:
         lt=1,
     )
     oversample: int = knob(10, "randomized SVD: columns sampled beyond the rank", ge=0)
-    power_iters: int = knob(1, "randomized SVD: power iterations per fit (the basis is warm-started)", ge=0)
+    power_iters: int = knob(1, "randomized SVD: power iterations of a cold fit (from a random basis)", ge=0)
+    warm_power_iters: int = knob(
+        0,
+        "randomized SVD: power iterations of a fit that starts from the previous iteration's basis "
+        "(the alternation itself refines that basis once per iteration)",
+        ge=0,
+    )
     seed: int = knob(0, "seed of the randomized SVD", flags=("--svd-seed",))
 
     def __post_init__(self) -> None:
@@ -146,7 +152,7 @@ class _LowRankStep:
                 A,
                 self.s.rank,
                 oversample=self.s.oversample,
-                power_iters=self.s.power_iters,
+                power_iters=self.s.power_iters if self.basis is None else self.s.warm_power_iters,
                 generator=self.generator,
                 start=self.basis,
             )

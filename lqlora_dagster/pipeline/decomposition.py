@@ -29,7 +29,7 @@ from lqlora_dagster.surgery.decompose_model import apply_decompositions, decompo
 from lqlora_dagster.surgery.injector import lq_layers
 from lqlora_dagster.surgery.lq_model_io import load_lq_model, save_lq_model
 
-DECOMPOSITION_VERSION = "3"
+DECOMPOSITION_VERSION = "4"  # 4: warm-started fits take no power iteration of their own
 ASSET = "decomposed_model"
 
 

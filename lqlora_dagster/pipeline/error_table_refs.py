@@ -27,7 +27,7 @@ from lqlora_dagster.pipeline.settings import ErrorTableSettings
 from lqlora_dagster.quant.config import storage_bits
 from lqlora_dagster.store.keys import stable_key
 
-TABLE_VERSION = "5"
+TABLE_VERSION = "6"  # 6: warm-started fits take no power iteration of their own
 
 
 def fast_path(method: Method, s: ErrorTableSettings) -> FastSettings | None:
