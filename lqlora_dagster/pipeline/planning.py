@@ -29,7 +29,7 @@ from lqlora_dagster.quant.config import QuantConfig
 from lqlora_dagster.store.keys import stable_key
 from lqlora_dagster.store.schemas import PLAN_ASSIGNMENTS, PLANS
 
-PLAN_VERSION = "3"  # 3: storage counts each matrix's 32-bit header, as the artifacts do
+PLAN_VERSION = "4"  # 4: HiGHS starts from a greedy bound (plans may differ within its tolerance); 3: headers
 
 
 def confirm_margin(refs: list[TableRef], s: PlanSettings) -> float | None:

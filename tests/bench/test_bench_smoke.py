@@ -109,6 +109,16 @@ SMOKES: dict[str, tuple[list[str], list[str]]] = {
             r"\| lqlora-dagster LoftQ \(NF4, 5 iterations\) \| 7 \| [\d.]+ \| -?[\d,]+ \| nan \| ran \|",
         ],
     ),
+    "bench_warm_power": (
+        [],
+        [
+            r"\d+ matrices \(layers \[0\]\) x 2 configs, rank 4, unweighted",
+            r"\| every fit \(before\) \| [\d.]+ \(1\.00x\) \| \d+ \| \+0\.000% \|",
+            r"\| every fit, SVD seed 1 \| [\d.]+ \([\d.]+x\) \| \d+ \| [+-][\d.]+% \|",
+            r"\| the first 3 fits \(now\) \| [\d.]+ \([\d.]+x\) \| \d+ \| [+-][\d.]+% \|",
+            r"\| the first fit only \| [\d.]+ \([\d.]+x\) \| \d+ \| [+-][\d.]+% \|",
+        ],
+    ),
     "bench_shape_cost": (
         [],
         [

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from lqlora_dagster.allocate.ilp import solve_ilp
+from lqlora_dagster.allocate.incumbent import greedy_total_error
 from lqlora_dagster.allocate.problem import pareto_front
 from lqlora_dagster.allocate.uniform import solve_uniform
 from lqlora_dagster.errors import LQLoRAInputError
@@ -110,3 +111,41 @@ def test_uniform_picks_one_config_for_all():
     assert plan.objective == pytest.approx(best[0])
     with pytest.raises(LQLoRAInputError, match="below the cheapest uniform plan"):
         solve_uniform(table, 1.0)
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("budget", [2.6, 3.0, 3.6, 4.5])
+def test_greedy_incumbent_is_a_feasible_plan_no_better_than_the_optimum(seed, budget):
+    table = random_table(seed)
+    expected = brute_force(table, budget)
+    greedy = greedy_total_error(pareto_front(table), budget)
+    if math.isinf(expected):
+        assert greedy is None
+        return
+    assert expected - 1e-12 <= greedy <= table.groupby("matrix")["error"].min().sum() + table["error"].max() * 6
+
+
+def test_greedy_incumbent_climbs_each_matrix_hull_by_error_saved_per_bit():
+    # m0: 100 weights at 2/3/4 bits, errors 9/5/4 (saves 4, then 1, per 100 bits); m1: 100
+    # weights at 2/3 bits, errors 6/3 (saves 3 per 100 bits). The cheapest plan stores 400
+    # bits (2.0 bits/param); each further 0.5 bits/param is one more 100-bit step, the best first.
+    rows = [("m0", "a", 200, 9.0), ("m0", "b", 300, 5.0), ("m0", "c", 400, 4.0), ("m1", "a", 200, 6.0),
+            ("m1", "b", 300, 3.0)]
+    table = pd.DataFrame([dict(matrix=m, config=c, numel=100, storage_bits=s, error=e) for m, c, s, e in rows])
+    assert greedy_total_error(table, 2.0) == 15.0
+    assert greedy_total_error(table, 2.25) == 15.0  # 50 bits spare: no whole step
+    assert greedy_total_error(table, 2.5) == 11.0  # m0's first step
+    assert greedy_total_error(table, 3.0) == 8.0  # then m1's
+    assert greedy_total_error(table, 3.5) == 7.0  # then m0's second
+    assert greedy_total_error(table, 1.9) is None
+
+
+def test_ilp_still_solves_when_the_incumbent_bound_is_too_tight(monkeypatch):
+    """A bound below every plan leaves HiGHS nothing to find: the solve runs again without it."""
+    from lqlora_dagster.allocate import ilp
+
+    table = random_table(3)
+    expected = brute_force(table, 3.6)
+    monkeypatch.setattr(ilp, "greedy_total_error", lambda front, budget: 1e-9)
+    plan = solve_ilp(table, 3.6)
+    assert plan.objective == pytest.approx(expected, rel=1e-9) and plan.status == "optimal"
