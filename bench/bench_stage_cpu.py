@@ -31,7 +31,7 @@ from bench._common import REPO, add_smoke, save_tiny_llama, stamp
 
 TICK = os.sysconf("SC_CLK_TCK")
 STEP_LINE = re.compile(
-    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \S+ - dagster - \w+ - \S+ - [0-9a-f-]+ - (\d+) - (\S+) - (STEP_START|STEP_SUCCESS)"
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \S+ - dagster - \w+ - \S+ - [0-9a-f-]+ - (\d+) - (\S+) - ([A-Z_]+) - "
 )
 
 
@@ -77,15 +77,19 @@ class TreeSampler(threading.Thread):
 
 
 def step_times(log: Path) -> dict[str, dict]:
-    """{step: {pid, start, end}} from a run's log file."""
+    """{step: {pid, start, end}} from a run's log file. A step's end is its STEP_SUCCESS, or
+    its last event when the file lacks that line (the run's log can miss a step's final event)."""
     steps: dict[str, dict] = {}
     for line in log.read_text(errors="replace").splitlines():
         m = STEP_LINE.match(line)
         if not m:
             continue
         at, pid, step, event = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"), int(m.group(2)), m.group(3), m.group(4)
-        entry = steps.setdefault(step, {"pid": pid})
-        entry["start" if event == "STEP_START" else "end"] = at
+        if event == "STEP_START":
+            steps.setdefault(step, {})["pid"] = pid
+            steps[step]["start"] = at
+        elif step in steps and event in ("STEP_SUCCESS", "STEP_OUTPUT", "HANDLED_OUTPUT", "ASSET_MATERIALIZATION"):
+            steps[step]["end"] = max(steps[step].get("end", at), at)
     return steps
 
 

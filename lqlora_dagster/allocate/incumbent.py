@@ -36,26 +36,29 @@ def greedy_total_error(front: pd.DataFrame, budget: float) -> float | None:
     """Total error of the greedy plan over `front` (candidates with `storage_bits` and
     `error`) at `budget` bits/param, or None when not even the cheapest plan fits."""
     capacity = budget * total_numel(front)
-    used, total = 0.0, 0.0
-    upgrades: list[tuple[float, int, float, float]] = []  # (error saved per bit, matrix, extra bits, error saved)
-    for i, (_, group) in enumerate(front.groupby("matrix", sort=False)):
-        points = sorted(zip(group["storage_bits"].astype(float), group["error"].astype(float)))
-        hull = _lower_hull(points)
-        used += hull[0][0]
-        total += hull[0][1]
-        for (s1, e1), (s2, e2) in zip(hull, hull[1:]):
-            upgrades.append(((e1 - e2) / (s2 - s1), i, s2 - s1, e1 - e2))
+    hulls = [
+        _lower_hull(sorted(zip(group["storage_bits"].astype(float), group["error"].astype(float))))
+        for _, group in front.groupby("matrix", sort=False)
+    ]
+    used = sum(hull[0][0] for hull in hulls)
     if used > capacity:
         return None
-    # a matrix's hull steps save less and less per bit, so sorting by that ratio (stable:
-    # ties keep their order) takes each matrix's steps in order
+    # (error saved per bit, matrix, its step): a matrix's steps save less and less per bit,
+    # so in this order each matrix's steps come in its own order
+    steps = sorted(
+        ((e1 - e2) / (s2 - s1), i, k)
+        for i, hull in enumerate(hulls)
+        for k, ((s1, e1), (s2, e2)) in enumerate(zip(hull, hull[1:]), 1)
+    )
+    level = [0] * len(hulls)  # the hull point each matrix is at
     stopped: set[int] = set()
-    for _, matrix, extra, saved in sorted(upgrades, key=lambda u: -u[0]):
-        if matrix in stopped:
+    for _, i, k in reversed(steps):
+        if i in stopped:
             continue
+        extra = hulls[i][k][0] - hulls[i][k - 1][0]
         if used + extra <= capacity:
             used += extra
-            total -= saved
+            level[i] = k
         else:
-            stopped.add(matrix)  # its later steps need this one
-    return total
+            stopped.add(i)  # its later steps need this one
+    return sum(hull[k][1] for hull, k in zip(hulls, level))
