@@ -3,9 +3,12 @@
 The process high-water mark (`ru_maxrss`) only ever grows, so every row measured in one
 run reads the same number. `PeakMemory` instead records what the work inside the
 `with` block added above what the process held when it started: on CUDA the
-allocator's peak over its start; on Linux the resident set size sampled every couple of
-milliseconds by a thread (torch releases the GIL inside its kernels, so the sampler
-keeps running during them). Memory-mapped weights count once their pages are touched.
+allocator's peak over its start; on Linux the kernel's resident-set high-water mark
+(`VmHWM`), reset to the current size when a block starts (`/proc/self/clear_refs`), so
+the peak is exact and costs nothing while the work runs. Where that reset is refused,
+a thread samples the resident set size every couple of milliseconds instead (torch
+releases the GIL inside its kernels, so the sampler keeps running during them; it
+cost about 2% of a core). Memory-mapped weights count once their pages are touched.
 """
 
 import os
@@ -18,6 +21,8 @@ import torch
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _STATM = "/proc/self/statm"
+_STATUS = "/proc/self/status"
+_CLEAR_REFS = "/proc/self/clear_refs"
 MB = 2**20
 
 
@@ -45,16 +50,67 @@ def rss_bytes() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
+def _high_water_bytes() -> int | None:
+    """The kernel's peak resident set size since the last reset (None without /proc)."""
+    try:
+        with open(_STATUS) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_high_water() -> bool:
+    """Set the peak resident set size to the current one (Linux 4.0+); False if refused."""
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class _HighWater:
+    """The blocks being measured by the high-water mark. Starting one resets the mark,
+    which would lose the peak the open (enclosing or concurrent) blocks have seen so
+    far: it is folded into each of them first."""
+
+    lock = threading.Lock()
+    open: set["PeakMemory"] = set()
+
+    @classmethod
+    def start(cls, block: "PeakMemory") -> bool:
+        with cls.lock:
+            mark = _high_water_bytes()
+            if mark is None:
+                return False
+            for other in cls.open:
+                other.peak = max(other.peak, mark)
+            if not _reset_high_water():
+                return False
+            cls.open.add(block)
+            return True
+
+    @classmethod
+    def end(cls, block: "PeakMemory") -> None:
+        with cls.lock:
+            cls.open.discard(block)
+            block.peak = max(block.peak, _high_water_bytes() or 0)
+
+
 class PeakMemory:
     """`with PeakMemory(device) as mem: ...`, then `mem.added_mb` (peak minus start) and
     `mem.peak_mb` (peak in absolute terms)."""
 
     def __init__(self, device: torch.device | str = "cpu", interval_s: float = 0.002):
         self.device = torch.device(device)
-        self.interval_s = interval_s
+        self.interval_s = interval_s  # the sampler's, where the high-water mark cannot be reset
         self.start = self.peak = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._high_water = False
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -67,8 +123,10 @@ class PeakMemory:
             self.start = self.peak = torch.cuda.memory_allocated(self.device)
         else:
             self.start = self.peak = rss_bytes()
-            self._thread = threading.Thread(target=self._sample, name="peak-memory", daemon=True)
-            self._thread.start()
+            self._high_water = _HighWater.start(self)
+            if not self._high_water:
+                self._thread = threading.Thread(target=self._sample, name="peak-memory", daemon=True)
+                self._thread.start()
         self._started = time.perf_counter()
         return self
 
@@ -78,6 +136,8 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
             return
+        if self._high_water:
+            _HighWater.end(self)
         self._stop.set()
         if self._thread is not None:
             self._thread.join()

@@ -22,6 +22,7 @@ them, since each of those is a feasible choice at its exact values.
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from lqlora_dagster.allocate.problem import CANDIDATE, Allocation, Row, with_rank
@@ -61,28 +62,37 @@ def confirm_plan(
     check_margin(margin)
     table = with_rank(table)
     keys = [(m, c, int(r)) for m, c, r in table[CANDIDATE].itertuples(index=False)]
-    margins = table["margin"].astype(float) if "margin" in table.columns else margin
-    optimistic = (table["error"].astype(float) * (1 - margins)).tolist()
-    by_matrix: dict[str, list[tuple[Row, float, float]]] = {}
-    for key, storage, value in zip(keys, table["storage_bits"].astype(float), optimistic):
-        by_matrix.setdefault(key[0], []).append((key, storage, value))
-    storage_of = dict(zip(keys, table["storage_bits"].astype(float)))
-    candidates = set(keys)
-    exact: dict[Row, float] = {row: v for row, v in (known or {}).items() if row in candidates}
+    position = {key: i for i, key in enumerate(keys)}
+    margins = table["margin"].astype(float).to_numpy() if "margin" in table.columns else margin
+    optimistic = table["error"].astype(float).to_numpy() * (1 - margins)
+    storage = table["storage_bits"].astype(float).to_numpy()
+    by_matrix: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        by_matrix.setdefault(key[0], []).append(i)
+    rows_of = {m: np.asarray(ix) for m, ix in by_matrix.items()}
+    # this round's values: the exact error where known, the optimistic one elsewhere
+    values_now, is_exact = optimistic.copy(), np.zeros(len(keys), dtype=bool)
+    exact: dict[Row, float] = {}
     rounds = 0
+
+    def record(rows: dict[Row, float]) -> None:
+        exact.update(rows)
+        for row, value in rows.items():
+            i = position[row]
+            values_now[i], is_exact[i] = value, True
+
+    record({row: v for row, v in (known or {}).items() if row in position})
 
     def confirm(rows: list[Row]) -> None:
         got = exact_rows(rows)
         missing = [row for row in rows if row not in got]
         if missing:
             raise RuntimeError(f"no exact error was computed for {missing[:3]}")
-        exact.update(got)
+        record({row: v for row, v in got.items() if row in position})
 
     while True:
         rounds += 1
-        values = table.assign(error=[exact.get(k, v) for k, v in zip(keys, optimistic)]).drop(
-            columns=["margin"], errors="ignore"
-        )
+        values = table.assign(error=values_now.copy()).drop(columns=["margin"], errors="ignore")
         plan = solve(values, budget)
         new = [row for row in plan.rows() if row not in exact]
         if not new:
@@ -93,11 +103,10 @@ def confirm_plan(
         # a pick whose exact error came out above the optimistic value of a candidate
         # that stores its matrix in no more bits would lose to that one in the next round:
         # confirm such candidates now, saving the ILP rounds that would find them one by one
-        beaten = [
-            key
-            for row in new
-            for key, storage, value in by_matrix[row[0]]
-            if key not in exact and storage <= storage_of[row] and value < exact[row]
-        ]
+        beaten = []
+        for row in new:
+            ix = rows_of[row[0]]
+            hit = ix[~is_exact[ix] & (storage[ix] <= storage[position[row]]) & (optimistic[ix] < exact[row])]
+            beaten += [keys[i] for i in hit]
         if beaten:
             confirm(list(dict.fromkeys(beaten)))

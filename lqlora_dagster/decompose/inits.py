@@ -22,6 +22,7 @@ import torch
 
 from lqlora_dagster.decompose.lq import (
     Decomposition,
+    LQInput,
     LQSettings,
     loftq_decompose,
     lq_decompose,
@@ -71,11 +72,13 @@ class Init:
         return self.decompose(W, config, self._at(rank, settings), fisher)
 
     def exact_errors_at(
-        self, W: torch.Tensor, configs: tuple[QuantConfig, ...], rank: int, settings: LQSettings,
+        self, W: "torch.Tensor | LQInput", configs: tuple[QuantConfig, ...], rank: int, settings: LQSettings,
         fisher: torch.Tensor | None = None,
     ) -> list[ConfigError]:
-        """Exact rows at `rank` (0: the quantization errors, for an init with a low-rank part)."""
+        """Exact rows at `rank` (0: the quantization errors, for an init with a low-rank part).
+        `W` may come prepared (an LQInput, carrying its own Fisher diagonal: `fisher` None)."""
         if self.has_lowrank and rank == 0:
+            W, fisher = _tensors(W, fisher)
             return quantization_rows(W, configs, fisher if self.fisher else None)
         return self.exact_errors(W, configs, self._at(rank, settings), fisher)
 
@@ -118,7 +121,13 @@ class ZeroInit(Init):
         return qlora_init(W, config, settings.rank, seed=settings.seed)
 
     def exact_errors(self, W, configs, settings, fisher=None):
+        W, fisher = _tensors(W, fisher)
         return quantization_rows(W, configs, fisher if self.fisher else None)
+
+
+def _tensors(W: "torch.Tensor | LQInput", fisher: torch.Tensor | None):
+    """A matrix and its Fisher diagonal, given as tensors or prepared (an LQInput)."""
+    return (W.W, W.fisher) if isinstance(W, LQInput) else (W, fisher)
 
 
 def quantization_rows(

@@ -5,7 +5,8 @@ the error stops falling), its Fisher-weighted variant (weighted SVD and error), 
 LoftQ (quantize first, a fixed number of iterations, keep the last).
 """
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -117,6 +118,35 @@ def prepare(W: "torch.Tensor | LQInput", fisher: torch.Tensor | None = None) -> 
     W = W.detach().to(torch.float32).contiguous()
     f = fisher.to(W.device, torch.float32).contiguous() if fisher is not None else None
     return LQInput(W, f, row_col_weights(f) if f is not None else None)
+
+
+class InputCache:
+    """Prepared inputs kept for matrices decomposed again later: plan confirmation asks
+    for a few more configs of the same matrices round after round, and each round would
+    otherwise read the matrix and its Fisher diagonal again, check them again and redo
+    the cold start's first fit (the same bits each time). Holds at most `max_bytes` of
+    matrices; the least recently used go first. Thread-safe."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._held: dict[Hashable, tuple[LQInput, int]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, make: Callable[[], LQInput]) -> LQInput:
+        with self._lock:
+            if key in self._held:
+                self._held[key] = self._held.pop(key)  # most recently used last
+                return self._held[key][0]
+        data = make()
+        size = sum(t.numel() * t.element_size() for t in (data.W, data.fisher) if t is not None)
+        with self._lock:
+            if key not in self._held and size <= self.max_bytes:
+                while self._held and self._bytes + size > self.max_bytes:
+                    self._bytes -= self._held.pop(next(iter(self._held)))[1]
+                self._held[key] = (data, size)
+                self._bytes += size
+        return data
 
 
 class _LowRankStep:

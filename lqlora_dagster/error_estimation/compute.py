@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from lqlora_dagster.decompose.inits import ConfigError
-from lqlora_dagster.decompose.lq import LQSettings
+from lqlora_dagster.decompose.lq import InputCache, LQInput, LQSettings, prepare
 from lqlora_dagster.error_estimation.estimates import FastSettings, estimated_errors_by_rank
 from lqlora_dagster.error_estimation.table_ref import TableRef
 from lqlora_dagster.methods import get_method
@@ -44,9 +44,10 @@ class RowRequest:
 
 
 def request_rows(
-    request: RowRequest, W: torch.Tensor, lq: LQSettings, fisher: torch.Tensor | None
+    request: RowRequest, W: "torch.Tensor | LQInput", lq: LQSettings, fisher: torch.Tensor | None
 ) -> list[tuple[RowRequest, list[ConfigError]]]:
-    """The rows of one request (and of its riders), each in the order of its configs."""
+    """The rows of one request (and of its riders), each in the order of its configs
+    (an exact request's `W` may come prepared, with its Fisher diagonal in it)."""
     init = get_method(request.ref.method).init
     F = fisher if init.fisher else None
     rank = request.ref.rank
@@ -72,12 +73,21 @@ def compute_rows(
     commit: Callable[[RowRequest, list[ConfigError]], None],
     workers: int,
     progress: Callable[[int, int, RowRequest], None] | None = None,
+    inputs: InputCache | None = None,
 ) -> int:
     """Compute every request, `workers` matrices at a time; `commit` each as it
-    finishes. Returns the number of rows computed."""
+    finishes. Returns the number of rows computed. With `inputs`, exact requests take
+    their matrix prepared from it (and leave it there for later calls)."""
 
     def rows_of(request: RowRequest) -> list[tuple[RowRequest, list[ConfigError]]]:
-        return request_rows(request, weight_of(request.target), lq, fisher_of(request))
+        if inputs is None or not request.exact:
+            return request_rows(request, weight_of(request.target), lq, fisher_of(request))
+        fisher = get_method(request.ref.method).init.fisher
+        data = inputs.get(
+            (request.target.name, request.ref.fisher_key if fisher else None),
+            lambda: prepare(weight_of(request.target), fisher_of(request) if fisher else None),
+        )
+        return request_rows(request, data, lq, None)
 
     written = 0
     for i, (request, parts) in enumerate(one_thread_per_matrix(rows_of, requests, workers), 1):

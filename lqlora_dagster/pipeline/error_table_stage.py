@@ -13,7 +13,7 @@ import torch
 
 from lqlora_dagster.allocate.confirm import ExactRows, Row
 from lqlora_dagster.decompose.inits import ConfigError
-from lqlora_dagster.decompose.lq import LQSettings
+from lqlora_dagster.decompose.lq import InputCache, LQSettings
 from lqlora_dagster.error_estimation.compute import RowRequest, compute_rows
 from lqlora_dagster.methods import get_method
 from lqlora_dagster.models.targets import Target
@@ -99,6 +99,9 @@ def _table_progress(ctx: StageContext, refs: list[TableRef]) -> tuple[int, int]:
 # matrix's exact row, and written one matrix at a time (a row or two each) they were a
 # fifth of confirmation's CPU time
 EXACT_FLUSH_SECONDS = 5.0
+# matrices confirmation keeps prepared between its rounds (with their Fisher diagonals):
+# SmolLM2-135M's all fit; a larger model's rounds keep the most recently used
+EXACT_INPUT_BYTES = 2**30
 
 
 class _Committer:
@@ -257,6 +260,7 @@ def exact_rows(ctx: StageContext, model: ModelHandle, refs: list[TableRef], lq: 
         return out
 
     rounds: list[int] = []  # matrices computed in each round that computed any
+    inputs = InputCache(EXACT_INPUT_BYTES)  # the rounds' matrices, prepared once
 
     def compute(rows: list[Row]) -> dict[Row, float]:
         out = lookup(rows)
@@ -287,7 +291,7 @@ def exact_rows(ctx: StageContext, model: ModelHandle, refs: list[TableRef], lq: 
                 ctx.progress(what, i, n, "matrices", f"exact rows, {spent:.0f}s{eta}")
 
         try:
-            compute_rows(requests, lq, weight_of, fisher_of, commit, ctx.matrix_workers, progress)
+            compute_rows(requests, lq, weight_of, fisher_of, commit, ctx.matrix_workers, progress, inputs)
         finally:
             commit_to_db.flush()
         return out
