@@ -78,7 +78,7 @@ class _HighWater:
     far: it is folded into each of them first."""
 
     lock = threading.Lock()
-    open: set["PeakMemory"] = set()
+    blocks: set["PeakMemory"] = set()
 
     @classmethod
     def start(cls, block: "PeakMemory") -> bool:
@@ -86,17 +86,17 @@ class _HighWater:
             mark = _high_water_bytes()
             if mark is None:
                 return False
-            for other in cls.open:
+            for other in cls.blocks:
                 other.peak = max(other.peak, mark)
             if not _reset_high_water():
                 return False
-            cls.open.add(block)
+            cls.blocks.add(block)
             return True
 
     @classmethod
     def end(cls, block: "PeakMemory") -> None:
         with cls.lock:
-            cls.open.discard(block)
+            cls.blocks.discard(block)
             block.peak = max(block.peak, _high_water_bytes() or 0)
 
 
