@@ -9,6 +9,10 @@ the models run on the GPU and the memory is its allocator's peak above its start
     python -m bench.bench_inference --fp32 MODEL_FOLDER --lq SAVED_LQ_FOLDER [--threads 1 2] [--device cuda]
         [--gguf FILE.gguf ...]
 
+The `lq` rows run our runtime (`surgery/lq_decoder.py`: the layer stack in one C++ call a
+step, where the architecture is supported); `lq, transformers' forward` runs the same
+model through transformers' modules, as evaluation and finetuning do.
+
 --gguf adds llama.cpp (llama-cpp-python) rows to `generate`: the same prompt ids, the same
 threads, one fresh process each (an `lqlora export` file, or a `llama-quantize` one).
 
@@ -84,6 +88,7 @@ def child(kind: str, folder: str, threads: int, work: str, prompt_len: int, new_
 
     from lqlora_dagster.surgery.injector import lq_layers
     from lqlora_dagster.surgery.lora_linear import add_lora
+    from lqlora_dagster.surgery.lq_decoder import fast_decoder
     from lqlora_dagster.surgery.lq_model_io import load_lq_model
 
     config = AutoConfig.from_pretrained(folder)
@@ -107,8 +112,24 @@ def child(kind: str, folder: str, threads: int, work: str, prompt_len: int, new_
             net = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
         else:
             net = load_lq_model(Path(folder), device)
+        decoder = None
+        if kind == "lq" and work == "generate":
+            decoder = fast_decoder(net.eval(), prompt_len + new_tokens + 8)
         out["load_s"] = now() - start
-        if work == "generate":
+        if work == "generate" and decoder is not None:  # our runtime: the whole stack in one call a step
+            prefill, decode = [], []
+            decoder.logits(ids[:, :8])  # warm-up
+            for _ in range(repeats):
+                decoder.reset()
+                start = now()
+                token = decoder.logits(ids).argmax()
+                prefill.append(prompt_len / (now() - start))
+                start = now()
+                for _ in range(new_tokens):
+                    token = decoder.logits(token).argmax()
+                decode.append(new_tokens / (now() - start))
+            out["prefill_tok_s"], out["decode_tok_s"] = max(prefill), max(decode)
+        elif work == "generate":  # transformers' forward, as `generate` runs a model outside our runtime
             net.eval()
             prefill, decode = [], []
             with torch.no_grad():
@@ -210,6 +231,7 @@ def compare(args) -> None:
             rows = {kind: run(kind, folder, threads, work, args) for kind, folder in
                     (("fp32", args.fp32), ("lq", args.lq))}
             if work == "generate":
+                rows["lq, transformers' forward"] = run("lq-modules", args.lq, threads, work, args)
                 rows.update({f"llama.cpp {g.name}": run("llama.cpp", g, threads, work, args) for g in args.gguf})
             for kind, r in rows.items():
                 print(f"| {work.split(':')[0]} | {threads} | {kind} | {r['load_s']:.2f} | "

@@ -108,7 +108,8 @@ def cmd_generate(args: argparse.Namespace, home: Path) -> int:
     result = generate(net, tokenizer, ids, args.max_new_tokens, stream=lambda text: print(text, end="", flush=True),
                       sampling=sampling)
     print()
-    print(f"{result.new_tokens} tokens in {result.seconds:.1f} s ({result.tokens_per_s:.1f} tokens/s); "
+    print(f"{result.new_tokens} tokens in {result.seconds:.1f} s ({result.tokens_per_s:.1f} tokens/s, "
+          f"{result.engine}); "
           f"the model took {loading.added_mb:,.0f} MB to load and {result.added_mb:,.0f} MB more to generate",
           file=sys.stderr)
     return 0

@@ -13,6 +13,8 @@ from lqlora_dagster.pipeline.decomposition import ASSET as DECOMPOSED
 from lqlora_dagster.pipeline.finetuning import REFERENCE, load_finetuned
 from lqlora_dagster.pipeline.handles import AdapterRef, ModelHandle
 from lqlora_dagster.sampling import Sampling
+from lqlora_dagster.surgery.injector import lq_layers
+from lqlora_dagster.surgery.lq_decoder import fast_decoder
 from lqlora_dagster.surgery.lq_model_io import load_lq_model
 
 
@@ -22,6 +24,7 @@ class Generated:
     new_tokens: int
     seconds: float
     added_mb: float  # memory generating added above what the loaded model held
+    engine: str = "transformers"  # what ran the model: "lqlora runtime" or transformers' generate
 
     @property
     def tokens_per_s(self) -> float:
@@ -65,11 +68,48 @@ def check_room(config, prompt_tokens: int, max_new_tokens: int) -> None:
         )
 
 
+def _eos_ids(net) -> set[int]:
+    eos = getattr(getattr(net, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(net.config, "eos_token_id", None)
+    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+
+
+def _next_token(logits: torch.Tensor, sampling: Sampling) -> int:
+    """Greedy, or a draw from the top-p nucleus at the temperature (as transformers' warpers)."""
+    if sampling.greedy:
+        return int(logits.argmax())
+    scores = logits.float() / sampling.temperature
+    if sampling.top_p < 1:
+        ordered, order = scores.sort(descending=False)
+        outside = ordered.softmax(-1).cumsum(-1) <= 1 - sampling.top_p
+        outside[-1:] = False  # the likeliest token always stays
+        scores = scores.masked_fill(outside.scatter(0, order, outside), float("-inf"))
+    return int(torch.multinomial(scores.softmax(-1), 1))
+
+
+def _generate_in_runtime(decoder, streamer, ids: torch.Tensor, max_new_tokens: int, sampling: Sampling,
+                         eos: set[int]) -> list[int]:
+    logits = decoder.logits(ids)
+    new: list[int] = []
+    while True:
+        token = _next_token(logits, sampling)
+        new.append(token)
+        streamer.put(torch.tensor([token]))
+        if token in eos or len(new) == max_new_tokens:
+            break
+        logits = decoder.logits(torch.tensor([token]))
+    streamer.end()
+    return new
+
+
 @torch.no_grad()
 def generate(net, tokenizer, ids: torch.Tensor, max_new_tokens: int, stream=None,
              sampling: Sampling = Sampling()) -> Generated:
     """Decoding from prompt `ids` (`prompt_ids`), greedy or sampled (`sampling`);
-    `stream(text)` receives each piece as it is decoded."""
+    `stream(text)` receives each piece as it is decoded. A compressed Llama-family model
+    on the CPU runs in our runtime (`surgery/lq_decoder.py`), anything else in
+    transformers' `generate`."""
     # transformers loads on first use (0.6 s): commands that read no model skip it
     from transformers import TextStreamer
 
@@ -80,11 +120,18 @@ def generate(net, tokenizer, ids: torch.Tensor, max_new_tokens: int, stream=None
             if stream is not None:
                 stream(text)
 
-    drawn = {} if sampling.greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+    streamer = _Streamer(tokenizer, skip_prompt=True)
     torch.manual_seed(sampling.seed)
     with PeakMemory(ids.device) as memory:
-        out = net.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                           do_sample=not sampling.greedy, streamer=_Streamer(tokenizer, skip_prompt=True),
-                           pad_token_id=tokenizer.pad_token_id, **drawn)
-    new = out[0, ids.shape[1]:]
-    return Generated(tokenizer.decode(new, skip_special_tokens=True), len(new), memory.seconds, memory.added_mb)
+        decoder = fast_decoder(net, ids.shape[1] + max_new_tokens) if any(lq_layers(net)) else None
+        if decoder is not None:
+            new = torch.tensor(_generate_in_runtime(decoder, streamer, ids, max_new_tokens, sampling, _eos_ids(net)))
+        else:
+            drawn = {} if sampling.greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                                                "top_k": 0}
+            out = net.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                               do_sample=not sampling.greedy, streamer=streamer,
+                               pad_token_id=tokenizer.pad_token_id, **drawn)
+            new = out[0, ids.shape[1]:]
+    return Generated(tokenizer.decode(new, skip_special_tokens=True), len(new), memory.seconds, memory.added_mb,
+                     "lqlora runtime" if decoder is not None else "transformers")

@@ -14,6 +14,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <memory>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -390,6 +392,26 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
+// y (M, rows) += s (x L2^T) L1^T + bias for a few rows of x (M, cols), in plain loops: for
+// one token, the factors are too small for a library call's overhead to pay.
+void add_low_rank(const float* xs, int64_t M, int64_t cols, const torch::Tensor& L1, const torch::Tensor& L2,
+                  double scaling, const torch::Tensor& bias, float* y, int64_t rows) {
+  const int64_t r = L1.numel() > 0 ? L1.size(1) : 0;
+  std::vector<float> t(M * r);  // (M, r) = x L2^T, scaled
+  const float* l2s = r ? L2.data_ptr<float>() : nullptr;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < r; ++k)
+      t[m * r + k] = static_cast<float>(scaling) * dot(xs + m * cols, l2s + k * cols, cols);
+  const bool has_bias = bias.numel() > 0;
+  const float* bs = has_bias ? bias.data_ptr<float>() : nullptr;
+  const float* l1s = r ? L1.data_ptr<float>() : nullptr;
+  at::parallel_for(0, rows, 256, [&](int64_t first, int64_t last) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = first; i < last; ++i)
+        y[m * rows + i] += (r ? dot(t.data() + m * r, l1s + i * r, r) : 0.0f) + (has_bias ? bs[i] : 0.0f);
+  });
+}
+
 }  // namespace
 
 // An LQLinear's whole forward for a few rows, in one call: x deq(Q)^T + s (x L2^T) L1^T + bias.
@@ -403,30 +425,280 @@ torch::Tensor lq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
               "L1 (rows, r) and L2 (r, cols) do not fit the matrix");
   auto out = matvec(x, codes, scale_codes, step, offset, levels, b, b0, B0, B1, rows, cols);
   auto xc = x.contiguous();
-  auto l1 = L1.contiguous();
-  auto l2 = L2.contiguous();
-  const int64_t M = xc.size(0), r = l1.size(1);
-  const float* xs = xc.data_ptr<float>();
-  std::vector<float> t(M * r);  // (M, r) = x L2^T, scaled
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < r; ++k)
-      t[m * r + k] = static_cast<float>(scaling) * dot(xs + m * cols, l2.data_ptr<float>() + k * cols, cols);
-  const bool has_bias = bias.numel() > 0;
-  auto bias_c = has_bias ? bias.to(torch::kFloat32).contiguous() : bias;
-  const float* bs = has_bias ? bias_c.data_ptr<float>() : nullptr;
-  const float* l1s = l1.data_ptr<float>();
-  float* y = out.data_ptr<float>();
-  at::parallel_for(0, rows, 256, [&](int64_t first, int64_t last) {
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t i = first; i < last; ++i)
-        y[m * rows + i] += dot(t.data() + m * r, l1s + i * r, r) + (has_bias ? bs[i] : 0.0f);
-  });
+  auto bias_c = bias.numel() > 0 ? bias.to(torch::kFloat32).contiguous() : bias;
+  add_low_rank(xc.data_ptr<float>(), xc.size(0), cols, L1.contiguous(), L2.contiguous(), scaling, bias_c,
+               out.data_ptr<float>(), rows);
   return out;
 }
+
+
+// ---------------------------------------------------------------------------------------
+// A decoder layer stack of the Llama family (Llama, Mistral, Qwen2: pre-norm RMSNorm,
+// rotary attention with grouped KV heads, SiLU-gated MLP) run in one call per token, over
+// a key/value cache allocated once. Generating a token through transformers' modules
+// spends about a third of its time in Python and small tensor operations between the
+// matrix products; here that glue is plain loops. The packed products are the same
+// kernels as above, so the weights' decoded values are the same.
+
+namespace {
+
+// One projection: a packed LQ matrix with its factors and bias, or a dense weight.
+struct Projection {
+  bool packed = false;
+  Packed p{};
+  torch::Tensor codes, scale_codes, step, levels;  // kept alive for p's pointers
+  torch::Tensor weight;                             // dense (rows, cols) when not packed
+  torch::Tensor L1, L2, bias;                       // L1 (rows, r), L2 (r, cols); may be empty
+  double scaling = 1.0;
+  int64_t rows = 0, cols = 0;
+
+  // y (M, rows) = x (M, cols) W^T + s (x L2^T) L1^T + bias, as LQLinear computes it.
+  void forward(const torch::Tensor& x, torch::Tensor& y) const {
+    const int64_t M = x.size(0);
+    if (packed && M <= 16) {
+      const float* xs = x.data_ptr<float>();
+      float* ys = y.data_ptr<float>();
+      switch (p.b) {
+        case 2: matvec_into<2>(p, xs, M, ys, rows, cols); break;
+        case 3: matvec_into<3>(p, xs, M, ys, rows, cols); break;
+        case 4: matvec_into<4>(p, xs, M, ys, rows, cols); break;
+        default: matvec_into<8>(p, xs, M, ys, rows, cols); break;
+      }
+    } else if (packed) {  // many rows: decode once into a shared buffer, then a dense product
+      static thread_local torch::Tensor scratch;
+      if (!scratch.defined() || scratch.numel() < rows * cols) scratch = torch::empty({rows * cols}, torch::kFloat32);
+      float* dst = scratch.data_ptr<float>();
+      switch (p.b) {
+        case 2: decode_all<2>(p, dst, rows * cols); break;
+        case 3: decode_all<3>(p, dst, rows * cols); break;
+        case 4: decode_all<4>(p, dst, rows * cols); break;
+        default: decode_all<8>(p, dst, rows * cols); break;
+      }
+      at::mm_out(y, x, scratch.narrow(0, 0, rows * cols).view({rows, cols}).t());
+    } else {
+      at::mm_out(y, x, weight.t());
+    }
+    if (M <= 16) {
+      add_low_rank(x.data_ptr<float>(), M, cols, L1, L2, scaling, bias, y.data_ptr<float>(), rows);
+      return;
+    }
+    if (L1.numel() > 0) y.addmm_(at::mm(x, L2.t()), L1.t(), 1.0, scaling);
+    if (bias.numel() > 0) y.add_(bias);
+  }
+};
+
+using ProjectionPtr = std::shared_ptr<Projection>;
+
+ProjectionPtr packed_projection(torch::Tensor codes, torch::Tensor scale_codes, torch::Tensor step, double offset,
+                                torch::Tensor levels, int64_t b, int64_t b0, int64_t B0, int64_t B1, int64_t rows,
+                                int64_t cols, torch::Tensor L1, torch::Tensor L2, double scaling, torch::Tensor bias) {
+  auto proj = std::make_shared<Projection>();
+  proj->codes = codes.contiguous();
+  proj->scale_codes = scale_codes.contiguous();
+  proj->step = step.contiguous();
+  proj->levels = levels.contiguous();
+  proj->p = unpack_args(proj->codes, proj->scale_codes, proj->step, offset, proj->levels, b, b0, B0, B1);
+  proj->packed = true;
+  proj->rows = rows;
+  proj->cols = cols;
+  TORCH_CHECK(L1.numel() == 0 || (L1.size(0) == rows && L2.size(1) == cols && L1.size(1) == L2.size(0)),
+              "L1 (rows, r) and L2 (r, cols) do not fit the matrix");
+  proj->L1 = L1.to(torch::kFloat32).contiguous();
+  proj->L2 = L2.to(torch::kFloat32).contiguous();
+  proj->scaling = scaling;
+  proj->bias = bias.to(torch::kFloat32).contiguous();
+  return proj;
+}
+
+ProjectionPtr dense_projection(torch::Tensor weight, torch::Tensor bias) {
+  TORCH_CHECK(weight.dim() == 2, "a dense projection's weight is (rows, cols)");
+  auto proj = std::make_shared<Projection>();
+  proj->weight = weight.to(torch::kFloat32).contiguous();
+  proj->rows = weight.size(0);
+  proj->cols = weight.size(1);
+  proj->L1 = torch::empty({0});
+  proj->L2 = torch::empty({0});
+  proj->bias = bias.to(torch::kFloat32).contiguous();
+  return proj;
+}
+
+// out = x / rms(x) * weight, row by row (as transformers' LlamaRMSNorm in float32).
+void rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, torch::Tensor& out) {
+  const int64_t M = x.size(0), d = x.size(1);
+  const float* xs = x.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = xs + m * d;
+    const float mean = dot(row, row, d) / static_cast<float>(d);
+    const float inv = 1.0f / std::sqrt(mean + static_cast<float>(eps));
+    for (int64_t k = 0; k < d; ++k) o[m * d + k] = w[k] * (row[k] * inv);
+  }
+}
+
+// x (M, heads * hd) rotated in place: x cos + rotate_half(x) sin, per head.
+void rotate(torch::Tensor& x, int64_t heads, int64_t hd, const torch::Tensor& cos, const torch::Tensor& sin) {
+  const int64_t M = x.size(0), half = hd / 2;
+  float* xs = x.data_ptr<float>();
+  const float* c = cos.data_ptr<float>();
+  const float* s = sin.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = xs + (m * heads + h) * hd;
+      const float* cm = c + m * hd;
+      const float* sm = s + m * hd;
+      for (int64_t k = 0; k < half; ++k) {
+        const float a = v[k], b = v[k + half];
+        v[k] = a * cm[k] - b * sm[k];
+        v[k + half] = b * cm[k + half] + a * sm[k + half];
+      }
+    }
+}
+
+class Decoder {
+ public:
+  Decoder(std::vector<ProjectionPtr> projections, std::vector<torch::Tensor> norms, torch::Tensor final_norm,
+          double eps, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_length)
+      : projections_(std::move(projections)), eps_(eps), heads_(heads), kv_heads_(kv_heads), hd_(head_dim),
+        max_length_(max_length) {
+    TORCH_CHECK(projections_.size() % 7 == 0 && norms.size() * 7 == projections_.size() * 2,
+                "7 projections (q k v o gate up down) and 2 norms per layer");
+    TORCH_CHECK(heads % kv_heads == 0, "the query heads must be a multiple of the key/value heads");
+    for (auto& n : norms) norms_.push_back(n.to(torch::kFloat32).contiguous());
+    final_norm_ = final_norm.to(torch::kFloat32).contiguous();
+    layers_ = static_cast<int64_t>(projections_.size() / 7);
+    keys_ = torch::empty({layers_, kv_heads, max_length, head_dim}, torch::kFloat32);
+    values_ = torch::empty({layers_, kv_heads, max_length, head_dim}, torch::kFloat32);
+  }
+
+  int64_t length() const { return length_; }
+  void reset() { length_ = 0; }
+
+  // Runs M new positions (hidden: their embeddings (M, d); cos, sin: (M, head_dim) for
+  // positions length() .. length() + M - 1) through every layer and the final norm,
+  // appending their keys and values to the cache.
+  torch::Tensor step(torch::Tensor hidden, torch::Tensor cos, torch::Tensor sin) {
+    TORCH_CHECK(hidden.dtype() == torch::kFloat32 && hidden.dim() == 2, "hidden must be float32 (M, d)");
+    const int64_t M = hidden.size(0);
+    TORCH_CHECK(length_ + M <= max_length_, "the cache holds ", max_length_, " positions; ", length_ + M,
+                " asked for");
+    TORCH_CHECK(cos.size(0) == M && cos.size(1) == hd_ && sin.sizes() == cos.sizes(), "cos, sin must be (M, head_dim)");
+    torch::Tensor h = hidden.contiguous().clone();
+    torch::Tensor c = cos.to(torch::kFloat32).contiguous(), s = sin.to(torch::kFloat32).contiguous();
+    const int64_t d = h.size(1);
+    torch::Tensor normed = torch::empty({M, d}, torch::kFloat32);
+    torch::Tensor q = torch::empty({M, heads_ * hd_}, torch::kFloat32);
+    torch::Tensor k = torch::empty({M, kv_heads_ * hd_}, torch::kFloat32);
+    torch::Tensor v = torch::empty({M, kv_heads_ * hd_}, torch::kFloat32);
+    torch::Tensor attn = torch::empty({M, heads_ * hd_}, torch::kFloat32);
+    torch::Tensor out = torch::empty({M, d}, torch::kFloat32);
+    for (int64_t layer = 0; layer < layers_; ++layer) {
+      const ProjectionPtr* P = projections_.data() + 7 * layer;
+      rms_norm(h, norms_[2 * layer], eps_, normed);
+      P[0]->forward(normed, q);
+      P[1]->forward(normed, k);
+      P[2]->forward(normed, v);
+      rotate(q, heads_, hd_, c, s);
+      rotate(k, kv_heads_, hd_, c, s);
+      store(layer, k, v);
+      attend(layer, q, attn);
+      P[3]->forward(attn, out);
+      h.add_(out);
+      rms_norm(h, norms_[2 * layer + 1], eps_, normed);
+      const int64_t inter = P[4]->rows;
+      if (gate_.size(0) != M || gate_.size(1) != inter) {
+        gate_ = torch::empty({M, inter}, torch::kFloat32);
+        up_ = torch::empty({M, inter}, torch::kFloat32);
+      }
+      P[4]->forward(normed, gate_);
+      P[5]->forward(normed, up_);
+      if (M <= 16) {
+        float* g = gate_.data_ptr<float>();
+        const float* u = up_.data_ptr<float>();
+        for (int64_t i = 0; i < M * inter; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+      } else {  // a prompt: ATen's vectorized, threaded SiLU
+        at::silu_(gate_).mul_(up_);
+      }
+      P[6]->forward(gate_, out);
+      h.add_(out);
+    }
+    length_ += M;
+    torch::Tensor result = torch::empty({M, d}, torch::kFloat32);
+    rms_norm(h, final_norm_, eps_, result);
+    return result;
+  }
+
+ private:
+  void store(int64_t layer, const torch::Tensor& k, const torch::Tensor& v) {
+    const int64_t M = k.size(0);
+    const float* ks = k.data_ptr<float>();
+    const float* vs = v.data_ptr<float>();
+    float* kc = keys_[layer].data_ptr<float>();
+    float* vc = values_[layer].data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < kv_heads_; ++g) {
+        const int64_t at = (g * max_length_ + length_ + m) * hd_;
+        std::memcpy(kc + at, ks + (m * kv_heads_ + g) * hd_, hd_ * sizeof(float));
+        std::memcpy(vc + at, vs + (m * kv_heads_ + g) * hd_, hd_ * sizeof(float));
+      }
+  }
+
+  // Causal attention of the M new queries over the cache, each query seeing the positions
+  // up to its own: softmax(q k^T / sqrt(hd)) v, per query head, grouped over KV heads.
+  void attend(int64_t layer, const torch::Tensor& q, torch::Tensor& out) {
+    const int64_t M = q.size(0), group = heads_ / kv_heads_;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd_));
+    const float* qs = q.data_ptr<float>();
+    const float* kc = keys_[layer].data_ptr<float>();
+    const float* vc = values_[layer].data_ptr<float>();
+    float* o = out.data_ptr<float>();
+    at::parallel_for(0, M * heads_, 1, [&](int64_t first, int64_t last) {
+      std::vector<float> scores(length_ + M);
+      for (int64_t task = first; task < last; ++task) {
+        const int64_t m = task / heads_, h = task % heads_, g = h / group;
+        const int64_t seen = length_ + m + 1;
+        const float* qv = qs + (m * heads_ + h) * hd_;
+        const float* keys = kc + g * max_length_ * hd_;
+        const float* vals = vc + g * max_length_ * hd_;
+        float top = -INFINITY;
+        for (int64_t j = 0; j < seen; ++j) {
+          scores[j] = dot(qv, keys + j * hd_, hd_) * scale;
+          top = std::max(top, scores[j]);
+        }
+        float total = 0;
+        for (int64_t j = 0; j < seen; ++j) total += (scores[j] = std::exp(scores[j] - top));
+        float* ov = o + (m * heads_ + h) * hd_;
+        std::fill(ov, ov + hd_, 0.0f);
+        for (int64_t j = 0; j < seen; ++j) {
+          const float w = scores[j] / total;
+          const float* vj = vals + j * hd_;
+          for (int64_t k = 0; k < hd_; ++k) ov[k] += w * vj[k];
+        }
+      }
+    });
+  }
+
+  std::vector<ProjectionPtr> projections_;
+  std::vector<torch::Tensor> norms_;
+  torch::Tensor final_norm_, keys_, values_, gate_ = torch::empty({0, 0}), up_;
+  double eps_;
+  int64_t heads_, kv_heads_, hd_, max_length_, layers_ = 0, length_ = 0;
+};
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize, "decode packed NF codes to a dense float32 matrix");
   m.def("dequantize_into", &dequantize_into, "decode packed NF codes into a reusable float32 buffer");
   m.def("matvec", &matvec, "x @ W^T for a few rows of x, decoding W on the fly");
   m.def("lq_linear", &lq_linear, "x deq(Q)^T + s (x L2^T) L1^T + bias for a few rows of x");
+  py::class_<Projection, ProjectionPtr>(m, "Projection");
+  m.def("packed_projection", &packed_projection, "an LQLinear's packed matrix, factors and bias, for Decoder");
+  m.def("dense_projection", &dense_projection, "a dense weight and bias, for Decoder");
+  py::class_<Decoder>(m, "Decoder")
+      .def(py::init<std::vector<ProjectionPtr>, std::vector<torch::Tensor>, torch::Tensor, double, int64_t, int64_t,
+                    int64_t, int64_t>())
+      .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>())
+      .def("reset", &Decoder::reset)
+      .def_property_readonly("length", &Decoder::length);
 }

@@ -1,0 +1,116 @@
+"""Generating tokens from a compressed model without transformers' per-token overhead.
+
+A token through transformers' modules pays about a third of its time in Python and small
+tensor operations between the matrix products (bench/profile_decode.py). For the Llama
+family (Llama, Mistral, Qwen2: pre-norm RMSNorm, rotary attention with grouped key/value
+heads, a SiLU-gated MLP) the C++ extension runs the whole layer stack in one call per
+step over a key/value cache allocated once (`Decoder` in kernels/packed_matmul.cpp). The
+packed products are the same kernels as `LQLinear`'s, so the weights' values are the
+same; the logits agree with the model's own forward to float32 rounding (the glue sums in
+another order). Other architectures, a GPU, or no compiler: `fast_decoder` returns None
+and callers use the model's own forward.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lqlora_dagster.quant import fast_decode
+from lqlora_dagster.surgery.lq_linear import LQLinear
+
+FAMILY = ("llama", "mistral", "qwen2")  # model types whose decoder layer `Decoder` reproduces
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def unsupported_reason(net: nn.Module, length: int) -> str | None:
+    """Why `fast_decoder` cannot run this model for `length` positions, or None."""
+    config = getattr(net, "config", None)
+    if config is None or getattr(config, "model_type", None) not in FAMILY:
+        return f"model type {getattr(config, 'model_type', None)!r} is not one of {', '.join(FAMILY)}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r} is not silu"
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) and length > window:
+        return f"{length} positions exceed the sliding window of {window}"
+    if not fast_decode.available(next(net.parameters()).device):
+        return "the packed-matmul kernel is not available here"
+    layers = getattr(getattr(net, "model", None), "layers", None)
+    if layers is None or not hasattr(net.model, "rotary_emb") or not hasattr(net, "lm_head"):
+        return "the model has no model.layers, model.rotary_emb or lm_head"
+    for layer in layers:
+        attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attention is None or mlp is None or hasattr(attention, "q_norm"):
+            return "a decoder layer is not the Llama layout (self_attn, mlp, no q/k norms)"
+        for part, names in ((attention, _ATTENTION), (mlp, _MLP)):
+            for name in names:
+                module = getattr(part, name, None)
+                if not isinstance(module, (LQLinear, nn.Linear)) or next(module.parameters()).dtype != torch.float32:
+                    return f"{name} is not a float32 LQLinear or Linear"
+    return None
+
+
+def _projection(module: nn.Module):
+    kernel = fast_decode.kernel()
+    none = torch.empty(0)
+    bias = module.bias.detach() if module.bias is not None else none
+    if isinstance(module, LQLinear):
+        _, args = module._packed()
+        return kernel.packed_projection(*args, module.L1.detach(), module.L2.detach(), module.scaling, bias)
+    return kernel.dense_projection(module.weight.detach(), bias)
+
+
+def _eps(norm: nn.Module) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+@dataclass
+class FastDecoder:
+    """A model's decoder stack in the extension, with a cache of `capacity` positions.
+    Built from the weights as they are now: build it again after training them."""
+
+    net: nn.Module
+    stack: object  # the extension's Decoder
+    capacity: int
+
+    @property
+    def length(self) -> int:
+        """Positions in the cache so far."""
+        return self.stack.length
+
+    def reset(self) -> None:
+        self.stack.reset()
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feeds token `ids` (1, M) or (M,) after the cached positions; the last one's
+        next-token logits (vocab,)."""
+        ids = ids.reshape(-1)
+        start = self.stack.length
+        if start + ids.numel() > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions; {start + ids.numel()} asked for")
+        hidden = self.net.model.embed_tokens(ids).to(torch.float32)
+        positions = torch.arange(start, start + ids.numel()).unsqueeze(0)
+        cos, sin = self.net.model.rotary_emb(hidden.unsqueeze(0), positions)
+        out = self.stack.step(hidden.contiguous(), cos[0].contiguous(), sin[0].contiguous())
+        return self.net.lm_head(out[-1:])[0]
+
+
+def fast_decoder(net: nn.Module, capacity: int) -> FastDecoder | None:
+    """The model's decoder stack for `capacity` positions (prompt and new tokens), or None
+    when it is not a supported float32 Llama-family model on the CPU's fast path."""
+    if unsupported_reason(net, capacity) is not None:
+        return None
+    config = net.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    projections, norms = [], []
+    for layer in net.model.layers:
+        projections += [_projection(getattr(layer.self_attn, n)) for n in _ATTENTION]
+        projections += [_projection(getattr(layer.mlp, n)) for n in _MLP]
+        norms += [layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()]
+    stack = fast_decode.kernel().Decoder(projections, norms, net.model.norm.weight.detach(),
+                                         _eps(net.model.norm), heads,
+                                         getattr(config, "num_key_value_heads", None) or heads, head_dim, capacity)
+    return FastDecoder(net, stack, capacity)

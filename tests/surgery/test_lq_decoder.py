@@ -1,0 +1,112 @@
+"""Our runtime (`surgery/lq_decoder.py`) against the model's own forward: the same logits to
+float32 rounding, the same greedy tokens, for prompts on both of its paths (a few rows:
+fused decode-and-multiply; more: decode once and a dense product), with packed, dense and
+biased projections; and None where it does not reproduce the architecture."""
+
+import pytest
+import torch
+
+from lqlora_dagster.generate import generate
+from lqlora_dagster.quant import QuantConfig
+from lqlora_dagster.sampling import Sampling
+from lqlora_dagster.surgery.decompose_model import apply_decompositions
+from lqlora_dagster.surgery.lq_decoder import fast_decoder, unsupported_reason
+from lqlora_dagster.surgery.lq_linear import LQLinear
+from tests.surgery.test_lq_layers import lq_model
+from tests.tiny_models import TINY_SHAPE, tiny_gpt2, tiny_llama, tiny_tokenizer, tokens
+
+NF3 = QuantConfig(3, 8, "bf16", 64, 16)
+
+
+def compressed(build=tiny_llama, config=NF3, keep_dense: str | None = None):
+    """`build()` with its targets decomposed (rank 4); `keep_dense` leaves the targets whose
+    name contains it as dense Linear layers."""
+    model, _, decs = lq_model(build, config=config)
+    if keep_dense:
+        decs = {name: d for name, d in decs.items() if keep_dense not in name}
+    apply_decompositions(model, decs)
+    return model.eval()
+
+
+def tiny_qwen2(seed: int = 0):
+    """Qwen2's layout: biases on the q, k, v projections."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(**TINY_SHAPE, num_key_value_heads=2, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # random init leaves the biases at zero: make them count
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    return model
+
+
+def check_against_forward(model, prompt_len: int, steps: int = 6) -> None:
+    ids = tokens(1, prompt_len, seed=3)
+    decoder = fast_decoder(model, prompt_len + steps)
+    assert decoder is not None, unsupported_reason(model, prompt_len + steps)
+    with torch.no_grad():
+        reference = model(ids, use_cache=True)
+        ours = decoder.logits(ids)
+        torch.testing.assert_close(ours, reference.logits[0, -1], atol=2e-5, rtol=1e-4)
+        cache, token = reference.past_key_values, ours.argmax().view(1, 1)
+        for _ in range(steps):
+            reference = model(token, past_key_values=cache, use_cache=True)
+            cache = reference.past_key_values
+            ours = decoder.logits(token)
+            torch.testing.assert_close(ours, reference.logits[0, -1], atol=2e-5, rtol=1e-4)
+            token = ours.argmax().view(1, 1)
+    assert decoder.length == prompt_len + steps
+
+
+@pytest.mark.parametrize("prompt_len", [5, 40])  # the fused path (<= 16 rows), the decode-then-mm path
+@pytest.mark.parametrize("config", [NF3, QuantConfig(4, 8, "fp32", 32, 16), QuantConfig(2, 3, "bf16", 16, 64)])
+def test_logits_match_the_models_forward(prompt_len, config):
+    check_against_forward(compressed(config=config), prompt_len)
+
+
+def test_dense_and_biased_projections():
+    model = compressed(keep_dense="mlp")  # the MLP's projections stay dense Linear layers
+    assert any(isinstance(m, LQLinear) for m in model.modules())
+    assert isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)
+    check_against_forward(model, 20)
+    check_against_forward(compressed(tiny_qwen2), 20)
+    check_against_forward(compressed(tiny_qwen2, keep_dense="self_attn"), 3)
+
+
+def test_reset_starts_over_and_the_cache_has_a_limit():
+    decoder = fast_decoder(compressed(), 12)
+    ids = tokens(1, 8, seed=1)
+    first = decoder.logits(ids)
+    decoder.reset()
+    torch.testing.assert_close(decoder.logits(ids), first, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="holds 12 positions"):
+        decoder.logits(tokens(1, 5, seed=2))
+
+
+def test_unsupported_models_get_none():
+    gpt2 = compressed(tiny_gpt2)
+    assert fast_decoder(gpt2, 16) is None and "gpt2" in unsupported_reason(gpt2, 16)
+    gelu = compressed(lambda: tiny_llama(hidden_act="gelu"))
+    assert fast_decoder(gelu, 16) is None and "silu" in unsupported_reason(gelu, 16)
+    half = compressed().to(torch.bfloat16)
+    assert fast_decoder(half, 16) is None and "float32" in unsupported_reason(half, 16)
+
+
+def test_generate_runs_in_the_runtime_and_matches_transformers():
+    model, tokenizer = compressed(), tiny_tokenizer()
+    ids = tokens(1, 6, seed=4)
+    ours = generate(model, tokenizer, ids, max_new_tokens=10)
+    assert ours.engine == "lqlora runtime" and ours.new_tokens >= 1
+    theirs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id)
+    assert tokenizer.decode(theirs[0, ids.shape[1]:], skip_special_tokens=True) == ours.text
+    sampling = Sampling(temperature=1.0, top_p=0.9, seed=7)  # the same draws as transformers' warpers
+    drawn = generate(model, tokenizer, ids, max_new_tokens=12, sampling=sampling)
+    torch.manual_seed(7)
+    theirs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=True,
+                            temperature=1.0, top_p=0.9, top_k=0, pad_token_id=tokenizer.pad_token_id)
+    assert tokenizer.decode(theirs[0, ids.shape[1]:], skip_special_tokens=True) == drawn.text
+    dense = tiny_llama()  # no LQ layer: transformers' generate
+    assert generate(dense, tokenizer, ids, max_new_tokens=3).engine == "transformers"
