@@ -34,6 +34,9 @@ def unsupported_reason(net: nn.Module, length: int) -> str | None:
     window = getattr(config, "sliding_window", None)
     if window is not None and getattr(config, "use_sliding_window", True) and length > window:
         return f"{length} positions exceed the sliding window of {window}"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
+        return f"rotary scaling {rope.get('rope_type', rope.get('type'))!r} depends on the sequence's length"
     if not fast_decode.available(next(net.parameters()).device):
         return "the packed-matmul kernel is not available here"
     layers = getattr(getattr(net, "model", None), "layers", None)
@@ -73,6 +76,8 @@ class FastDecoder:
     net: nn.Module
     stack: object  # the extension's Decoder
     capacity: int
+    cos: torch.Tensor  # (capacity, head_dim): the model's rotary table for every position
+    sin: torch.Tensor
 
     @property
     def length(self) -> int:
@@ -87,14 +92,15 @@ class FastDecoder:
         """Feeds token `ids` (1, M) or (M,) after the cached positions; the last one's
         next-token logits (vocab,)."""
         ids = ids.reshape(-1)
-        start = self.stack.length
-        if start + ids.numel() > self.capacity:
-            raise ValueError(f"the cache holds {self.capacity} positions; {start + ids.numel()} asked for")
+        start, end = self.stack.length, self.stack.length + ids.numel()
+        if end > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions; {end} asked for")
         hidden = self.net.model.embed_tokens(ids).to(torch.float32)
-        positions = torch.arange(start, start + ids.numel()).unsqueeze(0)
-        cos, sin = self.net.model.rotary_emb(hidden.unsqueeze(0), positions)
-        out = self.stack.step(hidden.contiguous(), cos[0].contiguous(), sin[0].contiguous())
-        return self.net.lm_head(out[-1:])[0]
+        out = self.stack.step(hidden, self.cos[start:end], self.sin[start:end])
+        head = self.net.lm_head
+        if type(head) is nn.Linear and head.bias is None and head.weight.dtype == torch.float32:
+            return fast_decode.kernel().head_logits(out[-1], head.weight.detach().contiguous())
+        return head(out[-1:])[0]
 
 
 def fast_decoder(net: nn.Module, capacity: int) -> FastDecoder | None:
@@ -113,4 +119,7 @@ def fast_decoder(net: nn.Module, capacity: int) -> FastDecoder | None:
     stack = fast_decode.kernel().Decoder(projections, norms, net.model.norm.weight.detach(),
                                          _eps(net.model.norm), heads,
                                          getattr(config, "num_key_value_heads", None) or heads, head_dim, capacity)
-    return FastDecoder(net, stack, capacity)
+    with torch.no_grad():
+        probe = torch.zeros(1, capacity, head_dim)  # the rotary module reads only its dtype and device
+        cos, sin = net.model.rotary_emb(probe, torch.arange(capacity).unsqueeze(0))
+    return FastDecoder(net, stack, capacity, cos[0].to(torch.float32).contiguous(), sin[0].to(torch.float32).contiguous())

@@ -75,6 +75,16 @@ def test_dense_and_biased_projections():
     check_against_forward(compressed(tiny_qwen2, keep_dense="self_attn"), 3)
 
 
+@pytest.mark.parametrize("first", [3, 20])
+def test_a_prompt_fed_in_pieces_sees_the_cache(first):
+    """A piece of more than 16 positions after cached ones: attention masks by position."""
+    model, ids = compressed(), tokens(1, first + 24, seed=5)
+    decoder = fast_decoder(model, ids.shape[1])
+    decoder.logits(ids[:, :first])
+    with torch.no_grad():
+        torch.testing.assert_close(decoder.logits(ids[:, first:]), model(ids).logits[0, -1], atol=2e-5, rtol=1e-4)
+
+
 def test_reset_starts_over_and_the_cache_has_a_limit():
     decoder = fast_decoder(compressed(), 12)
     ids = tokens(1, 8, seed=1)

@@ -81,8 +81,13 @@ inline void block_scales(const Packed& p, int64_t first, int64_t count, float* o
       const uint32_t w32 = static_cast<uint32_t>(word >> (bit & 7));
       codes = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w32)), shifts), mask);
     }
-    const __m256i blocks = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(k)), lane);
-    const __m256 step = _mm256_i32gather_ps(p.step, _mm256_srl_epi32(blocks, group_shift), 4);
+    __m256 step;
+    if ((k >> p.b1_shift) == ((k + 7) >> p.b1_shift)) {  // one group for all eight (a gather is slow)
+      step = _mm256_set1_ps(p.step[k >> p.b1_shift]);
+    } else {
+      const __m256i blocks = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(k)), lane);
+      step = _mm256_i32gather_ps(p.step, _mm256_srl_epi32(blocks, group_shift), 4);
+    }
     _mm256_storeu_ps(out + j, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(codes), step), offset));
   }
 #endif
@@ -90,22 +95,23 @@ inline void block_scales(const Packed& p, int64_t first, int64_t count, float* o
 }
 
 // Eight consecutive codes starting at i (a multiple of 8) decoded to levels, unscaled.
+// vpermps reads only the low three bits of each index, so 3-bit codes need no mask, 2-bit
+// codes none with the table repeated twice, and 4-bit codes pick the high half by bit 3
+// moved to the sign (blendv reads only the sign).
 template <int BITS>
 struct Lanes {
 #ifdef __AVX2__
   __m256 lo, hi;
-  __m256i shifts, mask, seven;
+  __m256i shifts;
   const float* levels;
 
   explicit Lanes(const Packed& p) : levels(p.levels) {
     alignas(32) float tab[16] = {0};
     if (BITS <= 4)
-      for (int k = 0; k < (1 << BITS); ++k) tab[k] = p.levels[k];
+      for (int k = 0; k < 16; ++k) tab[k] = p.levels[k % (1 << BITS)];
     lo = _mm256_load_ps(tab);
     hi = _mm256_load_ps(tab + 8);
     shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
-    mask = _mm256_set1_epi32((1 << BITS) - 1);
-    seven = _mm256_set1_epi32(7);
   }
 
   inline __m256 levels8(const uint8_t* codes, const uint8_t* codes_end, int64_t i) const {
@@ -114,22 +120,73 @@ struct Lanes {
       __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
       return _mm256_i32gather_ps(levels, _mm256_cvtepu8_epi32(bytes), 4);
     }
-    uint32_t word = 0;  // one 4-byte load (a partial one stalls store forwarding) unless at the end
-    if (src + 4 <= codes_end)
-      std::memcpy(&word, src, 4);
-    else
-      std::memcpy(&word, src, BITS < 8 ? BITS : 4);
-    __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), mask);
+    __m256i word;
+    if (src + 4 <= codes_end) {  // one broadcast load (a partial one stalls store forwarding)
+      word = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(src)));
+    } else {
+      uint32_t w = 0;
+      std::memcpy(&w, src, BITS < 8 ? BITS : 4);
+      word = _mm256_set1_epi32(static_cast<int>(w));
+    }
+    const __m256i idx = _mm256_srlv_epi32(word, shifts);  // code k in the low bits of lane k
     __m256 lv = _mm256_permutevar8x32_ps(lo, idx);
     if (BITS == 4)
-      lv = _mm256_blendv_ps(lv, _mm256_permutevar8x32_ps(hi, idx),
-                            _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven)));
+      lv = _mm256_blendv_ps(lv, _mm256_permutevar8x32_ps(hi, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
     return lv;
   }
 #else
   explicit Lanes(const Packed&) {}
 #endif
 };
+
+#if defined(__AVX512F__) && defined(__AVX512VBMI__)
+#define LQ_AVX512 1
+// Sixteen codes at a time (b <= 4) on AVX-512 machines: one byte shuffle puts each code's
+// bytes in its lane, one shift brings the code down, one 16-entry table lookup (which reads
+// only the low four bits, so the table repeats for b < 4). A third of the instructions per
+// weight of the eight-lane path.
+template <int BITS>
+struct Lanes16 {
+  __m512 table;
+  __m512i bytes, shifts;
+
+  explicit Lanes16(const Packed& p) {
+    alignas(64) float tab[16];
+    alignas(64) uint8_t ctrl[64];
+    alignas(64) int32_t sh[16];
+    for (int k = 0; k < 16; ++k) {
+      tab[k] = p.levels[k % (1 << BITS)];
+      const int start = k * BITS;
+      for (int b = 0; b < 4; ++b) ctrl[4 * k + b] = static_cast<uint8_t>(start / 8 + b);
+      sh[k] = start % 8;
+    }
+    table = _mm512_load_ps(tab);
+    bytes = _mm512_load_si512(ctrl);
+    shifts = _mm512_load_si512(sh);
+  }
+
+  // Codes i .. i + 15 (i a multiple of 16, so they start on a byte) as levels, unscaled.
+  inline __m512 levels16(const uint8_t* codes, const uint8_t* codes_end, int64_t i) const {
+    const uint8_t* src = codes + (i >> 3) * BITS;
+    __m128i raw;
+    if (src + 16 <= codes_end) {
+      raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    } else {  // the matrix's last codes: copy what is there
+      alignas(16) uint8_t tail[16] = {0};
+      std::memcpy(tail, src, static_cast<size_t>(std::min<int64_t>(16, codes_end - src)));
+      raw = _mm_load_si128(reinterpret_cast<const __m128i*>(tail));
+    }
+    const __m512i words = _mm512_permutexvar_epi8(bytes, _mm512_castsi128_si512(raw));
+    return _mm512_permutexvar_ps(_mm512_srlv_epi32(words, shifts), table);
+  }
+};
+
+// Sixteen-lane paths apply to b <= 4 with blocks of a multiple of 16 weights.
+template <int BITS>
+inline bool sixteen_lanes(const Packed& p) {
+  return BITS <= 4 && p.B0 % 16 == 0;
+}
+#endif
 
 // Walks flat weights [begin, end) block by block: emit(i, value) for single weights,
 // emit8(i, values) for aligned runs of eight inside a block (AVX2 builds only).
@@ -199,6 +256,29 @@ bool decode_whole_blocks(const Packed& p, const Lanes<BITS>& lanes, float* dst, 
   if (p.B0 % 8 || p.b1_shift < 0 || whole >= (int64_t{1} << 31)) return false;
   const int64_t chunks = p.B0 / 8;
   const uint8_t* end = p.codes + p.n_code_bytes;
+#ifdef LQ_AVX512
+  if constexpr (BITS <= 4) {
+    if (sixteen_lanes<BITS>(p)) {
+      const Lanes16<BITS> wide(p);
+      const int64_t chunks16 = p.B0 / 16;
+      at::parallel_for(0, whole, 1024, [&](int64_t first, int64_t last) {
+        alignas(32) float scales[64];
+        for (int64_t k = first; k < last; k += 64) {
+          const int64_t n = std::min<int64_t>(64, last - k);
+          block_scales(p, k, n, scales);
+          for (int64_t j = 0; j < n; ++j) {
+            const __m512 s = _mm512_set1_ps(scales[j]);
+            const int64_t base = (k + j) * p.B0;
+            for (int64_t c = 0; c < chunks16; ++c)
+              _mm512_storeu_ps(dst + base + 16 * c, _mm512_mul_ps(wide.levels16(p.codes, end, base + 16 * c), s));
+          }
+        }
+      });
+      if (whole * p.B0 < numel) decode_span<BITS>(p, lanes, dst, whole * p.B0, numel);
+      return true;
+    }
+  }
+#endif
   at::parallel_for(0, whole, 1024, [&](int64_t first, int64_t last) {
     alignas(32) float scales[64];
     for (int64_t k = first; k < last; k += 64) {
@@ -241,6 +321,46 @@ bool matvec_rows_fast(const Packed& p, const Lanes<BITS>& lanes, const float* xs
   if (chunk_shift < 0) return false;
   const int64_t per_row = cols / p.B0, chunks = cols / 8;
   const uint8_t* end = p.codes + p.n_code_bytes;
+#ifdef LQ_AVX512
+  if constexpr (BITS <= 4) {
+    if (sixteen_lanes<BITS>(p)) {
+      const Lanes16<BITS> wide(p);
+      const int64_t chunks16 = cols / 16;
+      const int shift16 = chunk_shift - 1;  // log2(B0 / 16)
+      at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) {
+        std::vector<float> scales(per_row);
+        __m512 acc[16];
+        for (int64_t r = first; r < last; ++r) {
+          block_scales(p, r * per_row, per_row, scales.data());
+          const int64_t base = r * cols;
+          auto weights = [&](int64_t c) {
+            return _mm512_mul_ps(wide.levels16(p.codes, end, base + 16 * c), _mm512_set1_ps(scales[c >> shift16]));
+          };
+          if (M == 1) {  // one token: four independent FMA chains (one would wait on its adds)
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            int64_t c = 0;
+            for (; c + 4 <= chunks16; c += 4) {
+              a0 = _mm512_fmadd_ps(weights(c), _mm512_loadu_ps(xs + 16 * c), a0);
+              a1 = _mm512_fmadd_ps(weights(c + 1), _mm512_loadu_ps(xs + 16 * c + 16), a1);
+              a2 = _mm512_fmadd_ps(weights(c + 2), _mm512_loadu_ps(xs + 16 * c + 32), a2);
+              a3 = _mm512_fmadd_ps(weights(c + 3), _mm512_loadu_ps(xs + 16 * c + 48), a3);
+            }
+            for (; c < chunks16; ++c) a0 = _mm512_fmadd_ps(weights(c), _mm512_loadu_ps(xs + 16 * c), a0);
+            y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+            continue;
+          }
+          for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+          for (int64_t c = 0; c < chunks16; ++c) {
+            const __m512 w = weights(c);
+            for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xs + m * cols + 16 * c), acc[m]);
+          }
+          for (int64_t m = 0; m < M; ++m) y[m * rows + r] = _mm512_reduce_add_ps(acc[m]);
+        }
+      });
+      return true;
+    }
+  }
+#endif
   at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) {
     std::vector<float> scales(per_row);
     __m256 acc[2][16];
@@ -412,6 +532,83 @@ void add_low_rank(const float* xs, int64_t M, int64_t cols, const torch::Tensor&
   });
 }
 
+// As add_low_rank with L1 stored transposed (r, rows): y += sum_k t_k L1^T[k] as
+// vectorized row updates, instead of one short dot product per output.
+void add_low_rank_t(const float* xs, int64_t M, int64_t cols, const torch::Tensor& L1t, const torch::Tensor& L2,
+                    double scaling, const torch::Tensor& bias, float* y, int64_t rows) {
+  const int64_t r = L1t.numel() > 0 ? L1t.size(0) : 0;
+  std::vector<float> t(M * r);
+  const float* l2s = r ? L2.data_ptr<float>() : nullptr;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < r; ++k)
+      t[m * r + k] = static_cast<float>(scaling) * dot(xs + m * cols, l2s + k * cols, cols);
+  const float* bs = bias.numel() > 0 ? bias.data_ptr<float>() : nullptr;
+  const float* l1t = r ? L1t.data_ptr<float>() : nullptr;
+  at::parallel_for(0, rows, 512, [&](int64_t first, int64_t last) {
+    for (int64_t m = 0; m < M; ++m) {
+      float* ym = y + m * rows;
+      for (int64_t k = 0; k < r; ++k) {
+        const float tk = t[m * r + k];
+        const float* col = l1t + k * rows;
+        for (int64_t i = first; i < last; ++i) ym[i] += tk * col[i];
+      }
+      if (bs)
+        for (int64_t i = first; i < last; ++i) ym[i] += bs[i];
+    }
+  });
+}
+
+// y (rows) = W (rows, cols) x for one row of activations: four rows of W at a time, so
+// four independent chains of FMAs keep the loads streaming (one chain waits on its adds).
+void dense_matvec(const float* W, int64_t rows, int64_t cols, const float* x, float* y) {
+  at::parallel_for(0, (rows + 3) / 4, 64, [&](int64_t first, int64_t last) {
+    for (int64_t quad = first; quad < last; ++quad) {
+      const int64_t r0 = quad * 4, n = std::min<int64_t>(4, rows - r0);
+      if (n < 4) {
+        for (int64_t r = r0; r < r0 + n; ++r) y[r] = dot(W + r * cols, x, cols);
+        continue;
+      }
+      const float* w = W + r0 * cols;
+      int64_t k = 0;
+      float tail[4] = {0, 0, 0, 0};
+#ifdef LQ_AVX512
+      __m512 b0 = _mm512_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
+      for (; k + 16 <= cols; k += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + k);
+        b0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), xv, b0);
+        b1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + cols + k), xv, b1);
+        b2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 2 * cols + k), xv, b2);
+        b3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 3 * cols + k), xv, b3);
+      }
+      tail[0] = _mm512_reduce_add_ps(b0);
+      tail[1] = _mm512_reduce_add_ps(b1);
+      tail[2] = _mm512_reduce_add_ps(b2);
+      tail[3] = _mm512_reduce_add_ps(b3);
+#endif
+#ifdef __AVX2__
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (; k + 8 <= cols; k += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + k);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), xv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + cols + k), xv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 2 * cols + k), xv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 3 * cols + k), xv, a3);
+      }
+      alignas(32) float parts[4][8];
+      _mm256_store_ps(parts[0], a0);
+      _mm256_store_ps(parts[1], a1);
+      _mm256_store_ps(parts[2], a2);
+      _mm256_store_ps(parts[3], a3);
+      for (int j = 0; j < 4; ++j)
+        for (float v : parts[j]) tail[j] += v;
+#endif
+      for (; k < cols; ++k)
+        for (int j = 0; j < 4; ++j) tail[j] += w[j * cols + k] * x[k];
+      for (int j = 0; j < 4; ++j) y[r0 + j] = tail[j];
+    }
+  });
+}
+
 }  // namespace
 
 // An LQLinear's whole forward for a few rows, in one call: x deq(Q)^T + s (x L2^T) L1^T + bias.
@@ -448,7 +645,7 @@ struct Projection {
   Packed p{};
   torch::Tensor codes, scale_codes, step, levels;  // kept alive for p's pointers
   torch::Tensor weight;                             // dense (rows, cols) when not packed
-  torch::Tensor L1, L2, bias;                       // L1 (rows, r), L2 (r, cols); may be empty
+  torch::Tensor L1t, L2, bias;  // L1 transposed (r, rows), L2 (r, cols), bias (rows); may be empty
   double scaling = 1.0;
   int64_t rows = 0, cols = 0;
 
@@ -475,14 +672,16 @@ struct Projection {
         default: decode_all<8>(p, dst, rows * cols); break;
       }
       at::mm_out(y, x, scratch.narrow(0, 0, rows * cols).view({rows, cols}).t());
+    } else if (M == 1) {
+      dense_matvec(weight.data_ptr<float>(), rows, cols, x.data_ptr<float>(), y.data_ptr<float>());
     } else {
       at::mm_out(y, x, weight.t());
     }
     if (M <= 16) {
-      add_low_rank(x.data_ptr<float>(), M, cols, L1, L2, scaling, bias, y.data_ptr<float>(), rows);
+      add_low_rank_t(x.data_ptr<float>(), M, cols, L1t, L2, scaling, bias, y.data_ptr<float>(), rows);
       return;
     }
-    if (L1.numel() > 0) y.addmm_(at::mm(x, L2.t()), L1.t(), 1.0, scaling);
+    if (L1t.numel() > 0) y.addmm_(at::mm(x, L2.t()), L1t, 1.0, scaling);
     if (bias.numel() > 0) y.add_(bias);
   }
 };
@@ -503,7 +702,7 @@ ProjectionPtr packed_projection(torch::Tensor codes, torch::Tensor scale_codes, 
   proj->cols = cols;
   TORCH_CHECK(L1.numel() == 0 || (L1.size(0) == rows && L2.size(1) == cols && L1.size(1) == L2.size(0)),
               "L1 (rows, r) and L2 (r, cols) do not fit the matrix");
-  proj->L1 = L1.to(torch::kFloat32).contiguous();
+  proj->L1t = L1.to(torch::kFloat32).t().contiguous();
   proj->L2 = L2.to(torch::kFloat32).contiguous();
   proj->scaling = scaling;
   proj->bias = bias.to(torch::kFloat32).contiguous();
@@ -516,7 +715,7 @@ ProjectionPtr dense_projection(torch::Tensor weight, torch::Tensor bias) {
   proj->weight = weight.to(torch::kFloat32).contiguous();
   proj->rows = weight.size(0);
   proj->cols = weight.size(1);
-  proj->L1 = torch::empty({0});
+  proj->L1t = torch::empty({0});
   proj->L2 = torch::empty({0});
   proj->bias = bias.to(torch::kFloat32).contiguous();
   return proj;
@@ -647,6 +846,18 @@ class Decoder {
   // up to its own: softmax(q k^T / sqrt(hd)) v, per query head, grouped over KV heads.
   void attend(int64_t layer, const torch::Tensor& q, torch::Tensor& out) {
     const int64_t M = q.size(0), group = heads_ / kv_heads_;
+    if (M > 16) {  // a prompt: ATen's fused attention (matrix products over blocks of queries)
+      const int64_t seen = length_ + M;
+      auto qh = q.view({1, M, heads_, hd_}).transpose(1, 2);
+      auto kh = keys_[layer].narrow(1, 0, seen).unsqueeze(0);
+      auto vh = values_[layer].narrow(1, 0, seen).unsqueeze(0);
+      c10::optional<at::Tensor> mask;
+      if (length_ > 0)  // query m sees the cache and the new positions up to its own
+        mask = at::ones({M, seen}, torch::kBool).tril(length_);
+      auto o = at::scaled_dot_product_attention(qh, kh, vh, mask, 0.0, length_ == 0, c10::nullopt, group > 1);
+      out.view({M, heads_, hd_}).copy_(o[0].transpose(0, 1));
+      return;
+    }
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd_));
     const float* qs = q.data_ptr<float>();
     const float* kc = keys_[layer].data_ptr<float>();
@@ -687,10 +898,23 @@ class Decoder {
 
 }  // namespace
 
+// The logits of one hidden row (1, cols) under a dense head weight (rows, cols): decoding
+// reads the whole head every token, so this is a streaming, threaded matrix-vector product.
+torch::Tensor head_logits(torch::Tensor x, torch::Tensor weight) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && weight.dtype() == torch::kFloat32 && weight.dim() == 2 &&
+                  x.numel() == weight.size(1) && weight.is_contiguous(),
+              "head_logits takes one float32 row and a contiguous float32 (vocab, hidden) weight");
+  auto xc = x.contiguous();
+  auto out = torch::empty({weight.size(0)}, torch::kFloat32);
+  dense_matvec(weight.data_ptr<float>(), weight.size(0), weight.size(1), xc.data_ptr<float>(), out.data_ptr<float>());
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize, "decode packed NF codes to a dense float32 matrix");
   m.def("dequantize_into", &dequantize_into, "decode packed NF codes into a reusable float32 buffer");
   m.def("matvec", &matvec, "x @ W^T for a few rows of x, decoding W on the fly");
+  m.def("head_logits", &head_logits, "one row's logits under a dense head weight, streamed and threaded");
   m.def("lq_linear", &lq_linear, "x deq(Q)^T + s (x L2^T) L1^T + bias for a few rows of x");
   py::class_<Projection, ProjectionPtr>(m, "Projection");
   m.def("packed_projection", &packed_projection, "an LQLinear's packed matrix, factors and bias, for Decoder");
