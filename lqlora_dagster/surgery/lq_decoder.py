@@ -78,6 +78,8 @@ class FastDecoder:
     capacity: int
     cos: torch.Tensor  # (capacity, head_dim): the model's rotary table for every position
     sin: torch.Tensor
+    embedding: torch.Tensor | None  # a plain float32 embedding's table (a lookup, not a module call)
+    head: torch.Tensor | None  # a plain float32 bias-free head's weight, for the streaming matvec
 
     @property
     def length(self) -> int:
@@ -95,12 +97,11 @@ class FastDecoder:
         start, end = self.stack.length, self.stack.length + ids.numel()
         if end > self.capacity:
             raise ValueError(f"the cache holds {self.capacity} positions; {end} asked for")
-        hidden = self.net.model.embed_tokens(ids).to(torch.float32)
+        hidden = self.embedding[ids] if self.embedding is not None else self.net.model.embed_tokens(ids).float()
         out = self.stack.step(hidden, self.cos[start:end], self.sin[start:end])
-        head = self.net.lm_head
-        if type(head) is nn.Linear and head.bias is None and head.weight.dtype == torch.float32:
-            return fast_decode.kernel().head_logits(out[-1], head.weight.detach().contiguous())
-        return head(out[-1:])[0]
+        if self.head is not None:
+            return fast_decode.kernel().head_logits(out[-1], self.head)
+        return self.net.lm_head(out[-1:])[0]
 
 
 def fast_decoder(net: nn.Module, capacity: int) -> FastDecoder | None:
@@ -122,4 +123,10 @@ def fast_decoder(net: nn.Module, capacity: int) -> FastDecoder | None:
     with torch.no_grad():
         probe = torch.zeros(1, capacity, head_dim)  # the rotary module reads only its dtype and device
         cos, sin = net.model.rotary_emb(probe, torch.arange(capacity).unsqueeze(0))
-    return FastDecoder(net, stack, capacity, cos[0].to(torch.float32).contiguous(), sin[0].to(torch.float32).contiguous())
+    embed, head = net.model.embed_tokens, net.lm_head
+    plain_embedding = type(embed) is nn.Embedding and embed.max_norm is None and embed.weight.dtype == torch.float32
+    plain_head = type(head) is nn.Linear and head.bias is None and head.weight.dtype == torch.float32
+    return FastDecoder(net, stack, capacity, cos[0].to(torch.float32).contiguous(),
+                       sin[0].to(torch.float32).contiguous(),
+                       embed.weight.detach() if plain_embedding else None,
+                       head.weight.detach().contiguous() if plain_head else None)

@@ -66,6 +66,14 @@ def test_logits_match_the_models_forward(prompt_len, config):
     check_against_forward(compressed(config=config), prompt_len)
 
 
+@pytest.mark.parametrize("heads", [4, 2])  # head_dim 64 and 128: the register-resident attention paths
+def test_wide_heads(heads):
+    wide = lambda: tiny_llama(hidden_size=256, intermediate_size=256, num_attention_heads=heads,  # noqa: E731
+                              num_key_value_heads=heads // 2 if heads > 2 else 1)
+    check_against_forward(compressed(wide), 20, steps=4)
+    check_against_forward(compressed(wide), 3, steps=4)
+
+
 def test_dense_and_biased_projections():
     model = compressed(keep_dense="mlp")  # the MLP's projections stay dense Linear layers
     assert any(isinstance(m, LQLinear) for m in model.modules())

@@ -501,6 +501,13 @@ namespace {
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t k = 0;
   float total = 0;
+#ifdef LQ_AVX512
+  if (n >= 16) {
+    __m512 wide = _mm512_setzero_ps();
+    for (; k + 16 <= n; k += 16) wide = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), wide);
+    total = _mm512_reduce_add_ps(wide);
+  }
+#endif
 #ifdef __AVX2__
   __m256 acc = _mm256_setzero_ps();
   for (; k + 8 <= n; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
@@ -547,13 +554,24 @@ void add_low_rank_t(const float* xs, int64_t M, int64_t cols, const torch::Tenso
   at::parallel_for(0, rows, 512, [&](int64_t first, int64_t last) {
     for (int64_t m = 0; m < M; ++m) {
       float* ym = y + m * rows;
+      int64_t i0 = first;
+#ifdef LQ_AVX512
+      const float* tm = t.data() + m * r;
+      for (; i0 + 16 <= last; i0 += 16) {  // each output stays in a register over the r updates
+        __m512 acc = _mm512_loadu_ps(ym + i0);
+        for (int64_t k = 0; k < r; ++k)
+          acc = _mm512_fmadd_ps(_mm512_set1_ps(tm[k]), _mm512_loadu_ps(l1t + k * rows + i0), acc);
+        if (bs) acc = _mm512_add_ps(acc, _mm512_loadu_ps(bs + i0));
+        _mm512_storeu_ps(ym + i0, acc);
+      }
+#endif
       for (int64_t k = 0; k < r; ++k) {
         const float tk = t[m * r + k];
         const float* col = l1t + k * rows;
-        for (int64_t i = first; i < last; ++i) ym[i] += tk * col[i];
+        for (int64_t i = i0; i < last; ++i) ym[i] += tk * col[i];
       }
       if (bs)
-        for (int64_t i = first; i < last; ++i) ym[i] += bs[i];
+        for (int64_t i = i0; i < last; ++i) ym[i] += bs[i];
     }
   });
 }
@@ -639,6 +657,18 @@ torch::Tensor lq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
 
 namespace {
 
+// y = x W^T for a prompt's rows. Through oneDNN where torch has it: its float32 GEMM
+// picks the widest vector unit by CPU feature (AVX-512 on AMD's too, where MKL's stays on
+// AVX2: twice the speed there, bench/results/inference.md); the copies into and out of its
+// layout are a few percent of the product.
+void dense_product(const torch::Tensor& x, const torch::Tensor& W, torch::Tensor& y) {
+  if (at::hasMKLDNN()) {
+    y.copy_(at::mkldnn_linear(x.to_mkldnn(), W.to_mkldnn(), c10::nullopt).to_dense());
+    return;
+  }
+  at::mm_out(y, x, W.t());
+}
+
 // One projection: a packed LQ matrix with its factors and bias, or a dense weight.
 struct Projection {
   bool packed = false;
@@ -671,11 +701,11 @@ struct Projection {
         case 4: decode_all<4>(p, dst, rows * cols); break;
         default: decode_all<8>(p, dst, rows * cols); break;
       }
-      at::mm_out(y, x, scratch.narrow(0, 0, rows * cols).view({rows, cols}).t());
+      dense_product(x, scratch.narrow(0, 0, rows * cols).view({rows, cols}), y);
     } else if (M == 1) {
       dense_matvec(weight.data_ptr<float>(), rows, cols, x.data_ptr<float>(), y.data_ptr<float>());
     } else {
-      at::mm_out(y, x, weight.t());
+      dense_product(x, weight, y);
     }
     if (M <= 16) {
       add_low_rank_t(x.data_ptr<float>(), M, cols, L1t, L2, scaling, bias, y.data_ptr<float>(), rows);
@@ -753,6 +783,37 @@ void rotate(torch::Tensor& x, int64_t heads, int64_t hd, const torch::Tensor& co
       }
     }
 }
+
+#ifdef LQ_AVX512
+// One query head over `seen` cached positions, head_dim = 16 * HD16: the query and the
+// output stay in registers, each key or value row is a few 16-lane loads.
+template <int HD16>
+void attend_one(const float* q, const float* keys, const float* vals, int64_t seen, float scale, float* scores,
+                float* out) {
+  constexpr int hd = 16 * HD16;
+  __m512 qv[HD16];
+  for (int c = 0; c < HD16; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+  float top = -INFINITY;
+  for (int64_t j = 0; j < seen; ++j) {
+    const float* k = keys + j * hd;
+    __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+    for (int c = 1; c < HD16; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + 16 * c), acc);
+    scores[j] = _mm512_reduce_add_ps(acc) * scale;
+    top = std::max(top, scores[j]);
+  }
+  float total = 0;
+  for (int64_t j = 0; j < seen; ++j) total += (scores[j] = std::exp(scores[j] - top));
+  __m512 ov[HD16];
+  for (int c = 0; c < HD16; ++c) ov[c] = _mm512_setzero_ps();
+  const float inv = 1.0f / total;
+  for (int64_t j = 0; j < seen; ++j) {
+    const __m512 w = _mm512_set1_ps(scores[j] * inv);
+    const float* v = vals + j * hd;
+    for (int c = 0; c < HD16; ++c) ov[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16 * c), ov[c]);
+  }
+  for (int c = 0; c < HD16; ++c) _mm512_storeu_ps(out + 16 * c, ov[c]);
+}
+#endif
 
 class Decoder {
  public:
@@ -871,6 +932,17 @@ class Decoder {
         const float* qv = qs + (m * heads_ + h) * hd_;
         const float* keys = kc + g * max_length_ * hd_;
         const float* vals = vc + g * max_length_ * hd_;
+        float* ov = o + (m * heads_ + h) * hd_;
+#ifdef LQ_AVX512
+        if (hd_ == 64) {
+          attend_one<4>(qv, keys, vals, seen, scale, scores.data(), ov);
+          continue;
+        }
+        if (hd_ == 128) {
+          attend_one<8>(qv, keys, vals, seen, scale, scores.data(), ov);
+          continue;
+        }
+#endif
         float top = -INFINITY;
         for (int64_t j = 0; j < seen; ++j) {
           scores[j] = dot(qv, keys + j * hd_, hd_) * scale;
@@ -878,7 +950,6 @@ class Decoder {
         }
         float total = 0;
         for (int64_t j = 0; j < seen; ++j) total += (scores[j] = std::exp(scores[j] - top));
-        float* ov = o + (m * heads_ + h) * hd_;
         std::fill(ov, ov + hd_, 0.0f);
         for (int64_t j = 0; j < seen; ++j) {
           const float w = scores[j] / total;
