@@ -46,6 +46,20 @@ def test_fused_matmul_matches_dense(rows, cfg):
     torch.testing.assert_close(fused, x @ qm.reference_dequantize().T, rtol=1e-5, atol=1e-5)
 
 
+WIDE_ROWS = [c for c in CONFIG_GRID if c.b1 == "bf16" and c.B1 == 64 and c.b0 == 8 and c.B0 in (16, 32, 64)]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 16])
+@pytest.mark.parametrize("cfg", WIDE_ROWS, ids=lambda c: c.name)
+def test_fused_matmul_on_whole_block_rows(rows, cfg):
+    """Rows of whole blocks of 16+ weights: the 16-lane path on AVX-512 machines, with the
+    matrix's last row (whose codes end the buffer) read the careful way."""
+    W = torch.randn(40, 128, generator=torch.Generator().manual_seed(3))
+    qm = QuantizedMatrix.quantize(W, cfg)
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(fast_decode.matmul(x, qm), x @ qm.reference_dequantize().T, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_matmul_declines_what_it_does_not_cover():
     qm = QuantizedMatrix.quantize(torch.randn(8, 16), CONFIG_GRID[0])
     assert fast_decode.matmul(torch.randn(17, 16), qm) is None  # many rows: decode once, then mm

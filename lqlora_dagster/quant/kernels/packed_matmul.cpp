@@ -181,6 +181,32 @@ struct Lanes16 {
   }
 };
 
+// One row's dot product with x over `chunks` runs of 16 codes starting at `codes` (every
+// load in bounds): the constants in registers and one pointer step per run, so the loop
+// is the decode and the multiply-adds, not address arithmetic.
+template <int BITS>
+inline float row_dot16(const Lanes16<BITS>& wide, const uint8_t* codes, const float* x, const float* scales,
+                       int64_t chunks, int scale_shift) {
+  const __m512i ctrl = wide.bytes, shifts = wide.shifts;
+  const __m512 table = wide.table;
+  auto weights = [&](const uint8_t* at, int64_t c) {
+    const __m512i words = _mm512_permutexvar_epi8(ctrl, _mm512_castsi128_si512(_mm_loadu_si128(
+                                                            reinterpret_cast<const __m128i*>(at))));
+    return _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srlv_epi32(words, shifts), table),
+                         _mm512_set1_ps(scales[c >> scale_shift]));
+  };
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t c = 0;
+  for (; c + 4 <= chunks; c += 4, codes += 8 * BITS, x += 64) {
+    a0 = _mm512_fmadd_ps(weights(codes, c), _mm512_loadu_ps(x), a0);
+    a1 = _mm512_fmadd_ps(weights(codes + 2 * BITS, c + 1), _mm512_loadu_ps(x + 16), a1);
+    a2 = _mm512_fmadd_ps(weights(codes + 4 * BITS, c + 2), _mm512_loadu_ps(x + 32), a2);
+    a3 = _mm512_fmadd_ps(weights(codes + 6 * BITS, c + 3), _mm512_loadu_ps(x + 48), a3);
+  }
+  for (; c < chunks; ++c, codes += 2 * BITS, x += 16) a0 = _mm512_fmadd_ps(weights(codes, c), _mm512_loadu_ps(x), a0);
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
 // Sixteen-lane paths apply to b <= 4 with blocks of a multiple of 16 weights.
 template <int BITS>
 inline bool sixteen_lanes(const Packed& p) {
@@ -336,6 +362,11 @@ bool matvec_rows_fast(const Packed& p, const Lanes<BITS>& lanes, const float* xs
           auto weights = [&](int64_t c) {
             return _mm512_mul_ps(wide.levels16(p.codes, end, base + 16 * c), _mm512_set1_ps(scales[c >> shift16]));
           };
+          const uint8_t* row_codes = p.codes + (base >> 3) * BITS;
+          if (M == 1 && row_codes + (chunks16 - 1) * 2 * BITS + 16 <= end) {  // one token, loads in bounds
+            y[r] = row_dot16<BITS>(wide, row_codes, xs, scales.data(), chunks16, shift16);
+            continue;
+          }
           if (M == 1) {  // one token: four independent FMA chains (one would wait on its adds)
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             int64_t c = 0;
