@@ -1,9 +1,13 @@
-"""Where each millisecond of a decoded token goes in our runtime, and what bounds it.
+"""Where each millisecond of a decoded token goes, and what bounds it.
 
     python -m bench.profile_decode --lq SAVED_LQ_FOLDER [--threads 1 2] [--tokens 32]
     python -m bench.profile_decode --smoke     # a tiny compressed Llama built in code, 4 tokens
 
 One process per thread count: load the compressed model, prefill 64 tokens, then
+0. in our runtime (`surgery/lq_decoder.py`, what `lqlora generate` runs): ms per token,
+   split into the embedding lookup, the layer stack (one C++ call), the head's
+   matrix-vector product and the rest (argmax, Python);
+then through transformers' modules (what evaluation and finetuning run):
 1. decode --tokens tokens greedily with the KV cache, no instrumentation: ms per token;
 2. the same with a timer around every module's forward: each module's own time (its
    children's subtracted), grouped by class (LQLinear, the LM head, attention, norms,
@@ -52,6 +56,8 @@ def child(folder: str, threads: int, tokens: int) -> None:
                 token = step.logits[:, -1:].argmax(-1)
             return (time.perf_counter() - start) * 1e3 / n
 
+    print(f"\n### {threads} thread(s)\n")
+    runtime_split(net, ids, tokens)
     decode(4)
     plain = min(decode(tokens) for _ in range(3))
 
@@ -76,7 +82,7 @@ def child(folder: str, threads: int, tokens: int) -> None:
     timed = decode(tokens, own.clear)
     for h in hooks:
         h.remove()
-    print(f"\n### {threads} thread(s)\n")
+    print("\nThrough transformers' modules:\n")
     print(f"- decode, no timers: **{plain:.1f} ms per token** ({1e3 / plain:.1f} tokens/s)")
     print(f"- with a timer on every module: {timed:.1f} ms per token\n")
     print("| where (own time, children subtracted) | ms per token | share |\n|---|---|---|")
@@ -121,6 +127,46 @@ def child(folder: str, threads: int, tokens: int) -> None:
     print(f"| fp32 dense matrix-vector products, same shapes | {dense_ms:.2f} | {dense_bytes / 1e6:.1f} | {dense_bytes / gbps / 1e6:.2f} |")
     print(f"| the LM head ({tuple(head.shape)}, {head.dtype}, not a target) | | {head.numel() * head.element_size() / 1e6:.1f} | {head.numel() * head.element_size() / gbps / 1e6:.2f} |")
     print(f"\nstreaming read bandwidth, one `sum` over 256 MB at {threads} thread(s): {gbps:.1f} GB/s")
+
+
+def runtime_split(net, ids, tokens: int) -> None:
+    """A decoded token in our runtime, its parts timed one by one (best of three runs)."""
+    from lqlora_dagster.quant import fast_decode
+    from lqlora_dagster.surgery.lq_decoder import fast_decoder, unsupported_reason
+
+    decoder = fast_decoder(net, ids.shape[1] + 4 * tokens + 8)
+    if decoder is None or decoder.embedding is None or decoder.head is None:
+        print(f"- not split here: {unsupported_reason(net, ids.shape[1] + tokens) or 'a non-plain embedding or head'}")
+        return
+    best = None
+    for _ in range(3):
+        decoder.reset()
+        token = decoder.logits(ids).argmax()
+        parts = defaultdict(float)
+        start = time.perf_counter()
+        for _ in range(tokens):
+            position = decoder.length
+            t0 = time.perf_counter()
+            hidden = decoder.embedding[token.view(1)]
+            t1 = time.perf_counter()
+            out = decoder.stack.step(hidden, decoder.cos[position:position + 1], decoder.sin[position:position + 1])
+            t2 = time.perf_counter()
+            logits = fast_decode.kernel().head_logits(out[-1], decoder.head)
+            t3 = time.perf_counter()
+            token = logits.argmax()
+            parts["embedding lookup"] += t1 - t0
+            parts["layer stack (one C++ call: norms, packed products, factors, attention, MLP)"] += t2 - t1
+            parts[f"head {tuple(decoder.head.shape)} matrix-vector product"] += t3 - t2
+        total = time.perf_counter() - start
+        parts["argmax, Python between the calls"] = total - sum(parts.values())
+        if best is None or total < best[0]:
+            best = (total, dict(parts))
+    total, parts = best
+    per = total * 1e3 / tokens
+    print(f"Our runtime: **{per:.2f} ms per token** ({1e3 / per:.1f} tokens/s)\n")
+    print("| where | ms per token | share |\n|---|---|---|")
+    for name, seconds in parts.items():
+        print(f"| {name} | {seconds * 1e3 / tokens:.2f} | {seconds / total:.0%} |")
 
 
 def main() -> None:

@@ -11,6 +11,7 @@
 // consecutive (row-major) weights share a scale; groups of B1 blocks share a step.
 
 #include <torch/extension.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -688,13 +689,20 @@ torch::Tensor lq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
 
 namespace {
 
-// y = x W^T for a prompt's rows. Through oneDNN where torch has it: its float32 GEMM
+// y = x W^T for a prompt's rows. Through oneDNN where torch has it (its registered
+// `mkldnn::_linear_pointwise`, which takes dense tensors as they are): its float32 GEMM
 // picks the widest vector unit by CPU feature (AVX-512 on AMD's too, where MKL's stays on
-// AVX2: twice the speed there, bench/results/inference.md); the copies into and out of its
-// layout are a few percent of the product.
+// AVX2: twice the speed there, bench/results/inference.md). Else torch's mm.
 void dense_product(const torch::Tensor& x, const torch::Tensor& W, torch::Tensor& y) {
-  if (at::hasMKLDNN()) {
-    y.copy_(at::mkldnn_linear(x.to_mkldnn(), W.to_mkldnn(), c10::nullopt).to_dense());
+  static const std::optional<c10::OperatorHandle> onednn = [] {
+    return at::hasMKLDNN() ? c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""})
+                           : std::optional<c10::OperatorHandle>();
+  }();
+  if (onednn) {
+    std::vector<c10::IValue> stack{x, W, c10::IValue(), std::string("none"),
+                                   c10::List<std::optional<at::Scalar>>(), std::string("")};
+    onednn->callBoxed(&stack);
+    y.copy_(stack[0].toTensor());
     return;
   }
   at::mm_out(y, x, W.t());
@@ -874,15 +882,23 @@ class Decoder {
     TORCH_CHECK(length_ + M <= max_length_, "the cache holds ", max_length_, " positions; ", length_ + M,
                 " asked for");
     TORCH_CHECK(cos.size(0) == M && cos.size(1) == hd_ && sin.sizes() == cos.sizes(), "cos, sin must be (M, head_dim)");
-    torch::Tensor h = hidden.contiguous().clone();
     torch::Tensor c = cos.to(torch::kFloat32).contiguous(), s = sin.to(torch::kFloat32).contiguous();
-    const int64_t d = h.size(1);
-    torch::Tensor normed = torch::empty({M, d}, torch::kFloat32);
-    torch::Tensor q = torch::empty({M, heads_ * hd_}, torch::kFloat32);
-    torch::Tensor k = torch::empty({M, kv_heads_ * hd_}, torch::kFloat32);
-    torch::Tensor v = torch::empty({M, kv_heads_ * hd_}, torch::kFloat32);
-    torch::Tensor attn = torch::empty({M, heads_ * hd_}, torch::kFloat32);
-    torch::Tensor out = torch::empty({M, d}, torch::kFloat32);
+    const int64_t d = hidden.size(1);
+    // the activations live in buffers kept between steps: a prompt's step would otherwise
+    // allocate and free megabytes per layer, and the allocator's page faults cost a third
+    // of the time on some runs
+    auto rows = [&](torch::Tensor& buffer, int64_t width) {
+      if (!buffer.defined() || buffer.size(0) < M || buffer.size(1) != width)
+        buffer = torch::empty({std::max<int64_t>(M, buffer.defined() ? buffer.size(0) : 0), width}, torch::kFloat32);
+      return buffer.narrow(0, 0, M);
+    };
+    torch::Tensor h = rows(h_, d).copy_(hidden);
+    torch::Tensor normed = rows(normed_, d);
+    torch::Tensor q = rows(q_, heads_ * hd_);
+    torch::Tensor k = rows(k_, kv_heads_ * hd_);
+    torch::Tensor v = rows(v_, kv_heads_ * hd_);
+    torch::Tensor attn = rows(attn_, heads_ * hd_);
+    torch::Tensor out = rows(out_, d);
     for (int64_t layer = 0; layer < layers_; ++layer) {
       const ProjectionPtr* P = projections_.data() + 7 * layer;
       rms_norm(h, norms_[2 * layer], eps_, normed);
@@ -897,20 +913,17 @@ class Decoder {
       h.add_(out);
       rms_norm(h, norms_[2 * layer + 1], eps_, normed);
       const int64_t inter = P[4]->rows;
-      if (gate_.size(0) != M || gate_.size(1) != inter) {
-        gate_ = torch::empty({M, inter}, torch::kFloat32);
-        up_ = torch::empty({M, inter}, torch::kFloat32);
-      }
-      P[4]->forward(normed, gate_);
-      P[5]->forward(normed, up_);
+      torch::Tensor gate = rows(gate_, inter), up = rows(up_, inter);
+      P[4]->forward(normed, gate);
+      P[5]->forward(normed, up);
       if (M <= 16) {
-        float* g = gate_.data_ptr<float>();
-        const float* u = up_.data_ptr<float>();
+        float* g = gate.data_ptr<float>();
+        const float* u = up.data_ptr<float>();
         for (int64_t i = 0; i < M * inter; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
       } else {  // a prompt: ATen's vectorized, threaded SiLU
-        at::silu_(gate_).mul_(up_);
+        at::silu_(gate).mul_(up);
       }
-      P[6]->forward(gate_, out);
+      P[6]->forward(gate, out);
       h.add_(out);
     }
     length_ += M;
@@ -993,7 +1006,8 @@ class Decoder {
 
   std::vector<ProjectionPtr> projections_;
   std::vector<torch::Tensor> norms_;
-  torch::Tensor final_norm_, keys_, values_, gate_ = torch::empty({0, 0}), up_;
+  torch::Tensor final_norm_, keys_, values_;
+  torch::Tensor h_, normed_, q_, k_, v_, attn_, out_, gate_, up_;  // activation buffers, grown as needed
   double eps_;
   int64_t heads_, kv_heads_, hd_, max_length_, layers_ = 0, length_ = 0;
 };
