@@ -90,6 +90,7 @@ def _next_token(logits: torch.Tensor, sampling: Sampling) -> int:
 
 def _generate_in_runtime(decoder, streamer, ids: torch.Tensor, max_new_tokens: int, sampling: Sampling,
                          eos: set[int]) -> list[int]:
+    streamer.put(ids)  # the prompt, which the streamer skips (as transformers' generate hands it over first)
     logits = decoder.logits(ids)
     new: list[int] = []
     while True:

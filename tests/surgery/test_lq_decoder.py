@@ -115,8 +115,10 @@ def test_unsupported_models_get_none():
 def test_generate_runs_in_the_runtime_and_matches_transformers():
     model, tokenizer = compressed(), tiny_tokenizer()
     ids = tokens(1, 6, seed=4)
-    ours = generate(model, tokenizer, ids, max_new_tokens=10)
+    pieces = []
+    ours = generate(model, tokenizer, ids, max_new_tokens=10, stream=pieces.append)
     assert ours.engine == "lqlora runtime" and ours.new_tokens >= 1
+    assert "".join(pieces) == ours.text  # streamed from the first new token on, nothing of the prompt
     theirs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
                             pad_token_id=tokenizer.pad_token_id)
     assert tokenizer.decode(theirs[0, ids.shape[1]:], skip_special_tokens=True) == ours.text
