@@ -75,6 +75,22 @@ def _eos_ids(net) -> set[int]:
     return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
 
 
+# the model's generation settings that change the next token beyond temperature and top-p:
+# where one is set, transformers' `generate` runs, since our loop would ignore it
+_LOGITS_SETTINGS = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
+                    "begin_suppress_tokens", "min_new_tokens", "forced_bos_token_id", "forced_eos_token_id",
+                    "sequence_bias", "encoder_repetition_penalty", "exponential_decay_length_penalty")
+
+
+def _plain_generation(net, prompt_tokens: int) -> bool:
+    settings = getattr(net, "generation_config", None)
+    if settings is None:
+        return True
+    defaults = type(settings)()
+    return (all(getattr(settings, k, None) == getattr(defaults, k, None) for k in _LOGITS_SETTINGS)
+            and (getattr(settings, "min_length", 0) or 0) <= prompt_tokens)
+
+
 def _next_token(logits: torch.Tensor, sampling: Sampling) -> int:
     """Greedy, or a draw from the top-p nucleus at the temperature (as transformers' warpers)."""
     if sampling.greedy:
@@ -124,7 +140,8 @@ def generate(net, tokenizer, ids: torch.Tensor, max_new_tokens: int, stream=None
     streamer = _Streamer(tokenizer, skip_prompt=True)
     torch.manual_seed(sampling.seed)
     with PeakMemory(ids.device) as memory:
-        decoder = fast_decoder(net, ids.shape[1] + max_new_tokens) if any(lq_layers(net)) else None
+        runtime = any(lq_layers(net)) and _plain_generation(net, ids.shape[1])
+        decoder = fast_decoder(net, ids.shape[1] + max_new_tokens) if runtime else None
         if decoder is not None:
             new = torch.tensor(_generate_in_runtime(decoder, streamer, ids, max_new_tokens, sampling, _eos_ids(net)))
         else:

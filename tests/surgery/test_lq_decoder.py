@@ -128,5 +128,7 @@ def test_generate_runs_in_the_runtime_and_matches_transformers():
     theirs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=True,
                             temperature=1.0, top_p=0.9, top_k=0, pad_token_id=tokenizer.pad_token_id)
     assert tokenizer.decode(theirs[0, ids.shape[1]:], skip_special_tokens=True) == drawn.text
+    model.generation_config.repetition_penalty = 1.3  # a setting our loop does not apply: transformers runs
+    assert generate(model, tokenizer, ids, max_new_tokens=3).engine == "transformers"
     dense = tiny_llama()  # no LQ layer: transformers' generate
     assert generate(dense, tokenizer, ids, max_new_tokens=3).engine == "transformers"

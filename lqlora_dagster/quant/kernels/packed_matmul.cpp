@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <sys/mman.h>
 #include <cmath>
 #include <memory>
 #include <cstdint>
@@ -1024,14 +1026,46 @@ class Decoder {
 
 // The logits of one hidden row (1, cols) under a dense head weight (rows, cols): decoding
 // reads the whole head every token, so this is a streaming, threaded matrix-vector product.
-torch::Tensor head_logits(torch::Tensor x, torch::Tensor weight) {
+torch::Tensor head_logits_into(torch::Tensor out, torch::Tensor x, torch::Tensor weight) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && weight.dtype() == torch::kFloat32 && weight.dim() == 2 &&
                   x.numel() == weight.size(1) && weight.is_contiguous(),
               "head_logits takes one float32 row and a contiguous float32 (vocab, hidden) weight");
+  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.numel() == weight.size(0),
+              "out must be a contiguous float32 vector of the head's rows");
   auto xc = x.contiguous();
-  auto out = torch::empty({weight.size(0)}, torch::kFloat32);
   dense_matvec(weight.data_ptr<float>(), weight.size(0), weight.size(1), xc.data_ptr<float>(), out.data_ptr<float>());
   return out;
+}
+
+torch::Tensor head_logits(torch::Tensor x, torch::Tensor weight) {
+  return head_logits_into(torch::empty({weight.size(0)}, torch::kFloat32), x, weight);
+}
+
+// A float32 tensor's copy in memory the kernel is asked to back with 2 MB pages: a token
+// streams the whole head (113 MB on SmolLM2), and walking it 4 KB page by page through a
+// file mapping made that read about 30% slower (bench/results/inference.md).
+torch::Tensor hugepage_copy(torch::Tensor src) {
+  TORCH_CHECK(src.dtype() == torch::kFloat32 && src.is_contiguous(), "hugepage_copy takes a contiguous float32 tensor");
+  const size_t bytes = static_cast<size_t>(src.numel()) * sizeof(float), align = size_t{2} << 20;
+  void* memory = nullptr;
+  if (bytes == 0 || posix_memalign(&memory, align, (bytes + align - 1) / align * align) != 0) return src.clone();
+#ifdef MADV_HUGEPAGE
+  madvise(memory, (bytes + align - 1) / align * align, MADV_HUGEPAGE);  // a hint; without it, 4 KB pages
+#endif
+  std::memcpy(memory, src.data_ptr<float>(), bytes);
+  return torch::from_blob(memory, src.sizes(), [](void* p) { std::free(p); }, torch::kFloat32);
+}
+
+// Asks the kernel to reclaim the whole pages under a tensor of a mapped file (a hint that
+// loses nothing: the pages are read again from the file if touched). False where it cannot.
+bool release_file_pages(torch::Tensor t) {
+#ifdef MADV_PAGEOUT
+  const uintptr_t page = 4096, start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (start + page - 1) & ~(page - 1), last = (start + t.nbytes()) & ~(page - 1);
+  return last > first && madvise(reinterpret_cast<void*>(first), last - first, MADV_PAGEOUT) == 0;
+#else
+  return false;
+#endif
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1039,6 +1073,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_into", &dequantize_into, "decode packed NF codes into a reusable float32 buffer");
   m.def("matvec", &matvec, "x @ W^T for a few rows of x, decoding W on the fly");
   m.def("head_logits", &head_logits, "one row's logits under a dense head weight, streamed and threaded");
+  m.def("head_logits_into", &head_logits_into, "head_logits into a given vector");
+  m.def("hugepage_copy", &hugepage_copy, "a float32 tensor's copy in memory advised for 2 MB pages");
+  m.def("release_file_pages", &release_file_pages, "reclaim the pages of a mapped file under a tensor");
   m.def("lq_linear", &lq_linear, "x deq(Q)^T + s (x L2^T) L1^T + bias for a few rows of x");
   py::class_<Projection, ProjectionPtr>(m, "Projection");
   m.def("packed_projection", &packed_projection, "an LQLinear's packed matrix, factors and bias, for Decoder");
