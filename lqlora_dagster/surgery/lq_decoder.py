@@ -137,12 +137,9 @@ def fast_decoder(net: nn.Module, capacity: int) -> FastDecoder | None:
 def _streamed_copy(weight: torch.Tensor) -> torch.Tensor:
     """The head as every token reads it: copied into memory backed by 2 MB pages (read 4 KB
     page by page from the mapped checkpoint it streamed about 30% slower). Where the
-    original lies in a mapped file, its pages are handed back, so resident memory holds
-    the head once."""
-    copy = fast_decode.kernel().hugepage_copy(weight)
-    if _in_mapped_file(weight):
-        fast_decode.kernel().release_file_pages(weight)
-    return copy
+    original lies in a mapped file, its pages are handed back as the copy proceeds, so
+    resident memory holds the head once."""
+    return fast_decode.kernel().hugepage_copy(weight, _in_mapped_file(weight))
 
 
 def _in_mapped_file(t: torch.Tensor) -> bool:

@@ -132,3 +132,20 @@ def test_generate_runs_in_the_runtime_and_matches_transformers():
     assert generate(model, tokenizer, ids, max_new_tokens=3).engine == "transformers"
     dense = tiny_llama()  # no LQ layer: transformers' generate
     assert generate(dense, tokenizer, ids, max_new_tokens=3).engine == "transformers"
+
+
+def test_head_copy_keeps_values_and_the_mapped_original_still_reads(tmp_path):
+    """The head's copy in 2 MB pages equals the original; handing back the pages of a
+    mapped original loses nothing (they are read again from the file)."""
+    from safetensors.torch import load_file, save_file
+
+    from lqlora_dagster.surgery.lq_decoder import _in_mapped_file, _streamed_copy
+
+    weight = torch.randn(3000, 576, generator=torch.Generator().manual_seed(6))  # 6.9 MB
+    save_file({"head": weight}, tmp_path / "head.safetensors")
+    mapped = load_file(tmp_path / "head.safetensors")["head"]
+    assert _in_mapped_file(mapped) and not _in_mapped_file(weight)
+    copy = _streamed_copy(mapped)
+    assert copy.data_ptr() != mapped.data_ptr()
+    assert torch.equal(copy, weight) and torch.equal(mapped, weight)
+    assert torch.equal(_streamed_copy(weight), weight)

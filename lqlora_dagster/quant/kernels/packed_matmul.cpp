@@ -1041,31 +1041,43 @@ torch::Tensor head_logits(torch::Tensor x, torch::Tensor weight) {
   return head_logits_into(torch::empty({weight.size(0)}, torch::kFloat32), x, weight);
 }
 
-// A float32 tensor's copy in memory the kernel is asked to back with 2 MB pages: a token
-// streams the whole head (113 MB on SmolLM2), and walking it 4 KB page by page through a
-// file mapping made that read about 30% slower (bench/results/inference.md).
-torch::Tensor hugepage_copy(torch::Tensor src) {
-  TORCH_CHECK(src.dtype() == torch::kFloat32 && src.is_contiguous(), "hugepage_copy takes a contiguous float32 tensor");
-  const size_t bytes = static_cast<size_t>(src.numel()) * sizeof(float), align = size_t{2} << 20;
-  void* memory = nullptr;
-  if (bytes == 0 || posix_memalign(&memory, align, (bytes + align - 1) / align * align) != 0) return src.clone();
-#ifdef MADV_HUGEPAGE
-  madvise(memory, (bytes + align - 1) / align * align, MADV_HUGEPAGE);  // a hint; without it, 4 KB pages
+namespace {
+
+// Asks the kernel to reclaim the whole pages in [start, end) (a hint that loses nothing for
+// a mapped file: its pages are read again if touched).
+void release_pages(uintptr_t start, uintptr_t end) {
+#ifdef MADV_PAGEOUT
+  const uintptr_t page = 4096, first = (start + page - 1) & ~(page - 1), last = end & ~(page - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_PAGEOUT);
 #endif
-  std::memcpy(memory, src.data_ptr<float>(), bytes);
-  return torch::from_blob(memory, src.sizes(), [](void* p) { std::free(p); }, torch::kFloat32);
 }
 
-// Asks the kernel to reclaim the whole pages under a tensor of a mapped file (a hint that
-// loses nothing: the pages are read again from the file if touched). False where it cannot.
-bool release_file_pages(torch::Tensor t) {
-#ifdef MADV_PAGEOUT
-  const uintptr_t page = 4096, start = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t first = (start + page - 1) & ~(page - 1), last = (start + t.nbytes()) & ~(page - 1);
-  return last > first && madvise(reinterpret_cast<void*>(first), last - first, MADV_PAGEOUT) == 0;
-#else
-  return false;
+}  // namespace
+
+// A float32 tensor's copy in memory the kernel is asked to back with 2 MB pages: a token
+// streams the whole head (113 MB on SmolLM2), and walking it 4 KB page by page through a
+// file mapping made that read about 30% slower (bench/results/inference.md). With
+// `release_source` (the source lies in a mapped file) the source's pages are handed back
+// as each 8 MB is copied, so resident memory never holds both.
+torch::Tensor hugepage_copy(torch::Tensor src, bool release_source) {
+  TORCH_CHECK(src.dtype() == torch::kFloat32 && src.is_contiguous(), "hugepage_copy takes a contiguous float32 tensor");
+  const size_t bytes = static_cast<size_t>(src.numel()) * sizeof(float), align = size_t{2} << 20;
+  const size_t size = (bytes + align - 1) / align * align;
+  void* memory = nullptr;
+  if (bytes == 0 || posix_memalign(&memory, align, size) != 0) return src.clone();
+#ifdef MADV_HUGEPAGE
+  madvise(memory, size, MADV_HUGEPAGE);  // a hint; without it, 4 KB pages
 #endif
+  const auto* from = static_cast<const uint8_t*>(src.data_ptr());
+  auto* to = static_cast<uint8_t*>(memory);
+  const size_t step = size_t{8} << 20;
+  for (size_t done = 0; done < bytes; done += step) {
+    const size_t n = std::min(step, bytes - done);
+    std::memcpy(to + done, from + done, n);
+    if (release_source)
+      release_pages(reinterpret_cast<uintptr_t>(from + done), reinterpret_cast<uintptr_t>(from + done + n));
+  }
+  return torch::from_blob(memory, src.sizes(), [](void* p) { std::free(p); }, torch::kFloat32);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1075,7 +1087,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("head_logits", &head_logits, "one row's logits under a dense head weight, streamed and threaded");
   m.def("head_logits_into", &head_logits_into, "head_logits into a given vector");
   m.def("hugepage_copy", &hugepage_copy, "a float32 tensor's copy in memory advised for 2 MB pages");
-  m.def("release_file_pages", &release_file_pages, "reclaim the pages of a mapped file under a tensor");
   m.def("lq_linear", &lq_linear, "x deq(Q)^T + s (x L2^T) L1^T + bias for a few rows of x");
   py::class_<Projection, ProjectionPtr>(m, "Projection");
   m.def("packed_projection", &packed_projection, "an LQLinear's packed matrix, factors and bias, for Decoder");
