@@ -17,6 +17,9 @@
 #include <algorithm>
 #include <cstdlib>
 #include <sys/mman.h>
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25  // older headers; an older kernel refuses it, which costs nothing
+#endif
 #include <cmath>
 #include <memory>
 #include <cstdint>
@@ -1077,6 +1080,9 @@ torch::Tensor hugepage_copy(torch::Tensor src, bool release_source) {
     if (release_source)
       release_pages(reinterpret_cast<uintptr_t>(from + done), reinterpret_cast<uintptr_t>(from + done + n));
   }
+#ifdef MADV_HUGEPAGE
+  madvise(memory, size, MADV_COLLAPSE);  // Linux 6.1+: the 2 MB pages now, not when khugepaged gets to it
+#endif
   return torch::from_blob(memory, src.sizes(), [](void* p) { std::free(p); }, torch::kFloat32);
 }
 
