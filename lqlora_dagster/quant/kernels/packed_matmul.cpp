@@ -286,6 +286,20 @@ void decode_span(const Packed& p, const Lanes<BITS>& lanes, float* dst, int64_t 
       });
 }
 
+// Calls block(first weight, scale) for each of the first `whole` blocks, in parallel, the
+// scales computed 64 blocks at a time.
+template <typename Block>
+void each_whole_block(const Packed& p, int64_t whole, Block block) {
+  at::parallel_for(0, whole, 1024, [&](int64_t first, int64_t last) {
+    alignas(32) float scales[64];
+    for (int64_t k = first; k < last; k += 64) {
+      const int64_t n = std::min<int64_t>(64, last - k);
+      block_scales(p, k, n, scales);
+      for (int64_t j = 0; j < n; ++j) block((k + j) * p.B0, scales[j]);
+    }
+  });
+}
+
 // Blocks of a multiple of 8 with B1 a power of two (every config of the grid): the scales
 // of 64 blocks at a time, eight at a time as matvec computes them, then one branch-free
 // pass over their codes; a last partial block goes the general way.
@@ -301,36 +315,20 @@ bool decode_whole_blocks(const Packed& p, const Lanes<BITS>& lanes, float* dst, 
     if (sixteen_lanes<BITS>(p)) {
       const Lanes16<BITS> wide(p);
       const int64_t chunks16 = p.B0 / 16;
-      at::parallel_for(0, whole, 1024, [&](int64_t first, int64_t last) {
-        alignas(32) float scales[64];
-        for (int64_t k = first; k < last; k += 64) {
-          const int64_t n = std::min<int64_t>(64, last - k);
-          block_scales(p, k, n, scales);
-          for (int64_t j = 0; j < n; ++j) {
-            const __m512 s = _mm512_set1_ps(scales[j]);
-            const int64_t base = (k + j) * p.B0;
-            for (int64_t c = 0; c < chunks16; ++c)
-              _mm512_storeu_ps(dst + base + 16 * c, _mm512_mul_ps(wide.levels16(p.codes, end, base + 16 * c), s));
-          }
-        }
+      each_whole_block(p, whole, [&](int64_t base, float scale) {
+        const __m512 s = _mm512_set1_ps(scale);
+        for (int64_t c = 0; c < chunks16; ++c)
+          _mm512_storeu_ps(dst + base + 16 * c, _mm512_mul_ps(wide.levels16(p.codes, end, base + 16 * c), s));
       });
       if (whole * p.B0 < numel) decode_span<BITS>(p, lanes, dst, whole * p.B0, numel);
       return true;
     }
   }
 #endif
-  at::parallel_for(0, whole, 1024, [&](int64_t first, int64_t last) {
-    alignas(32) float scales[64];
-    for (int64_t k = first; k < last; k += 64) {
-      const int64_t n = std::min<int64_t>(64, last - k);
-      block_scales(p, k, n, scales);
-      for (int64_t j = 0; j < n; ++j) {
-        const __m256 s = _mm256_set1_ps(scales[j]);
-        const int64_t base = (k + j) * p.B0;
-        for (int64_t c = 0; c < chunks; ++c)
-          _mm256_storeu_ps(dst + base + 8 * c, _mm256_mul_ps(lanes.levels8(p.codes, end, base + 8 * c), s));
-      }
-    }
+  each_whole_block(p, whole, [&](int64_t base, float scale) {
+    const __m256 s = _mm256_set1_ps(scale);
+    for (int64_t c = 0; c < chunks; ++c)
+      _mm256_storeu_ps(dst + base + 8 * c, _mm256_mul_ps(lanes.levels8(p.codes, end, base + 8 * c), s));
   });
   if (whole * p.B0 < numel) decode_span<BITS>(p, lanes, dst, whole * p.B0, numel);
   return true;
