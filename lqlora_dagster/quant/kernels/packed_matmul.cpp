@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <sys/mman.h>
 #ifndef MADV_COLLAPSE
@@ -709,12 +710,17 @@ void dense_product(const torch::Tensor& x, const torch::Tensor& W, torch::Tensor
     return at::hasMKLDNN() ? c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""})
                            : std::optional<c10::OperatorHandle>();
   }();
-  if (onednn) {
-    std::vector<c10::IValue> stack{x, W, c10::IValue(), std::string("none"),
-                                   c10::List<std::optional<at::Scalar>>(), std::string("")};
-    onednn->callBoxed(&stack);
-    y.copy_(stack[0].toTensor());
-    return;
+  static std::atomic<bool> refused{false};  // once oneDNN refuses a product, torch's mm does them all
+  if (onednn && !refused.load()) {
+    try {
+      std::vector<c10::IValue> stack{x, W, c10::IValue(), std::string("none"),
+                                     c10::List<std::optional<at::Scalar>>(), std::string("")};
+      onednn->callBoxed(&stack);
+      y.copy_(stack[0].toTensor());
+      return;
+    } catch (const std::exception&) {
+      refused.store(true);
+    }
   }
   at::mm_out(y, x, W.t());
 }
