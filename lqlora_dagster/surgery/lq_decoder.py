@@ -135,11 +135,13 @@ def fast_decoder(net: nn.Module, capacity: int) -> FastDecoder | None:
 
 
 def _streamed_copy(weight: torch.Tensor) -> torch.Tensor:
-    """The head as every token reads it: copied into memory backed by 2 MB pages (read 4 KB
-    page by page from the mapped checkpoint it streamed about 30% slower). Where the
-    original lies in a mapped file, its pages are handed back as the copy proceeds, so
-    resident memory holds the head once."""
-    return fast_decode.kernel().hugepage_copy(weight, _in_mapped_file(weight))
+    """The head as every token reads it. Read 4 KB page by page from the mapped checkpoint
+    it streamed about 30% slower, so a mapped head is copied into memory backed by 2 MB
+    pages, its file's pages handed back as the copy proceeds (resident memory holds it
+    once). A head already in memory is used as it is: a copy would hold it twice."""
+    if not _in_mapped_file(weight):
+        return weight
+    return fast_decode.kernel().hugepage_copy(weight, True)
 
 
 def _in_mapped_file(t: torch.Tensor) -> bool:
