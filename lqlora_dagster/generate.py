@@ -91,26 +91,13 @@ def _plain_generation(net, prompt_tokens: int) -> bool:
             and (getattr(settings, "min_length", 0) or 0) <= prompt_tokens)
 
 
-def _next_token(logits: torch.Tensor, sampling: Sampling) -> int:
-    """Greedy, or a draw from the top-p nucleus at the temperature (as transformers' warpers)."""
-    if sampling.greedy:
-        return int(logits.argmax())
-    scores = logits.float() / sampling.temperature
-    if sampling.top_p < 1:
-        ordered, order = scores.sort(descending=False)
-        outside = ordered.softmax(-1).cumsum(-1) <= 1 - sampling.top_p
-        outside[-1:] = False  # the likeliest token always stays
-        scores = scores.masked_fill(outside.scatter(0, order, outside), float("-inf"))
-    return int(torch.multinomial(scores.softmax(-1), 1))
-
-
 def _generate_in_runtime(decoder, streamer, ids: torch.Tensor, max_new_tokens: int, sampling: Sampling,
                          eos: set[int]) -> list[int]:
     streamer.put(ids)  # the prompt, which the streamer skips (as transformers' generate hands it over first)
     logits = decoder.logits(ids)
     new: list[int] = []
     while True:
-        token = _next_token(logits, sampling)
+        token = sampling.next_token(logits)
         new.append(token)
         streamer.put(torch.tensor([token]))
         if token in eos or len(new) == max_new_tokens:

@@ -22,3 +22,19 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def next_token(self, logits) -> int:
+        """The token drawn from next-token `logits` (vocab,), as transformers' warpers do
+        it (temperature, then top-p) with the same random draw, so our runtime and
+        transformers' `generate` continue a seeded prompt alike."""
+        import torch  # here: the CLI checks --temperature without loading torch
+
+        if self.greedy:
+            return int(logits.argmax())
+        scores = logits.float() / self.temperature
+        if self.top_p < 1:
+            ordered, order = scores.sort(descending=False)
+            outside = ordered.softmax(-1).cumsum(-1) <= 1 - self.top_p
+            outside[-1:] = False  # the likeliest token always stays
+            scores = scores.masked_fill(outside.scatter(0, order, outside), float("-inf"))
+        return int(torch.multinomial(scores.softmax(-1), 1))

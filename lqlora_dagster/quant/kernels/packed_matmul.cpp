@@ -493,6 +493,25 @@ void matvec_into(const Packed& p, const float* xs, int64_t M, float* y, int64_t 
   });
 }
 
+// The templated decoders for p.b, chosen once per call.
+void decode_packed(const Packed& p, float* dst, int64_t numel) {
+  switch (p.b) {
+    case 2: decode_all<2>(p, dst, numel); break;
+    case 3: decode_all<3>(p, dst, numel); break;
+    case 4: decode_all<4>(p, dst, numel); break;
+    default: decode_all<8>(p, dst, numel); break;
+  }
+}
+
+void matvec_packed(const Packed& p, const float* xs, int64_t M, float* y, int64_t rows, int64_t cols) {
+  switch (p.b) {
+    case 2: matvec_into<2>(p, xs, M, y, rows, cols); break;
+    case 3: matvec_into<3>(p, xs, M, y, rows, cols); break;
+    case 4: matvec_into<4>(p, xs, M, y, rows, cols); break;
+    default: matvec_into<8>(p, xs, M, y, rows, cols); break;
+  }
+}
+
 }  // namespace
 
 // Decodes into `out` (float32, contiguous, at least rows * cols elements; the first
@@ -503,13 +522,7 @@ torch::Tensor dequantize_into(torch::Tensor out, torch::Tensor codes, torch::Ten
   TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.numel() >= rows * cols,
               "out must be a contiguous float32 buffer of at least rows * cols elements");
   const Packed p = unpack_args(codes, scale_codes, step, offset, levels, b, b0, B0, B1);
-  float* dst = out.data_ptr<float>();
-  switch (b) {
-    case 2: decode_all<2>(p, dst, rows * cols); break;
-    case 3: decode_all<3>(p, dst, rows * cols); break;
-    case 4: decode_all<4>(p, dst, rows * cols); break;
-    default: decode_all<8>(p, dst, rows * cols); break;
-  }
+  decode_packed(p, out.data_ptr<float>(), rows * cols);
   return out.view({-1}).narrow(0, 0, rows * cols).view({rows, cols});
 }
 
@@ -529,14 +542,7 @@ torch::Tensor matvec(torch::Tensor x, torch::Tensor codes, torch::Tensor scale_c
   const Packed p = unpack_args(codes, scale_codes, step, offset, levels, b, b0, B0, B1);
   auto xc = x.contiguous();
   auto out = torch::empty({xc.size(0), rows}, torch::kFloat32);
-  const float* xs = xc.data_ptr<float>();
-  float* y = out.data_ptr<float>();
-  switch (b) {
-    case 2: matvec_into<2>(p, xs, xc.size(0), y, rows, cols); break;
-    case 3: matvec_into<3>(p, xs, xc.size(0), y, rows, cols); break;
-    case 4: matvec_into<4>(p, xs, xc.size(0), y, rows, cols); break;
-    default: matvec_into<8>(p, xs, xc.size(0), y, rows, cols); break;
-  }
+  matvec_packed(p, xc.data_ptr<float>(), xc.size(0), out.data_ptr<float>(), rows, cols);
   return out;
 }
 
@@ -739,24 +745,11 @@ struct Projection {
   void forward(const torch::Tensor& x, torch::Tensor& y) const {
     const int64_t M = x.size(0);
     if (packed && M <= 16) {
-      const float* xs = x.data_ptr<float>();
-      float* ys = y.data_ptr<float>();
-      switch (p.b) {
-        case 2: matvec_into<2>(p, xs, M, ys, rows, cols); break;
-        case 3: matvec_into<3>(p, xs, M, ys, rows, cols); break;
-        case 4: matvec_into<4>(p, xs, M, ys, rows, cols); break;
-        default: matvec_into<8>(p, xs, M, ys, rows, cols); break;
-      }
+      matvec_packed(p, x.data_ptr<float>(), M, y.data_ptr<float>(), rows, cols);
     } else if (packed) {  // many rows: decode once into a shared buffer, then a dense product
       static thread_local torch::Tensor scratch;
       if (!scratch.defined() || scratch.numel() < rows * cols) scratch = torch::empty({rows * cols}, torch::kFloat32);
-      float* dst = scratch.data_ptr<float>();
-      switch (p.b) {
-        case 2: decode_all<2>(p, dst, rows * cols); break;
-        case 3: decode_all<3>(p, dst, rows * cols); break;
-        case 4: decode_all<4>(p, dst, rows * cols); break;
-        default: decode_all<8>(p, dst, rows * cols); break;
-      }
+      decode_packed(p, scratch.data_ptr<float>(), rows * cols);
       dense_product(x, scratch.narrow(0, 0, rows * cols).view({rows, cols}), y);
     } else if (M == 1) {
       dense_matvec(weight.data_ptr<float>(), rows, cols, x.data_ptr<float>(), y.data_ptr<float>());
