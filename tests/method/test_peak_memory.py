@@ -1,6 +1,8 @@
 """`PeakMemory` measures each block's own peak, nested blocks included, with the
 kernel's high-water mark or, where resetting it is refused, with its sampler."""
 
+import time
+
 import torch
 
 from lqlora_dagster import memory
@@ -15,11 +17,15 @@ def touched(mb: int) -> torch.Tensor:
 
 
 def nested_peaks() -> tuple[PeakMemory, PeakMemory]:
+    # each tensor lives 50 ms: a 2 ms sampler whose thread waits for a busy core still sees it
+    # (a 40 MB fill alone takes a few ms, and one run under full load measured 0 MB)
     with PeakMemory() as outer:
         big = touched(200)
+        time.sleep(0.05)
         del big  # gone before the inner block starts: only the outer block saw it
         with PeakMemory() as inner:
             small = touched(40)
+            time.sleep(0.05)
             del small
     return outer, inner
 
