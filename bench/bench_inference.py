@@ -10,8 +10,10 @@ the models run on the GPU and the memory is its allocator's peak above its start
         [--gguf FILE.gguf ...]
 
 The `lq` rows run our runtime (`surgery/lq_decoder.py`: the layer stack in one C++ call a
-step, where the architecture is supported); `lq, transformers' forward` runs the same
-model through transformers' modules, as evaluation and finetuning do.
+step, where the architecture is supported) as `lqlora generate` runs it at temperature 0:
+the greedy token through the head's bfloat16 copy, exactly the float32 argmax; `lq, full
+logits` the same runtime computing every logit, as sampling does; `lq, transformers'
+forward` the same model through transformers' modules, as evaluation and finetuning do.
 
 --gguf adds llama.cpp (llama-cpp-python) rows to `generate`: the same prompt ids, the same
 threads, one fresh process each (an `lqlora export` file, or a `llama-quantize` one).
@@ -113,20 +115,23 @@ def child(kind: str, folder: str, threads: int, work: str, prompt_len: int, new_
         else:
             net = load_lq_model(Path(folder), device)
         decoder = None
-        if kind == "lq" and work == "generate":
-            decoder = fast_decoder(net.eval(), prompt_len + new_tokens + 8)
+        if kind in ("lq", "lq-logits") and work == "generate":
+            decoder = fast_decoder(net.eval(), prompt_len + new_tokens + 8, greedy=kind == "lq")
         out["load_s"] = now() - start
         if work == "generate" and decoder is not None:  # our runtime: the whole stack in one call a step
+            def after(tokens: torch.Tensor) -> int:
+                return decoder.greedy(tokens) if kind == "lq" else int(decoder.logits(tokens).argmax())
+
             prefill, decode = [], []
-            decoder.logits(ids[:, :8])  # warm-up
+            after(ids[:, :8])  # warm-up
             for _ in range(repeats):
                 decoder.reset()
                 start = now()
-                token = decoder.logits(ids).argmax()
+                token = after(ids)
                 prefill.append(prompt_len / (now() - start))
                 start = now()
                 for _ in range(new_tokens):
-                    token = decoder.logits(token).argmax()
+                    token = after(torch.tensor([token]))
                 decode.append(new_tokens / (now() - start))
             out["prefill_tok_s"], out["decode_tok_s"] = max(prefill), max(decode)
         elif work == "generate":  # transformers' forward, as `generate` runs a model outside our runtime
@@ -231,6 +236,7 @@ def compare(args) -> None:
             rows = {kind: run(kind, folder, threads, work, args) for kind, folder in
                     (("fp32", args.fp32), ("lq", args.lq))}
             if work == "generate":
+                rows["lq, full logits"] = run("lq-logits", args.lq, threads, work, args)
                 rows["lq, transformers' forward"] = run("lq-modules", args.lq, threads, work, args)
                 rows.update({f"llama.cpp {g.name}": run("llama.cpp", g, threads, work, args) for g in args.gguf})
             for kind, r in rows.items():

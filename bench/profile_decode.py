@@ -4,9 +4,9 @@
     python -m bench.profile_decode --smoke     # a tiny compressed Llama built in code, 4 tokens
 
 One process per thread count: load the compressed model, prefill 64 tokens, then
-0. in our runtime (`surgery/lq_decoder.py`, what `lqlora generate` runs): ms per token,
-   split into the embedding lookup, the layer stack (one C++ call), the head's
-   matrix-vector product and the rest (argmax, Python);
+0. in our runtime (`surgery/lq_decoder.py`, what `lqlora generate` runs, greedy): ms per
+   token, split into the embedding lookup, the layer stack (one C++ call), the head (the
+   exact argmax through its bfloat16 copy) and the rest (Python);
 then through transformers' modules (what evaluation and finetuning run):
 1. decode --tokens tokens greedily with the KV cache, no instrumentation: ms per token;
 2. the same with a timer around every module's forward: each module's own time (its
@@ -130,35 +130,46 @@ def child(folder: str, threads: int, tokens: int) -> None:
 
 
 def runtime_split(net, ids, tokens: int) -> None:
-    """A decoded token in our runtime, its parts timed one by one (best of three runs)."""
+    """A greedy token in our runtime (as `lqlora generate` decodes at temperature 0), its
+    parts timed one by one (best of three runs)."""
+    import torch
+
     from lqlora_dagster.quant import fast_decode
     from lqlora_dagster.surgery.lq_decoder import fast_decoder, unsupported_reason
 
-    decoder = fast_decoder(net, ids.shape[1] + 4 * tokens + 8)
+    decoder = fast_decoder(net, ids.shape[1] + 4 * tokens + 8, greedy=True)
     if decoder is None or decoder.embedding is None or decoder.head is None:
         print(f"- not split here: {unsupported_reason(net, ids.shape[1] + tokens) or 'a non-plain embedding or head'}")
         return
+    kernel, greedy_head = fast_decode.kernel(), decoder.half_head is not None
+    head_name = (f"head {tuple(decoder.head.shape)}: "
+                 + ("the exact argmax through its bfloat16 copy" if greedy_head else "every logit, then the argmax"))
+
+    def head(out: torch.Tensor) -> int:
+        if greedy_head:
+            return kernel.head_argmax(out, decoder.head, *decoder.half_head)
+        return int(kernel.head_logits(out, decoder.head).argmax())
+
     best = None
     for _ in range(3):
         decoder.reset()
-        token = decoder.logits(ids).argmax()
+        token = decoder.greedy(ids)
         parts = defaultdict(float)
         start = time.perf_counter()
         for _ in range(tokens):
             position = decoder.length
             t0 = time.perf_counter()
-            hidden = decoder.embedding[token.view(1)]
+            hidden = decoder.embedding[torch.tensor([token])]
             t1 = time.perf_counter()
             out = decoder.stack.step(hidden, decoder.cos[position:position + 1], decoder.sin[position:position + 1])
             t2 = time.perf_counter()
-            logits = fast_decode.kernel().head_logits(out[-1], decoder.head)
+            token = head(out[-1])
             t3 = time.perf_counter()
-            token = logits.argmax()
             parts["embedding lookup"] += t1 - t0
             parts["layer stack (one C++ call: norms, packed products, factors, attention, MLP)"] += t2 - t1
-            parts[f"head {tuple(decoder.head.shape)} matrix-vector product"] += t3 - t2
+            parts[head_name] += t3 - t2
         total = time.perf_counter() - start
-        parts["argmax, Python between the calls"] = total - sum(parts.values())
+        parts["Python between the calls"] = total - sum(parts.values())
         if best is None or total < best[0]:
             best = (total, dict(parts))
     total, parts = best

@@ -93,16 +93,18 @@ def _plain_generation(net, prompt_tokens: int) -> bool:
 
 def _generate_in_runtime(decoder, streamer, ids: torch.Tensor, max_new_tokens: int, sampling: Sampling,
                          eos: set[int]) -> list[int]:
+    def after(tokens: torch.Tensor) -> int:
+        return decoder.greedy(tokens) if sampling.greedy else sampling.next_token(decoder.logits(tokens))
+
     streamer.put(ids)  # the prompt, which the streamer skips (as transformers' generate hands it over first)
-    logits = decoder.logits(ids)
+    token = after(ids)
     new: list[int] = []
     while True:
-        token = sampling.next_token(logits)
         new.append(token)
         streamer.put(torch.tensor([token]))
         if token in eos or len(new) == max_new_tokens:
             break
-        logits = decoder.logits(torch.tensor([token]))
+        token = after(torch.tensor([token]))
     streamer.end()
     return new
 
@@ -128,7 +130,7 @@ def generate(net, tokenizer, ids: torch.Tensor, max_new_tokens: int, stream=None
     torch.manual_seed(sampling.seed)
     with PeakMemory(ids.device) as memory:
         runtime = any(lq_layers(net)) and _plain_generation(net, ids.shape[1])
-        decoder = fast_decoder(net, ids.shape[1] + max_new_tokens) if runtime else None
+        decoder = fast_decoder(net, ids.shape[1] + max_new_tokens, greedy=sampling.greedy) if runtime else None
         if decoder is not None:
             new = torch.tensor(_generate_in_runtime(decoder, streamer, ids, max_new_tokens, sampling, _eos_ids(net)))
         else:

@@ -80,6 +80,7 @@ class FastDecoder:
     sin: torch.Tensor
     embedding: torch.Tensor | None  # a plain float32 embedding's table (a lookup, not a module call)
     head: torch.Tensor | None  # a plain float32 bias-free head's weight, for the streaming matvec
+    half_head: tuple | None = None  # its bfloat16 copy and row norms, for `greedy`
 
     @property
     def length(self) -> int:
@@ -93,20 +94,39 @@ class FastDecoder:
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Feeds token `ids` (1, M) or (M,) after the cached positions; the last one's
         next-token logits (vocab,)."""
+        out = self._last_hidden(ids)
+        if self.head is not None:
+            return fast_decode.kernel().head_logits(out, self.head)
+        return self.net.lm_head(out[None])[0]
+
+    @torch.no_grad()
+    def greedy(self, ids: torch.Tensor) -> int:
+        """Feeds token `ids` as `logits` does; the next token at temperature 0, which is
+        `int(logits(ids).argmax())` exactly. With the head's bfloat16 copy (built for
+        greedy decoding) it reads half the head's bytes: kernels' head_argmax bounds each
+        row's rounding and recomputes in float32 only the rows that could be the largest."""
+        out = self._last_hidden(ids)
+        if self.half_head is not None:
+            token = fast_decode.kernel().head_argmax(out, self.head, *self.half_head)
+            if token >= 0:
+                return token
+        head = fast_decode.kernel().head_logits(out, self.head) if self.head is not None else self.net.lm_head(out[None])[0]
+        return int(head.argmax())
+
+    def _last_hidden(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.reshape(-1)
         start, end = self.stack.length, self.stack.length + ids.numel()
         if end > self.capacity:
             raise ValueError(f"the cache holds {self.capacity} positions; {end} asked for")
         hidden = self.embedding[ids] if self.embedding is not None else self.net.model.embed_tokens(ids).float()
-        out = self.stack.step(hidden, self.cos[start:end], self.sin[start:end])
-        if self.head is not None:
-            return fast_decode.kernel().head_logits(out[-1], self.head)
-        return self.net.lm_head(out[-1:])[0]
+        return self.stack.step(hidden, self.cos[start:end], self.sin[start:end])[-1]
 
 
-def fast_decoder(net: nn.Module, capacity: int) -> FastDecoder | None:
+def fast_decoder(net: nn.Module, capacity: int, greedy: bool = False) -> FastDecoder | None:
     """The model's decoder stack for `capacity` positions (prompt and new tokens), or None
-    when it is not a supported float32 Llama-family model on the CPU's fast path."""
+    when it is not a supported float32 Llama-family model on the CPU's fast path. A
+    `greedy` decoder reads its head through a bfloat16 copy in `greedy`, and holds that
+    copy instead of the float32 head's (half the memory)."""
     if unsupported_reason(net, capacity) is not None:
         return None
     config = net.config
@@ -127,11 +147,17 @@ def fast_decoder(net: nn.Module, capacity: int) -> FastDecoder | None:
     plain_embedding = type(embed) is nn.Embedding and embed.max_norm is None and embed.weight.dtype == torch.float32
     plain_head = type(head) is nn.Linear and head.bias is None and head.weight.dtype == torch.float32
     table = embed.weight.detach() if plain_embedding else None
-    head_weight = _streamed_copy(head.weight.detach().contiguous()) if plain_head else None
+    head_weight, half_head = None, None
+    if plain_head:
+        head_weight = head.weight.detach().contiguous()
+        if greedy:
+            half_head = tuple(fast_decode.kernel().bf16_head(head_weight, _in_mapped_file(head_weight))) or None
+        if half_head is None:
+            head_weight = _streamed_copy(head_weight)
     if plain_embedding and plain_head and embed.weight.data_ptr() == head.weight.data_ptr():
         table = head_weight  # tied: one copy serves both
     return FastDecoder(net, stack, capacity, cos[0].to(torch.float32).contiguous(),
-                       sin[0].to(torch.float32).contiguous(), table, head_weight)
+                       sin[0].to(torch.float32).contiguous(), table, head_weight, half_head)
 
 
 def _streamed_copy(weight: torch.Tensor) -> torch.Tensor:

@@ -136,7 +136,8 @@ def test_generate_runs_in_the_runtime_and_matches_transformers():
 
 def test_head_copy_keeps_values_and_the_mapped_original_still_reads(tmp_path):
     """The head's copy in 2 MB pages equals the original; handing back the pages of a
-    mapped original loses nothing (they are read again from the file)."""
+    mapped original loses nothing (they are read again from the file), for the float32
+    copy and for the greedy head's bfloat16 one."""
     from safetensors.torch import load_file, save_file
 
     from lqlora_dagster.surgery.lq_decoder import _in_mapped_file, _streamed_copy
@@ -149,3 +150,57 @@ def test_head_copy_keeps_values_and_the_mapped_original_still_reads(tmp_path):
     assert copy.data_ptr() != mapped.data_ptr()
     assert torch.equal(copy, weight) and torch.equal(mapped, weight)
     assert _streamed_copy(weight) is weight  # in memory already: no second copy
+    mapped = load_file(tmp_path / "head.safetensors")["head"]
+    half, norms = kernel().bf16_head(mapped, True)  # the greedy head's copy hands the pages back too
+    x = torch.randn(576, generator=torch.Generator().manual_seed(7))
+    assert kernel().head_argmax(x, mapped, half, norms) == int(kernel().head_logits(x, weight).argmax())
+    assert torch.equal(mapped, weight)
+
+
+def kernel():
+    from lqlora_dagster.quant import fast_decode
+
+    return fast_decode.kernel()
+
+
+@pytest.mark.parametrize("rows,cols", [(4096, 576), (1003, 64), (37, 100), (6, 7)])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_greedy_head_is_the_float32_argmax(rows, cols, scale):
+    """head_argmax reads a bfloat16 copy but returns the float32 logits' argmax, ties to
+    the first row: also where rows tie in bfloat16 and differ only in float32, and where
+    rows are equal (shapes cover the rows % 4 and cols % 32 tails)."""
+    g = torch.Generator().manual_seed(rows + cols)
+    weight = torch.randn(rows, cols, generator=g) * 0.05
+    third = rows // 3
+    weight[third:2 * third] = weight[:third].to(torch.bfloat16).float()  # the same bfloat16 rows...
+    weight[:third] = weight[third:2 * third] + torch.randn(third, cols, generator=g) * 1e-5  # ...apart in float32
+    weight[-1] = weight[0]  # an exact duplicate: the first of them wins
+    half, norms = kernel().bf16_head(weight, False)
+    assert torch.equal(half, weight.to(torch.bfloat16))  # rounded to nearest even, as torch rounds
+    for _ in range(40):
+        x = torch.randn(cols, generator=g) * scale
+        assert kernel().head_argmax(x, weight, half, norms) == int(kernel().head_logits(x, weight).argmax())
+    x = weight[0] * scale  # the duplicated row's own direction: it and its copy lead
+    assert kernel().head_argmax(x, weight, half, norms) == int(kernel().head_logits(x, weight).argmax())
+
+
+def test_greedy_head_declines_what_it_cannot_bound():
+    weight = torch.randn(40, 16)
+    half, norms = kernel().bf16_head(weight, False)
+    assert kernel().head_argmax(torch.full((16,), float("nan")), weight, half, norms) == -1  # the caller takes the full logits
+    weight[3, 5] = float("inf")
+    assert kernel().bf16_head(weight, False) == []
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2])
+def test_the_greedy_decoder_picks_the_full_logits_tokens(build):
+    model = compressed(build)
+    ids = tokens(1, 9, seed=5)
+    greedy, full = fast_decoder(model, 40, greedy=True), fast_decoder(model, 40)
+    assert greedy.half_head is not None and full.half_head is None
+    token = greedy.greedy(ids)
+    assert token == int(full.logits(ids).argmax())
+    for _ in range(30):
+        step = torch.tensor([token])
+        token = greedy.greedy(step)
+        assert token == int(full.logits(step).argmax())

@@ -626,8 +626,50 @@ void add_low_rank_t(const float* xs, int64_t M, int64_t cols, const torch::Tenso
   });
 }
 
-// y (rows) = W (rows, cols) x for one row of activations: four rows of W at a time, so
-// four independent chains of FMAs keep the loads streaming (one chain waits on its adds).
+// Four rows of W (rows w, w + cols, ...) times x: four independent chains of FMAs keep the
+// loads streaming (one chain waits on its adds). Each row's sum is the same whichever
+// rows share its call, so head_argmax recomputes one row bit for bit as dense_matvec did.
+inline void quad_dots(const float* w, int64_t cols, const float* x, float* y) {
+  int64_t k = 0;
+  float tail[4] = {0, 0, 0, 0};
+#ifdef LQ_AVX512
+  __m512 b0 = _mm512_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
+  for (; k + 16 <= cols; k += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + k);
+    b0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), xv, b0);
+    b1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + cols + k), xv, b1);
+    b2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 2 * cols + k), xv, b2);
+    b3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 3 * cols + k), xv, b3);
+  }
+  tail[0] = _mm512_reduce_add_ps(b0);
+  tail[1] = _mm512_reduce_add_ps(b1);
+  tail[2] = _mm512_reduce_add_ps(b2);
+  tail[3] = _mm512_reduce_add_ps(b3);
+#endif
+#ifdef __AVX2__
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (; k + 8 <= cols; k += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + k);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), xv, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + cols + k), xv, a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 2 * cols + k), xv, a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 3 * cols + k), xv, a3);
+  }
+  alignas(32) float parts[4][8];
+  _mm256_store_ps(parts[0], a0);
+  _mm256_store_ps(parts[1], a1);
+  _mm256_store_ps(parts[2], a2);
+  _mm256_store_ps(parts[3], a3);
+  for (int j = 0; j < 4; ++j)
+    for (float v : parts[j]) tail[j] += v;
+#endif
+  for (; k < cols; ++k)
+    for (int j = 0; j < 4; ++j) tail[j] += w[j * cols + k] * x[k];
+  for (int j = 0; j < 4; ++j) y[j] = tail[j];
+}
+
+// y (rows) = W (rows, cols) x for one row of activations, four rows of W at a time; the
+// last rows % 4 one at a time.
 void dense_matvec(const float* W, int64_t rows, int64_t cols, const float* x, float* y) {
   at::parallel_for(0, (rows + 3) / 4, 64, [&](int64_t first, int64_t last) {
     for (int64_t quad = first; quad < last; ++quad) {
@@ -636,43 +678,7 @@ void dense_matvec(const float* W, int64_t rows, int64_t cols, const float* x, fl
         for (int64_t r = r0; r < r0 + n; ++r) y[r] = dot(W + r * cols, x, cols);
         continue;
       }
-      const float* w = W + r0 * cols;
-      int64_t k = 0;
-      float tail[4] = {0, 0, 0, 0};
-#ifdef LQ_AVX512
-      __m512 b0 = _mm512_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
-      for (; k + 16 <= cols; k += 16) {
-        const __m512 xv = _mm512_loadu_ps(x + k);
-        b0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), xv, b0);
-        b1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + cols + k), xv, b1);
-        b2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 2 * cols + k), xv, b2);
-        b3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 3 * cols + k), xv, b3);
-      }
-      tail[0] = _mm512_reduce_add_ps(b0);
-      tail[1] = _mm512_reduce_add_ps(b1);
-      tail[2] = _mm512_reduce_add_ps(b2);
-      tail[3] = _mm512_reduce_add_ps(b3);
-#endif
-#ifdef __AVX2__
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (; k + 8 <= cols; k += 8) {
-        const __m256 xv = _mm256_loadu_ps(x + k);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), xv, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + cols + k), xv, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 2 * cols + k), xv, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 3 * cols + k), xv, a3);
-      }
-      alignas(32) float parts[4][8];
-      _mm256_store_ps(parts[0], a0);
-      _mm256_store_ps(parts[1], a1);
-      _mm256_store_ps(parts[2], a2);
-      _mm256_store_ps(parts[3], a3);
-      for (int j = 0; j < 4; ++j)
-        for (float v : parts[j]) tail[j] += v;
-#endif
-      for (; k < cols; ++k)
-        for (int j = 0; j < 4; ++j) tail[j] += w[j * cols + k] * x[k];
-      for (int j = 0; j < 4; ++j) y[r0 + j] = tail[j];
+      quad_dots(W + r0 * cols, cols, x, y + r0);
     }
   });
 }
@@ -1043,12 +1049,37 @@ torch::Tensor head_logits(torch::Tensor x, torch::Tensor weight) {
 
 namespace {
 
-// Asks the kernel to reclaim the whole pages in [start, end) (a hint that loses nothing for
-// a mapped file: its pages are read again if touched).
-void release_pages(uintptr_t start, uintptr_t end) {
-#ifdef MADV_PAGEOUT
+// Hands the whole pages of a file mapping in [start, end) back (a hint that loses nothing:
+// a page is read again if touched). MADV_PAGEOUT also reclaims them from the page cache,
+// for a source never read again; MADV_DONTNEED only unmaps them from this process, so a
+// later read is a minor fault, not a disk read.
+void release_pages(uintptr_t start, uintptr_t end, bool reclaim) {
   const uintptr_t page = 4096, first = (start + page - 1) & ~(page - 1), last = end & ~(page - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_PAGEOUT);
+  if (last <= first) return;
+#ifdef MADV_PAGEOUT
+  const int advice = reclaim ? MADV_PAGEOUT : MADV_DONTNEED;
+#else
+  const int advice = MADV_DONTNEED;
+#endif
+  madvise(reinterpret_cast<void*>(first), last - first, advice);
+}
+
+// `bytes` of memory the kernel is asked to back with 2 MB pages (nullptr if refused).
+void* hugepage_alloc(size_t bytes) {
+  const size_t align = size_t{2} << 20, size = (bytes + align - 1) / align * align;
+  void* memory = nullptr;
+  if (bytes == 0 || posix_memalign(&memory, align, size) != 0) return nullptr;
+#ifdef MADV_HUGEPAGE
+  madvise(memory, size, MADV_HUGEPAGE);  // a hint; without it, 4 KB pages
+#endif
+  return memory;
+}
+
+// Once the memory is written: the 2 MB pages now, not when khugepaged gets to it (Linux 6.1+).
+void hugepage_collapse(void* memory, size_t bytes) {
+#ifdef MADV_HUGEPAGE
+  const size_t align = size_t{2} << 20;
+  madvise(memory, (bytes + align - 1) / align * align, MADV_COLLAPSE);
 #endif
 }
 
@@ -1061,13 +1092,9 @@ void release_pages(uintptr_t start, uintptr_t end) {
 // as each 8 MB is copied, so resident memory never holds both.
 torch::Tensor hugepage_copy(torch::Tensor src, bool release_source) {
   TORCH_CHECK(src.dtype() == torch::kFloat32 && src.is_contiguous(), "hugepage_copy takes a contiguous float32 tensor");
-  const size_t bytes = static_cast<size_t>(src.numel()) * sizeof(float), align = size_t{2} << 20;
-  const size_t size = (bytes + align - 1) / align * align;
-  void* memory = nullptr;
-  if (bytes == 0 || posix_memalign(&memory, align, size) != 0) return src.clone();
-#ifdef MADV_HUGEPAGE
-  madvise(memory, size, MADV_HUGEPAGE);  // a hint; without it, 4 KB pages
-#endif
+  const size_t bytes = static_cast<size_t>(src.numel()) * sizeof(float);
+  void* memory = hugepage_alloc(bytes);
+  if (memory == nullptr) return src.clone();
   const auto* from = static_cast<const uint8_t*>(src.data_ptr());
   auto* to = static_cast<uint8_t*>(memory);
   const size_t step = size_t{8} << 20;
@@ -1075,12 +1102,211 @@ torch::Tensor hugepage_copy(torch::Tensor src, bool release_source) {
     const size_t n = std::min(step, bytes - done);
     std::memcpy(to + done, from + done, n);
     if (release_source)
-      release_pages(reinterpret_cast<uintptr_t>(from + done), reinterpret_cast<uintptr_t>(from + done + n));
+      release_pages(reinterpret_cast<uintptr_t>(from + done), reinterpret_cast<uintptr_t>(from + done + n), true);
   }
-#ifdef MADV_HUGEPAGE
-  madvise(memory, size, MADV_COLLAPSE);  // Linux 6.1+: the 2 MB pages now, not when khugepaged gets to it
-#endif
+  hugepage_collapse(memory, bytes);
   return torch::from_blob(memory, src.sizes(), [](void* p) { std::free(p); }, torch::kFloat32);
+}
+
+// ---- Greedy decoding's head: the exact argmax, reading half the bytes ----
+//
+// A greedy token needs only the largest logit, not all of them. Every row is scored with a
+// bfloat16 copy of the head (half the bytes of the float32 head a token otherwise streams),
+// each score's distance from the float32 logit is bounded, and only the rows whose bound
+// reaches the best lower bound are recomputed from the float32 head, with the arithmetic
+// dense_matvec uses. The token is the argmax of the float32 logits, ties to the first row,
+// as head_logits(...).argmax() picks it.
+//
+// The bound, for row w (float32) and its bfloat16 rounding b, activations h, n = cols,
+// u = 2^-24 (float32), gamma = (n + 16) u / (1 - (n + 16) u) (float32 sums of n products,
+// in any order):
+//   |h.w - h.b|                <= 2^-8 sum |h_j w_j| + sqrt(n) |h| 2^-134  (round to nearest;
+//                                 the last term covers subnormal weights)
+//   |score - h.b|, |logit - h.w| <= gamma (1 + 2^-8) sum |h_j w_j|, gamma sum |h_j w_j|
+//   sum |h_j w_j|              <= |h| |w|                                (Cauchy-Schwarz)
+// so |score - logit| <= e = (2^-8 + gamma (2 + 2^-8)) |h| |w| + sqrt(n) |h| 2^-134, with |w|
+// computed in double once and the factor rounded up.
+
+namespace {
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even (finite inputs)
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+// Rows ahead of the ones being scored that bf16_matvec asks the cache for: a bfloat16 row is
+// a short stream (1.2 KB on SmolLM2) that the hardware prefetcher picks up late; asking two
+// quads ahead took the head's scores from 2.4 to 1.2-1.5 ms on one thread. (The same hint
+// made the float32 head's read slower, so dense_matvec goes without.) A prefetch past the
+// end is a hint, never a fault.
+constexpr int64_t kRowsAhead = 8;
+
+// The bfloat16 rows' scores: y (rows) = B (rows, cols) x, four rows at a time. A 32-bit
+// lane holds two neighbours, so the even one is the lane shifted left by 16 and the odd one
+// the lane with its low half cleared: two cheap in-lane operations where widening 16-bit
+// values into 32-bit lanes crosses lanes (it made the half-size read no faster). x is
+// split into its even and odd elements once per call to match.
+void bf16_matvec(const uint16_t* B, int64_t rows, int64_t cols, const float* x, float* y) {
+#ifdef LQ_AVX512
+  constexpr int64_t kStep = 32;  // weights a step: a 512-bit load of bfloat16 pairs
+#elif defined(__AVX2__)
+  constexpr int64_t kStep = 16;
+#else
+  constexpr int64_t kStep = 0;
+#endif
+  const int64_t vectorized = kStep ? cols / kStep * kStep : 0;
+  std::vector<float> even(vectorized / 2), odd(vectorized / 2);  // x[k], x[k + 1] for even k
+  for (int64_t k = 0; k < vectorized; k += 2) even[k / 2] = x[k], odd[k / 2] = x[k + 1];
+  at::parallel_for(0, (rows + 3) / 4, 64, [&](int64_t first, int64_t last) {
+    for (int64_t quad = first; quad < last; ++quad) {
+      const int64_t r0 = quad * 4, n = std::min<int64_t>(4, rows - r0);
+      float total[4] = {0, 0, 0, 0};
+      int64_t k = 0;
+#ifdef LQ_AVX512
+      if (n == 4) {
+        const uint16_t* w = B + r0 * cols;
+        const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+        __m512 b[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (; k < vectorized; k += kStep) {
+          const __m512 xe = _mm512_loadu_ps(even.data() + k / 2), xo = _mm512_loadu_ps(odd.data() + k / 2);
+          for (int j = 0; j < 4; ++j) {
+            _mm_prefetch(reinterpret_cast<const char*>(w + (j + kRowsAhead) * cols + k), _MM_HINT_T0);
+            const __m512i pair = _mm512_loadu_si512(w + j * cols + k);
+            b[j] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(pair, 16)), xe, b[j]);
+            b[j] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(pair, high)), xo, b[j]);
+          }
+        }
+        for (int j = 0; j < 4; ++j) total[j] = _mm512_reduce_add_ps(b[j]);
+      }
+#elif defined(__AVX2__)
+      if (n == 4) {
+        const uint16_t* w = B + r0 * cols;
+        const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (; k < vectorized; k += kStep) {
+          const __m256 xe = _mm256_loadu_ps(even.data() + k / 2), xo = _mm256_loadu_ps(odd.data() + k / 2);
+          for (int j = 0; j < 4; ++j) {
+            _mm_prefetch(reinterpret_cast<const char*>(w + (j + kRowsAhead) * cols + k), _MM_HINT_T0);
+            const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * cols + k));
+            a[j] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(pair, 16)), xe, a[j]);
+            a[j] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(pair, high)), xo, a[j]);
+          }
+        }
+        for (int j = 0; j < 4; ++j) {
+          alignas(32) float parts[8];
+          _mm256_store_ps(parts, a[j]);
+          for (float v : parts) total[j] += v;
+        }
+      }
+#endif
+      for (int64_t j = 0; j < n; ++j) {
+        const uint16_t* w = B + (r0 + j) * cols;
+        for (int64_t c = k; c < cols; ++c) total[j] += bf16_to_float(w[c]) * x[c];
+        y[r0 + j] = total[j];
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// The head's bfloat16 copy (rounded to nearest even, in memory advised for 2 MB pages) and
+// each row's Euclidean norm (float64), for head_argmax; an empty list where a weight or its
+// rounding is not finite (the bound would not hold). With `release_source` (the float32
+// head lies in a mapped file) its pages leave this process's resident set as each 8 MB is
+// read, but stay in the page cache: head_argmax reads a few of its rows every token.
+std::vector<torch::Tensor> bf16_head(torch::Tensor weight, bool release_source) {
+  TORCH_CHECK(weight.dtype() == torch::kFloat32 && weight.dim() == 2 && weight.is_contiguous(),
+              "bf16_head takes a contiguous float32 (vocab, hidden) weight");
+  const int64_t rows = weight.size(0), cols = weight.size(1);
+  const size_t bytes = static_cast<size_t>(rows * cols) * sizeof(uint16_t);
+  void* memory = hugepage_alloc(bytes);
+  auto half = memory ? torch::from_blob(memory, {rows, cols}, [](void* p) { std::free(p); }, torch::kBFloat16)
+                     : torch::empty({rows, cols}, torch::kBFloat16);
+  auto norms = torch::empty({rows}, torch::kFloat64);
+  const float* W = weight.data_ptr<float>();
+  auto* H = reinterpret_cast<uint16_t*>(half.data_ptr());
+  double* N = norms.data_ptr<double>();
+  std::atomic<bool> finite{true};
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{8} << 20) / (cols * 4));  // rows in 8 MB
+  for (int64_t start = 0; start < rows; start += chunk) {
+    const int64_t end = std::min(rows, start + chunk);
+    at::parallel_for(start, end, 64, [&](int64_t first, int64_t last) {
+      for (int64_t r = first; r < last; ++r) {
+        double sum = 0;
+        for (int64_t c = 0; c < cols; ++c) {
+          const float w = W[r * cols + c];
+          const uint16_t h = float_to_bf16(w);
+          if (!std::isfinite(w) || !std::isfinite(bf16_to_float(h))) finite = false;
+          H[r * cols + c] = h;
+          sum += static_cast<double>(w) * w;
+        }
+        N[r] = std::sqrt(sum);
+      }
+    });
+    if (release_source)
+      release_pages(reinterpret_cast<uintptr_t>(W + start * cols), reinterpret_cast<uintptr_t>(W + end * cols), false);
+  }
+  if (!finite) return {};
+  if (memory) hugepage_collapse(memory, bytes);
+  return {half, norms};
+}
+
+// The index of the largest float32 logit of one row x under `weight`, ties to the first,
+// from its bfloat16 copy and row norms (bf16_head); -1 where x is not finite or a
+// recomputed logit is NaN (the caller then takes the full logits).
+int64_t head_argmax(torch::Tensor x, torch::Tensor weight, torch::Tensor half, torch::Tensor norms) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && weight.dtype() == torch::kFloat32 && weight.dim() == 2 &&
+                  weight.is_contiguous() && x.numel() == weight.size(1),
+              "head_argmax takes one float32 row and a contiguous float32 (vocab, hidden) weight");
+  TORCH_CHECK(half.dtype() == torch::kBFloat16 && half.sizes() == weight.sizes() && half.is_contiguous() &&
+                  norms.dtype() == torch::kFloat64 && norms.numel() == weight.size(0),
+              "half and norms must come from bf16_head(weight)");
+  const int64_t rows = weight.size(0), cols = weight.size(1);
+  auto xc = x.contiguous();
+  const float* xs = xc.data_ptr<float>();
+  double h2 = 0;
+  for (int64_t c = 0; c < cols; ++c) h2 += static_cast<double>(xs[c]) * xs[c];
+  const double h = std::sqrt(h2);
+  if (!std::isfinite(h)) return -1;
+  std::vector<float> score(rows);
+  bf16_matvec(reinterpret_cast<const uint16_t*>(half.data_ptr()), rows, cols, xs, score.data());
+  const double u = std::ldexp(1.0, -24), n = static_cast<double>(cols + 16);
+  const double gamma = n * u / (1 - n * u);
+  const double slope = (std::ldexp(1.0, -8) + gamma * (2 + std::ldexp(1.0, -8))) * (1 + 1e-9) * h;
+  const double floor = std::sqrt(static_cast<double>(cols)) * h * std::ldexp(1.0, -134);
+  const double* N = norms.data_ptr<double>();
+  double best_low = -INFINITY;
+  for (int64_t r = 0; r < rows; ++r) best_low = std::max(best_low, score[r] - (slope * N[r] + floor));
+  best_low -= 1e-12 * (std::abs(best_low) + 1);  // the double sums' own rounding, generously
+  const float* W = weight.data_ptr<float>();
+  const int64_t whole = rows / 4 * 4;  // rows dense_matvec sums four at a time
+  int64_t best = -1, quad_done = -1;
+  float best_logit = 0, quad[4];
+  for (int64_t r = 0; r < rows; ++r) {
+    if (score[r] + (slope * N[r] + floor) < best_low) continue;
+    float logit;
+    if (r < whole) {
+      if (r / 4 != quad_done) {
+        quad_dots(W + r / 4 * 4 * cols, cols, xs, quad);
+        quad_done = r / 4;
+      }
+      logit = quad[r % 4];
+    } else {
+      logit = dot(W + r * cols, xs, cols);
+    }
+    if (std::isnan(logit)) return -1;
+    if (best < 0 || logit > best_logit) best = r, best_logit = logit;
+  }
+  return best;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1090,6 +1316,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("head_logits", &head_logits, "one row's logits under a dense head weight, streamed and threaded");
   m.def("head_logits_into", &head_logits_into, "head_logits into a given vector");
   m.def("hugepage_copy", &hugepage_copy, "a float32 tensor's copy in memory advised for 2 MB pages");
+  m.def("bf16_head", &bf16_head, "a head's bfloat16 copy and row norms, for head_argmax");
+  m.def("head_argmax", &head_argmax, "the largest float32 logit's index, read through the bfloat16 copy",
+        py::call_guard<py::gil_scoped_release>());
   m.def("lq_linear", &lq_linear, "x deq(Q)^T + s (x L2^T) L1^T + bias for a few rows of x");
   py::class_<Projection, ProjectionPtr>(m, "Projection");
   m.def("packed_projection", &packed_projection, "an LQLinear's packed matrix, factors and bias, for Decoder");
