@@ -94,10 +94,7 @@ class FastDecoder:
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Feeds token `ids` (1, M) or (M,) after the cached positions; the last one's
         next-token logits (vocab,)."""
-        out = self._last_hidden(ids)
-        if self.head is not None:
-            return fast_decode.kernel().head_logits(out, self.head)
-        return self.net.lm_head(out[None])[0]
+        return self._head_logits(self._last_hidden(ids))
 
     @torch.no_grad()
     def greedy(self, ids: torch.Tensor) -> int:
@@ -110,8 +107,7 @@ class FastDecoder:
             token = fast_decode.kernel().head_argmax(out, self.head, *self.half_head)
             if token >= 0:
                 return token
-        head = fast_decode.kernel().head_logits(out, self.head) if self.head is not None else self.net.lm_head(out[None])[0]
-        return int(head.argmax())
+        return int(self._head_logits(out).argmax())
 
     def _last_hidden(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.reshape(-1)
@@ -121,12 +117,17 @@ class FastDecoder:
         hidden = self.embedding[ids] if self.embedding is not None else self.net.model.embed_tokens(ids).float()
         return self.stack.step(hidden, self.cos[start:end], self.sin[start:end])[-1]
 
+    def _head_logits(self, out: torch.Tensor) -> torch.Tensor:
+        if self.head is not None:
+            return fast_decode.kernel().head_logits(out, self.head)
+        return self.net.lm_head(out[None])[0]
+
 
 def fast_decoder(net: nn.Module, capacity: int, greedy: bool = False) -> FastDecoder | None:
     """The model's decoder stack for `capacity` positions (prompt and new tokens), or None
-    when it is not a supported float32 Llama-family model on the CPU's fast path. A
-    `greedy` decoder reads its head through a bfloat16 copy in `greedy`, and holds that
-    copy instead of the float32 head's (half the memory)."""
+    when it is not a supported float32 Llama-family model on the CPU's fast path. With
+    `greedy`, its `greedy` method reads the head through a bfloat16 copy, which it holds
+    instead of a float32 copy of the head (half the memory)."""
     if unsupported_reason(net, capacity) is not None:
         return None
     config = net.config
